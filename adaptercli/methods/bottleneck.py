@@ -1,0 +1,375 @@
+"""Bottleneck adapters: ``seq_bn`` (Pfeiffer), ``double_seq_bn`` (Houlsby), ``par_bn`` (parallel)
+and ``seq_bn_inv`` (Pfeiffer + an invertible NICE adapter on the embeddings).
+
+A bottleneck adapter is ``f(x) = scaling * W_up act(W_down x + b_down) + b_up`` (shapes: x [B,T,H],
+W_down [d,H], W_up [H,d], d = H // reduction_factor), placed around a residual sub-layer of every
+transformer layer. With ``h`` the sub-layer output, ``r`` the residual stream and ``LN`` the layer's
+own norm (``None`` in pre-LN models, where it becomes a plain sum), the defaults compute:
+
+* seq_bn (FFN only):             ``LN(f(LN(h + r)) + h + r)``
+* double_seq_bn (attn and FFN):  ``LN(f(h) + h + r)``
+* par_bn (FFN only):             ``LN(h + 4 * f(r) + r)``
+
+which is AdapterHub's ``bottleneck_layer_forward`` with its ``original_ln_before``,
+``residual_before_ln`` and ``original_ln_after`` flags. We reach ``h`` and ``r`` with forward hooks
+on the unmodified model, at the places the architecture table names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+from transformers.activations import get_activation
+
+from ..architectures import Site, get_module, transformer_layers
+from .base import ConfigError, MethodConfig, MethodFamily
+
+if TYPE_CHECKING:
+    from ..model import AdapterState
+
+_PHM_DEFAULTS: dict[str, Any] = {
+    "phm_layer": False, "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False,
+    "shared_phm_rule": True, "factorized_phm_rule": False, "phm_c_init": "normal",
+    "phm_init_range": 0.0001, "learn_phm": True, "hypercomplex_nonlinearity": "glorot-uniform",
+    "phm_rank": 1, "phm_bias": True, "stochastic_depth": 0.0, "cross_adapter": False,
+}
+
+
+@dataclasses.dataclass
+class BnConfig(MethodConfig):
+    """Bottleneck adapter config (AdapterHub's ``BnConfig``; defaults here are ``seq_bn``'s).
+
+    mh_adapter / output_adapter: put an adapter after the attention / the FFN sub-layer.
+    reduction_factor: H // reduction_factor is the bottleneck width; a dict maps layer indices
+        (as strings) or "default" to a factor.
+    non_linearity: activation name (relu, swish, gelu, tanh, leakyrelu, ...).
+    original_ln_before / original_ln_after / residual_before_ln: where the layer's own norm and
+        residual are applied relative to the adapter (see the module docstring).
+    ln_before / ln_after: extra LayerNorms inside the adapter.
+    init_weights: "bert" (N(0, 0.02)), "mam_adapter" (zero up-projection) or "houlsby".
+    is_parallel: the adapter reads the sub-layer input and its output is added (``par_bn``).
+    scaling: a float, "learned" (one scalar) or "channel" (one per hidden unit).
+    inv_adapter / inv_adapter_reduction_factor: "nice" adds an invertible adapter on the embeddings.
+    leave_out: layer indices that get no adapter.
+    """
+
+    family: ClassVar[str] = "bottleneck"
+    foreign_defaults: ClassVar[dict[str, Any]] = _PHM_DEFAULTS
+
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    reduction_factor: float | dict = 16
+    non_linearity: str = "relu"
+    original_ln_before: bool = True
+    original_ln_after: bool = True
+    ln_before: bool = False
+    ln_after: bool = False
+    init_weights: str = "bert"
+    init_weights_seed: int | None = None
+    is_parallel: bool = False
+    scaling: float | str = 1.0
+    use_gating: bool = False
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    inv_adapter: str | None = None
+    inv_adapter_reduction_factor: float | None = None
+    leave_out: list[int] = dataclasses.field(default_factory=list)
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if self.init_weights not in ("bert", "mam_adapter", "houlsby"):
+            raise ConfigError(f"init_weights '{self.init_weights}' is not one of bert, mam_adapter, houlsby")
+        if isinstance(self.scaling, str) and self.scaling not in ("learned", "channel"):
+            raise ConfigError(f"scaling must be a number, 'learned' or 'channel', not '{self.scaling}'")
+        if self.inv_adapter not in (None, "nice"):
+            raise ConfigError(f"inv_adapter '{self.inv_adapter}' is not supported (only 'nice')")
+        if not (self.mh_adapter or self.output_adapter):
+            raise ConfigError("a bottleneck adapter needs mh_adapter or output_adapter set")
+
+    def width(self, hidden_size: int, layer: int) -> int:
+        factor = self.reduction_factor
+        if isinstance(factor, dict):
+            factor = factor.get(str(layer), factor.get("default"))
+            if factor is None:
+                raise ConfigError(f"reduction_factor has no entry for layer {layer} and no 'default'")
+        return max(int(hidden_size // factor), 1)
+
+
+def _activation(name: str) -> nn.Module:
+    name = name.lower()
+    if name == "leakyrelu":
+        return nn.LeakyReLU(0.01)
+    return get_activation(name)
+
+
+class BottleneckAdapter(nn.Module):
+    """One bottleneck module: ``adapter_down`` = [LayerNorm?, Linear(H, d), act], ``adapter_up`` =
+    Linear(d, H). Parameter names match AdapterHub's files."""
+
+    def __init__(self, hidden_size: int, width: int, config: BnConfig):
+        super().__init__()
+        self.config = config
+        down: list[nn.Module] = [nn.LayerNorm(hidden_size)] if config.ln_before else []
+        down += [nn.Linear(hidden_size, width), _activation(config.non_linearity)]
+        self.adapter_down = nn.Sequential(*down)
+        self.adapter_up = nn.Linear(width, hidden_size)
+        if config.scaling == "learned":
+            self.scaling = nn.Parameter(torch.ones(1))
+        elif config.scaling == "channel":
+            self.scaling = nn.Parameter(torch.ones(hidden_size))
+        else:
+            self.scaling = float(config.scaling)
+        self.adapter_norm_after = nn.LayerNorm(hidden_size) if config.ln_after else None
+        self.gate = nn.Linear(hidden_size, 1) if config.use_gating else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        down, up = self.adapter_down[-2], self.adapter_up
+        init = self.config.init_weights
+        if self.config.init_weights_seed:
+            torch.manual_seed(self.config.init_weights_seed)
+        if init == "bert":
+            for linear in (down, up, self.gate):
+                if linear is not None:
+                    linear.weight.normal_(0.0, 0.02)
+                    linear.bias.zero_()
+        elif init == "mam_adapter":
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            down.bias.zero_()
+            up.weight.zero_()
+            up.bias.zero_()
+        elif init == "houlsby":
+            for linear in (down, up):
+                nn.init.trunc_normal_(linear.weight, std=1e-2, a=-0.02, b=0.02)
+                linear.bias.zero_()
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dropout(self.adapter_up(self.adapter_down(x)) * self.scaling)
+        if self.gate is not None:
+            gate = torch.sigmoid(self.gate(x)).mean(dim=1, keepdim=True)  # [B, 1, 1]
+            out = out * gate
+        return out
+
+    # The three steps below mirror AdapterHub's pre_forward / forward / post_forward.
+    def pre_forward(self, h: torch.Tensor, r: torch.Tensor, norm: Callable | None) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if cfg.is_parallel:
+            return r, r
+        residual = h if cfg.residual_before_ln is True else None
+        if cfg.original_ln_before:
+            h = h + r
+            if cfg.residual_before_ln == "post_add":
+                residual = h
+            if norm is not None:
+                h = norm(h)
+        if residual is None:
+            residual = h
+        return h, residual
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        out = self._delta(x)
+        if self.config.is_parallel:
+            return self.adapter_norm_after(out) if self.adapter_norm_after is not None else out
+        if self.config.adapter_residual_before_ln:
+            out = out + residual
+        if self.adapter_norm_after is not None:
+            out = self.adapter_norm_after(out)
+        if not self.config.adapter_residual_before_ln:
+            out = out + residual
+        return out
+
+    def post_forward(self, out: torch.Tensor, h_in: torch.Tensor, r: torch.Tensor, norm: Callable | None) -> torch.Tensor:
+        if self.config.is_parallel:
+            out = out + h_in
+        if self.config.original_ln_after:
+            out = out + r
+            if norm is not None:
+                out = norm(out)
+        return out
+
+
+def run_site(adapters: list[BottleneckAdapter], h: torch.Tensor, r: torch.Tensor, norm: Callable | None) -> torch.Tensor:
+    """The output of one sub-layer with ``adapters`` stacked on it (what the layer's own
+    ``norm(h + r)`` or ``h + r`` becomes)."""
+    h_in = h
+    for adapter in adapters:
+        x, residual = adapter.pre_forward(h, r, norm)
+        h = adapter(x, residual)
+    return adapters[-1].post_forward(h, h_in, r, norm)
+
+
+class NICECoupling(nn.Module):
+    """Invertible adapter (NICE additive coupling) on the embeddings: with x = [x1, x2] split on the
+    hidden axis, ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``; ``inverse`` undoes it exactly."""
+
+    def __init__(self, hidden_size: int, reduction_factor: float, non_linearity: str):
+        super().__init__()
+        self.split = hidden_size // 2
+        s1, s2 = self.split, hidden_size - self.split
+
+        def subnet(n_in: int, n_out: int) -> nn.Sequential:
+            mid = int(n_in // reduction_factor)
+            return nn.Sequential(nn.Linear(n_in, mid), _activation(non_linearity), nn.Linear(mid, n_out))
+
+        self.F = subnet(s2, s1)
+        self.G = subnet(s1, s2)
+        with torch.no_grad():
+            for linear in (self.F[0], self.F[2], self.G[0], self.G[2]):
+                linear.weight.normal_(0.0, 0.02)
+                linear.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., : self.split], x[..., self.split :]
+        y1 = x1 + self.F(x2)
+        return torch.cat([y1, x2 + self.G(y1)], dim=-1)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        y1, y2 = y[..., : self.split], y[..., self.split :]
+        x2 = y2 - self.G(y1)
+        return torch.cat([y1 - self.F(x2), x2], dim=-1)
+
+
+def _call_arg(args: tuple, kwargs: dict, index: int | str) -> torch.Tensor:
+    if isinstance(index, int) and len(args) > index:
+        return args[index]
+    for key in ((index,) if isinstance(index, str) else ()) + ("hidden_states", "input_tensor", "x"):
+        if key in kwargs:
+            return kwargs[key]
+    raise RuntimeError(f"could not find the residual input (argument {index!r}) of a hooked module")
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output: Any, value: torch.Tensor) -> Any:
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+class _Capture:
+    """Carries ``r`` (and ``h``) from the hook that sees it to the hook that uses it, within one
+    forward call of one layer."""
+
+    __slots__ = ("r", "h")
+
+    def __init__(self) -> None:
+        self.r = self.h = None
+
+
+def _hook_site(layer: nn.Module, site: Site, adapters: list[BottleneckAdapter]) -> list[RemovableHandle]:
+    capture = _Capture()
+
+    def grab_residual(module, args, kwargs):
+        capture.r = _call_arg(args, kwargs, site.residual_arg)
+
+    handles = [get_module(layer, site.residual).register_forward_pre_hook(grab_residual, with_kwargs=True)]
+    output_module = get_module(layer, site.output)
+    if site.norm is None:
+        # Pre-LN: the layer computes ``h + r`` itself, so hand it ``y - r``.
+        def adapt_output(module, args, output):
+            r, capture.r = capture.r, None
+            y = run_site(adapters, _first(output), r, None)
+            return _replace_first(output, y - r)
+
+        handles.append(output_module.register_forward_hook(adapt_output))
+    else:
+        # Post-LN: keep ``h`` and replace what the layer's norm returns for ``h + r``. The norm is
+        # called through ``.forward`` inside the hook so that the hook does not run again.
+        norm_module = get_module(layer, site.norm)
+
+        def grab_output(module, args, output):
+            capture.h = _first(output)
+
+        def adapt_norm(module, args, output):
+            h, r = capture.h, capture.r
+            capture.h = capture.r = None
+            return run_site(adapters, h, r, norm_module.forward)
+
+        handles.append(output_module.register_forward_hook(grab_output))
+        handles.append(norm_module.register_forward_hook(adapt_norm))
+    return handles
+
+
+class BottleneckFamily(MethodFamily):
+    name = "bottleneck"
+    config_class = BnConfig
+    containers = ("adapters", "invertible_adapters")
+
+    def _sites(self, state: AdapterState, config: BnConfig) -> list[tuple[int, Site]]:
+        wanted = [s for s, on in ((state.arch.attn_site, config.mh_adapter), (state.arch.ffn_site, config.output_adapter)) if on]
+        return [(i, s) for i in range(state.num_layers) if i not in config.leave_out for s in wanted]
+
+    @staticmethod
+    def _container(layer: nn.Module, site: Site) -> nn.ModuleDict:
+        try:
+            host = get_module(layer, site.host)
+        except AttributeError:
+            host = nn.Module()
+            parent, _, attr = site.host.rpartition(".")
+            get_module(layer, parent).add_module(attr, host)
+        if not hasattr(host, "adapters"):
+            host.add_module("adapters", nn.ModuleDict())
+        return host.adapters
+
+    def add(self, state: AdapterState, name: str, config: BnConfig) -> None:
+        state.require_architecture("bottleneck adapters")
+        layers = transformer_layers(state.backbone, state.arch)
+        for i, site in self._sites(state, config):
+            adapter = BottleneckAdapter(state.hidden_size, config.width(state.hidden_size, i), config)
+            self._container(layers[i], site)[name] = adapter
+        if config.inv_adapter:
+            if not hasattr(state.backbone, "invertible_adapters"):
+                state.backbone.add_module("invertible_adapters", nn.ModuleDict())
+            factor = config.inv_adapter_reduction_factor or 2
+            state.backbone.invertible_adapters[name] = NICECoupling(state.hidden_size, factor, config.non_linearity)
+
+    def activate(self, state: AdapterState, names: list[str]) -> list[RemovableHandle]:
+        handles: list[RemovableHandle] = []
+        layers = transformer_layers(state.backbone, state.arch)
+        for layer in layers:
+            for site in (state.arch.attn_site, state.arch.ffn_site):
+                try:
+                    container = get_module(layer, site.host).adapters
+                except AttributeError:
+                    continue
+                adapters = [container[n] for n in names if n in container]
+                if adapters:
+                    handles += _hook_site(layer, site, adapters)
+        # AdapterHub runs the invertible adapter of the first active adapter only.
+        inv = getattr(state.backbone, "invertible_adapters", {})
+        if names and names[0] in inv:
+            coupling = inv[names[0]]
+            embeddings = get_module(state.backbone, state.arch.embeddings)
+            handles.append(embeddings.register_forward_hook(lambda m, a, out: _replace_first(out, coupling(_first(out)))))
+        return handles
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "seq_bn": {},
+    "double_seq_bn": {"mh_adapter": True, "non_linearity": "swish", "original_ln_before": False},
+    "par_bn": {
+        "original_ln_before": False, "reduction_factor": 2, "init_weights": "mam_adapter",
+        "is_parallel": True, "scaling": 4.0,
+    },
+    "seq_bn_inv": {"inv_adapter": "nice", "inv_adapter_reduction_factor": 2},
+}
+
+
+def identify(config: BnConfig) -> str:
+    """The preset name a bottleneck config is closest to (for display and native files)."""
+    if config.inv_adapter:
+        return "seq_bn_inv"
+    if config.is_parallel:
+        return "par_bn"
+    if config.mh_adapter:
+        return "double_seq_bn"
+    return "seq_bn"
+

@@ -1,0 +1,282 @@
+"""LoRA and IA3: deltas on the linear layers of the unmodified model.
+
+* LoRA ("add"): ``y = W x + b + scaling * B A dropout(x)`` with A [r, in], B [out, r] and
+  ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+* IA3 ("scale"): ``y = (W x + b) * alpha * l`` with l = ``lora_B`` [out, 1] (r must be 1).
+
+The modules live under the wrapped layer (``...query.loras.<name>.lora_A``, AdapterHub's key
+layout) and run from a forward hook, so the model's own weights and state-dict keys never change.
+Both merge into the weights (``W += scaling B A``, or ``W, b *= alpha l``) and unmerge exactly.
+
+Where they go: the architecture table's q/k/v/o and FFN projections, selected by
+``attn_matrices`` / ``intermediate_lora`` / ``output_lora`` as in AdapterHub; or, on any model,
+the modules named by ``target_modules`` (PEFT-style: a module matches when its dotted name equals
+an entry or ends with ``.entry``). GPT-2's fused ``c_attn`` gets one grouped delta for the enabled
+q/k/v slices, matching AdapterHub's ``LoRAMergedLinear``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from ..architectures import get_module, transformer_layers
+from .base import ConfigError, MethodConfig, MethodFamily
+
+if TYPE_CHECKING:
+    from ..model import AdapterState
+
+
+@dataclasses.dataclass
+class LoRAConfig(MethodConfig):
+    """LoRA / IA3 config (AdapterHub's ``LoRAConfig``; defaults are ``lora``'s).
+
+    r, alpha: rank and scaling numerator. dropout: on the LoRA input.
+    attn_matrices: which of q, k, v, o get a delta (when ``selfattn_lora``).
+    intermediate_lora / output_lora: also the FFN's up / down projection.
+    composition_mode: "add" (LoRA) or "scale" (IA3).
+    init_weights: "lora" (A Kaiming, B zero), "bert" (both N(0, 0.02)) or "ia3" (ones).
+    target_modules: module names to adapt on any model (replaces the placement flags above).
+    use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA, as in PEFT).
+    leave_out: layer indices to skip.
+    """
+
+    family: ClassVar[str] = "lora"
+    foreign_defaults: ClassVar[dict] = {
+        "use_gating": False, "vera_d": None, "vera_b": None, "dtype": None, "use_dora": False,
+    }
+
+    selfattn_lora: bool = True
+    intermediate_lora: bool = False
+    output_lora: bool = False
+    leave_out: list[int] = dataclasses.field(default_factory=list)
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    attn_matrices: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])
+    composition_mode: str = "add"
+    init_weights: str = "lora"
+    init_weights_seed: int | None = None
+    target_modules: list[str] | None = None
+    use_rslora: bool = False
+
+    def validate(self) -> None:
+        if self.composition_mode not in ("add", "scale"):
+            raise ConfigError(f"composition_mode must be 'add' or 'scale', not '{self.composition_mode}'")
+        if self.composition_mode == "scale" and self.r != 1:
+            raise ConfigError("composition_mode 'scale' (IA3) needs r=1")
+        if self.composition_mode == "scale" and self.dropout > 0:
+            raise ConfigError("composition_mode 'scale' (IA3) does not support dropout")
+        if self.r < 1:
+            raise ConfigError(f"r must be at least 1, not {self.r}")
+        unknown = set(self.attn_matrices) - {"q", "k", "v", "o"}
+        if unknown:
+            raise ConfigError(f"attn_matrices may hold q, k, v, o; not {sorted(unknown)}")
+        if self.init_weights not in ("lora", "bert", "ia3"):
+            raise ConfigError(f"init_weights '{self.init_weights}' is not one of lora, bert, ia3")
+
+    @property
+    def scaling(self) -> float:
+        if self.composition_mode == "scale":
+            return float(self.alpha)
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+IA3_PRESET = {
+    "r": 1, "alpha": 1, "attn_matrices": ["k", "v"], "intermediate_lora": True,
+    "composition_mode": "scale", "init_weights": "ia3",
+}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) stores its weight as [in, out]."""
+    return type(module).__name__ == "Conv1D"
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise ConfigError(f"LoRA can adapt nn.Linear and Conv1D layers, not {type(module).__name__}")
+
+
+class LoRA(nn.Module):
+    """One low-rank (or IA3 scaling) delta on one linear layer.
+
+    ``slots`` is set on fused q/k/v layers: a bool per third of the output (q, k, v) saying which
+    get a delta; then A is [r * n, in] and B is [out / 3 * n, r] with n enabled slots.
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, slots: list[bool] | None = None):
+        super().__init__()
+        self.scale_mode = config.composition_mode == "scale"
+        self.scaling = config.scaling
+        self.slots = slots
+        n = sum(slots) if slots else 1
+        out = out_features // 3 * n if slots else out_features
+        self.out_features = out_features
+        if not self.scale_mode:
+            self.lora_A = nn.Parameter(torch.zeros(config.r * n, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out, config.r))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_parameters(config)
+
+    @torch.no_grad()
+    def reset_parameters(self, config: LoRAConfig) -> None:
+        if config.init_weights_seed:
+            torch.manual_seed(config.init_weights_seed)
+        A = None if self.scale_mode else self.lora_A
+        if config.init_weights == "lora":
+            if A is not None:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        elif config.init_weights == "bert":
+            for p in (A, self.lora_B):
+                if p is not None:
+                    nn.init.normal_(p, std=0.02)
+        else:
+            for p in (A, self.lora_B):
+                if p is not None:
+                    nn.init.ones_(p)
+
+    def _fill(self, delta: torch.Tensor, fill: float) -> torch.Tensor:
+        """Spread a delta over the enabled q/k/v thirds of a fused output; others get ``fill``."""
+        if not self.slots:
+            return delta
+        third = self.out_features // 3
+        parts, i = [], 0
+        for on in self.slots:
+            if on:
+                parts.append(delta[..., i * third : (i + 1) * third])
+                i += 1
+            else:
+                parts.append(delta.new_full((*delta.shape[:-1], third), fill))
+        return torch.cat(parts, dim=-1)
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The adapted output for layer input ``x`` and unadapted output ``out``."""
+        if self.scale_mode:
+            return out * (self._fill(self.lora_B.view(-1), 1.0) * self.scaling)
+        after_a = self.dropout(x) @ self.lora_A.t()  # [..., r * n]
+        if self.slots:
+            n, r = sum(self.slots), self.lora_B.shape[1]
+            groups = after_a.unflatten(-1, (n, r))  # [..., n, r]
+            delta = torch.einsum("...nr,ndr->...nd", groups, self.lora_B.view(n, -1, r)).flatten(-2)
+        else:
+            delta = after_a @ self.lora_B.t()
+        return out + self._fill(delta, 0.0) * self.scaling
+
+    def weight_delta(self) -> torch.Tensor:
+        """``B A`` as an [out, in] matrix (add mode), or the [out] scale vector (scale mode)."""
+        if self.scale_mode:
+            return self._fill(self.lora_B.view(-1), 1.0) * self.scaling
+        if self.slots:
+            n, r = sum(self.slots), self.lora_B.shape[1]
+            b = self.lora_B.view(n, -1, r)
+            a = self.lora_A.view(n, r, -1)
+            delta = torch.bmm(b, a).flatten(0, 1)  # [n * out/3, in]
+            return self._fill(delta.t(), 0.0).t() * self.scaling
+        return self.lora_B @ self.lora_A * self.scaling
+
+
+def _hook(loras: list[LoRA]):
+    def hook(module, args, out):
+        x = args[0]
+        for lora in loras:
+            out = lora.apply(x, out)
+        return out
+
+    return hook
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """Names of the layers LoRA can adapt, for error messages."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class LoRAFamily(MethodFamily):
+    name = "lora"
+    config_class = LoRAConfig
+    containers = ("loras",)
+
+    def targets(self, state: AdapterState, config: LoRAConfig) -> list[tuple[nn.Module, list[bool] | None]]:
+        if config.target_modules:
+            found = [m for n, m in state.backbone.named_modules() if _matches(n, config.target_modules)]
+            if not found:
+                names = sorted({n.rsplit(".", 1)[-1] for n in module_names(state.backbone)})
+                raise ConfigError(
+                    f"target_modules {config.target_modules} matched no layer of this "
+                    f"{state.model_type} model; its linear layers are named: {', '.join(names)}"
+                )
+            return [(m, None) for m in found]
+        arch = state.require_architecture("LoRA without target_modules")
+        found: list[tuple[nn.Module, list[bool] | None]] = []
+        for i, layer in enumerate(transformer_layers(state.backbone, arch)):
+            if i in config.leave_out:
+                continue
+            if config.selfattn_lora:
+                if arch.fused_qkv:
+                    slots = [m in config.attn_matrices for m in ("q", "k", "v")]
+                    if any(slots):
+                        found.append((get_module(layer, arch.q), slots))
+                    if "o" in config.attn_matrices:
+                        found.append((get_module(layer, arch.o), None))
+                else:
+                    found += [(get_module(layer, getattr(arch, m)), None) for m in config.attn_matrices]
+            if config.intermediate_lora:
+                found.append((get_module(layer, arch.lora_intermediate), None))
+            if config.output_lora:
+                found.append((get_module(layer, arch.lora_output), None))
+        return found
+
+    def add(self, state: AdapterState, name: str, config: LoRAConfig) -> None:
+        for module, slots in self.targets(state, config):
+            if not hasattr(module, "loras"):
+                module.add_module("loras", nn.ModuleDict())
+            module.loras[name] = LoRA(*_features(module), config, slots)
+
+    @staticmethod
+    def _layers_with(state: AdapterState, name: str | None = None):
+        for module in state.backbone.modules():
+            loras = getattr(module, "loras", None)
+            if isinstance(loras, nn.ModuleDict) and (name is None or name in loras):
+                yield module, loras
+
+    def activate(self, state: AdapterState, names: list[str]) -> list[RemovableHandle]:
+        handles = []
+        for module, loras in self._layers_with(state):
+            active = [loras[n] for n in names if n in loras and n not in state.merged]
+            if active:
+                handles.append(module.register_forward_hook(_hook(active)))
+        return handles
+
+    @torch.no_grad()
+    def _apply_weight(self, state: AdapterState, name: str, undo: bool) -> None:
+        for module, loras in self._layers_with(state, name):
+            lora = loras[name]
+            delta = lora.weight_delta().to(module.weight.dtype)
+            if lora.scale_mode:
+                factor = 1.0 / delta if undo else delta
+                # Scale both weight and bias so the merged layer equals the hooked one exactly.
+                module.weight.mul_(factor if _is_conv1d(module) else factor[:, None])
+                if module.bias is not None:
+                    module.bias.mul_(factor)
+            else:
+                delta = delta.t() if _is_conv1d(module) else delta
+                module.weight.sub_(delta) if undo else module.weight.add_(delta)
+
+    def merge(self, state: AdapterState, name: str) -> None:
+        self._apply_weight(state, name, undo=False)
+
+    def unmerge(self, state: AdapterState, name: str) -> None:
+        self._apply_weight(state, name, undo=True)

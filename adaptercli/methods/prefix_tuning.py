@@ -1,0 +1,197 @@
+"""Prefix tuning: trainable key/value prefixes joined to every self-attention layer.
+
+A shared pool computes, from a learned embedding of ``prefix_length`` positions, the keys and
+values of every layer: ``kv = W2 tanh(W1 wte + b1) + b2`` with kv [P, n_layers * 2 * kv_heads *
+head_dim] (AdapterHub's ``PrefixTuning``; ``flat=True`` learns kv directly). Layer i uses rows
+``[2i, 2i+1]`` of the layer axis; we only compute those rows per layer, so there is no per-forward
+cache to keep.
+
+The prefix joins attention through the model's own attention-function interface: while a prefix
+is active the model runs ``adaptercli_eager`` / ``adaptercli_sdpa``, which prepend the prefix to the
+(already rotated) keys and values and widen the attention mask so every token sees the prefix,
+then call the model's eager or SDPA function. Eager and SDPA therefore give the same result, with
+or without a padding mask, for encoders and decoders (AdapterHub 1.3.0 drops the prefix under
+SDPA when a mask is given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..architectures import get_module, transformer_layers
+from .base import ConfigError, MethodConfig, MethodFamily
+from .bottleneck import _activation
+
+if TYPE_CHECKING:
+    from ..model import AdapterState
+
+
+@dataclasses.dataclass
+class PrefixTuningConfig(MethodConfig):
+    """Prefix tuning config (AdapterHub's ``PrefixTuningConfig``).
+
+    prefix_length: number of prefix positions. bottleneck_size: width of the reparametrising MLP.
+    non_linearity: its activation. flat: learn the keys/values directly (no MLP).
+    dropout: on the prefix keys/values. leave_out: layer indices without a prefix.
+    """
+
+    family: ClassVar[str] = "prefix_tuning"
+    foreign_defaults: ClassVar[dict] = {
+        "encoder_prefix": True, "cross_prefix": True, "use_gating": False, "shared_gating": True,
+    }
+
+    prefix_length: int = 30
+    bottleneck_size: int = 512
+    non_linearity: str = "tanh"
+    dropout: float = 0.0
+    flat: bool = False
+    leave_out: list[int] = dataclasses.field(default_factory=list)
+    init_weights_seed: int | None = None
+
+    def validate(self) -> None:
+        if self.prefix_length < 1:
+            raise ConfigError(f"prefix_length must be at least 1, not {self.prefix_length}")
+
+
+class PrefixPool(nn.Module):
+    """The keys/values of one prefix for all layers. Parameter names match AdapterHub's."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, hidden_size: int, config: PrefixTuningConfig):
+        super().__init__()
+        if config.init_weights_seed:
+            torch.manual_seed(config.init_weights_seed)
+        self.shape = (config.prefix_length, n_layers * 2, kv_heads, head_dim)
+        self.flat = config.flat
+        width = n_layers * 2 * kv_heads * head_dim
+        if config.flat:
+            self.control_trans = nn.Parameter(torch.randn(config.prefix_length * width))
+        else:
+            self.wte = nn.Embedding(config.prefix_length, hidden_size)
+            self.control_trans = nn.Sequential(
+                nn.Linear(hidden_size, config.bottleneck_size),
+                _activation(config.non_linearity),
+                nn.Linear(config.bottleneck_size, width),
+            )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value prefix of one layer, each [kv_heads, P, head_dim]."""
+        P, _, heads, dim = self.shape
+        if self.flat:
+            kv = self.control_trans.view(self.shape)[:, 2 * layer : 2 * layer + 2]
+        else:
+            hidden = self.control_trans[1](self.control_trans[0](self.wte.weight))  # [P, bottleneck]
+            out = self.control_trans[2]
+            rows = slice(2 * layer * heads * dim, (2 * layer + 2) * heads * dim)
+            kv = F.linear(hidden, out.weight[rows], out.bias[rows]).view(P, 2, heads, dim)
+        kv = self.dropout(kv).permute(1, 2, 0, 3)  # [2, heads, P, dim]
+        return kv[0], kv[1]
+
+
+class _LayerPrefix:
+    """What an attention module needs to join its prefixes (plain object, not a submodule)."""
+
+    def __init__(self, pools: list[PrefixPool], layer: int):
+        self.pools, self.layer = pools, layer
+
+    def join(self, query, key, value, mask, causal: bool):
+        batch = key.shape[0]
+        keys, values = [key], [value]
+        for pool in reversed(self.pools):  # the first active prefix ends up first
+            pk, pv = pool.layer_kv(self.layer)
+            keys.insert(0, pk.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1))
+            values.insert(0, pv.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1))
+        n_prefix = sum(k.shape[2] for k in keys[:-1])
+        q_len, k_len = query.shape[2], key.shape[2]
+        if mask is None and causal and q_len > 1:
+            # SDPA would have used is_causal, which aligns the triangle top-left: wrong once the
+            # prefix widens the keys. Build the causal mask explicitly (bool, True = attend).
+            positions = torch.arange(k_len, device=key.device)
+            mask = (positions[None, :] <= positions[-q_len:, None])[None, None]
+        if mask is not None:
+            mask = mask[..., -k_len:] if mask.shape[-1] > k_len else mask
+            pad = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)((*mask.shape[:-1], n_prefix))
+            mask = torch.cat([pad, mask], dim=-1)
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2), mask
+
+
+def _with_prefix(inner: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        prefix = getattr(module, "_adaptercli_prefix", None)
+        if prefix is not None:
+            causal = bool(getattr(module, "is_causal", False))
+            key, value, attention_mask = prefix.join(query, key, value, attention_mask, causal)
+            kwargs["is_causal"] = False
+        if inner == "sdpa":
+            function = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            function = sys.modules[type(module).__module__].eager_attention_forward
+            kwargs.pop("is_causal", None)
+        return function(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+PREFIXED = {"eager": "adaptercli_eager", "sdpa": "adaptercli_sdpa"}
+ALL_ATTENTION_FUNCTIONS.register(PREFIXED["eager"], _with_prefix("eager"))
+ALL_ATTENTION_FUNCTIONS.register(PREFIXED["sdpa"], _with_prefix("sdpa"))
+ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIXED["eager"], eager_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIXED["sdpa"], sdpa_mask)
+
+
+class PrefixTuningFamily(MethodFamily):
+    name = "prefix_tuning"
+    config_class = PrefixTuningConfig
+    containers = ("prefix_tunings",)
+
+    def add(self, state: AdapterState, name: str, config: PrefixTuningConfig) -> None:
+        state.require_architecture("prefix tuning")
+        if not hasattr(state.backbone, "prefix_tunings"):
+            state.backbone.add_module("prefix_tunings", nn.ModuleDict())
+        state.backbone.prefix_tunings[name] = PrefixPool(
+            state.num_layers, state.num_kv_heads, state.head_dim, state.hidden_size, config
+        )
+
+    def activate(self, state: AdapterState, names: list[str]) -> list[RemovableHandle]:
+        pools_by_name = getattr(state.backbone, "prefix_tunings", {})
+        active = [n for n in names if n in pools_by_name]
+        config = state.model.config
+        base = getattr(state, "_base_attn", None) or config._attn_implementation
+        if not active:
+            if base != config._attn_implementation:
+                config._attn_implementation = base
+            return []
+        if base not in PREFIXED:
+            raise ConfigError(
+                f"prefix tuning runs with eager or sdpa attention; this model uses '{base}'. "
+                "Load it with attn_implementation='sdpa' (or 'eager')."
+            )
+        state._base_attn = base
+        config._attn_implementation = PREFIXED[base]
+        handles = []
+        for i, layer in enumerate(transformer_layers(state.backbone, state.arch)):
+            pools = [pools_by_name[n] for n in active if i not in state.adapters[n].config.leave_out]
+            if pools:
+                attention = get_module(layer, state.arch.attention)
+                attention._adaptercli_prefix = _LayerPrefix(pools, i)
+                handles.append(_Unset(attention))
+        return handles
+
+
+class _Unset:
+    """A handle that removes the prefix from an attention module (same interface as a hook's)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("_adaptercli_prefix", None)
