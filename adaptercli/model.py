@@ -114,11 +114,9 @@ class ModelAdaptersMixin:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
             raise AdapterError(f"adapter name '{name}' may only use letters, digits, '_' and '-'")
         method_config = resolve_config(config)
-        family_of(method_config).add(state, name, method_config)
+        with torch.device(next(self.parameters()).device):  # adapters live beside the weights they change
+            family_of(method_config).add(state, name, method_config)
         state.adapters[name] = AdapterRecord(name, method_config)
-        device = next(self.parameters()).device
-        for p in state.adapter_parameters(name).values():
-            p.data = p.data.to(device)
         if set_active:
             self.set_active_adapters(name)
 
@@ -224,7 +222,9 @@ class ModelAdaptersMixin:
     def adapter_summary(self, as_table: bool = False) -> list[dict[str, Any]] | Table:
         """One row per adapter: name, method, parameters, % of the backbone, active, trainable."""
         state = self._adapter_state
-        total = sum(p.numel() for k, p in state.backbone.named_parameters() if not re.search(_ADAPTER_KEY.format(name=r"[^.]+"), k))
+        is_adapter = re.compile(_ADAPTER_KEY.format(name=r"[^.]+"))
+        backbone = [p for k, p in state.backbone.named_parameters() if not is_adapter.search(k)]
+        total = sum(p.numel() for p in backbone)
         active = state.active.flatten() if state.active else []
         rows = []
         for name, record in state.adapters.items():
@@ -236,9 +236,8 @@ class ModelAdaptersMixin:
                 "active": name in active, "trainable": any(p.requires_grad for p in params),
                 "merged": name in state.merged,
             })
-        rows.append({"name": "(backbone)", "method": "", "params": total, "percent": 100.0,
-                     "active": True, "trainable": any(p.requires_grad for p in state.backbone.parameters()
-                                                       if not getattr(p, "_adapter", False)), "merged": False})
+        rows.append({"name": "(backbone)", "method": "", "params": total, "percent": 100.0, "active": True,
+                     "trainable": any(p.requires_grad for p in backbone), "merged": False})
         if not as_table:
             return rows
         table = Table(title="Adapters")

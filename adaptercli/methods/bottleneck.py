@@ -199,11 +199,15 @@ class BottleneckAdapter(nn.Module):
 def run_site(adapters: list[BottleneckAdapter], h: torch.Tensor, r: torch.Tensor, norm: Callable | None) -> torch.Tensor:
     """The output of one sub-layer with ``adapters`` stacked on it (what the layer's own
     ``norm(h + r)`` or ``h + r`` becomes)."""
+    dtype = h.dtype
+    weight_dtype = adapters[0].adapter_up.weight.dtype
+    if dtype != weight_dtype:  # e.g. a bf16 backbone with fp32 adapters
+        h, r = h.to(weight_dtype), r.to(weight_dtype)
     h_in = h
     for adapter in adapters:
         x, residual = adapter.pre_forward(h, r, norm)
         h = adapter(x, residual)
-    return adapters[-1].post_forward(h, h_in, r, norm)
+    return adapters[-1].post_forward(h, h_in, r, norm).to(dtype)
 
 
 class NICECoupling(nn.Module):

@@ -162,15 +162,15 @@ class LoRA(nn.Module):
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The adapted output for layer input ``x`` and unadapted output ``out``."""
         if self.scale_mode:
-            return out * (self._fill(self.lora_B.view(-1), 1.0) * self.scaling)
-        after_a = self.dropout(x) @ self.lora_A.t()  # [..., r * n]
+            return out * (self._fill(self.lora_B.view(-1), 1.0) * self.scaling).to(out.dtype)
+        after_a = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()  # [..., r * n]
         if self.slots:
             n, r = sum(self.slots), self.lora_B.shape[1]
             groups = after_a.unflatten(-1, (n, r))  # [..., n, r]
             delta = torch.einsum("...nr,ndr->...nd", groups, self.lora_B.view(n, -1, r)).flatten(-2)
         else:
             delta = after_a @ self.lora_B.t()
-        return out + self._fill(delta, 0.0) * self.scaling
+        return out + (self._fill(delta, 0.0) * self.scaling).to(out.dtype)
 
     def weight_delta(self) -> torch.Tensor:
         """``B A`` as an [out, in] matrix (add mode), or the [out] scale vector (scale mode)."""

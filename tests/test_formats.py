@@ -1,0 +1,132 @@
+"""Saving and loading adapter folders: native round trips, PEFT export, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import batch, tiny_model
+from safetensors.torch import load_file
+
+import adaptercli
+from adaptercli.formats import AdapterFileError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _output(model, **kw):
+    ids, mask = batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, **kw)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("method", ["seq_bn", "par_bn", "seq_bn_inv", "double_seq_bn", "lora", "ia3", "prefix_tuning"])
+def test_native_round_trip_with_head(method: str, tmp_path: Path, perturb) -> None:
+    model = adaptercli.AdapterModel(tiny_model("bert"))
+    model.add_adapter("sst", method)
+    model.add_classification_head("sst", num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"})
+    perturb(model, "sst")
+    model.set_active_adapters("sst")
+    model.eval()
+    expected = _output(model)
+    folder = tmp_path / "does" / "not" / "exist" / "yet"
+    model.save_adapter(folder, "sst")
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["adapter.safetensors", "adapter_config.json", "head.safetensors", "head_config.json"]
+    weights = load_file(folder / "adapter.safetensors")
+    assert sum(v.numel() for v in weights.values()) == model.adapter_summary()[0]["params"]
+    assert not any("encoder.layer.0.attention.self.query.weight" == k for k in weights)
+
+    fresh = adaptercli.AdapterModel(tiny_model("bert"))
+    name = fresh.load_adapter(folder, load_as="copy", set_active=True)
+    fresh.eval()
+    assert name == "copy" and fresh.heads["copy"].config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    assert torch.allclose(_output(fresh), expected, atol=1e-6)
+
+
+def test_static_head_of_a_transformers_task_model_is_saved(tmp_path: Path, perturb) -> None:
+    from conftest import CONFIGS
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    def make():
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("bert", num_labels=2, **CONFIGS["bert"])
+        return adaptercli.init(AutoModelForSequenceClassification.from_config(config).eval())
+
+    model = make()
+    model.add_adapter("a", "lora")
+    perturb(model, "a")
+    model.train_adapter("a")
+    assert model.classifier.weight.requires_grad  # PEFT users must name it in modules_to_save; we don't
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    model.eval()
+    expected = _output(model)
+    model.save_adapter(tmp_path / "a", "a")
+    fresh = make()
+    fresh.load_adapter(tmp_path / "a", set_active=True)
+    assert torch.allclose(_output(fresh), expected, atol=1e-6)
+
+
+def test_peft_export_loads_back_and_matches_peft_layout(tmp_path: Path, perturb) -> None:
+    model = adaptercli.init(tiny_model("bert"))
+    model.add_adapter("a", "lora[r=8,alpha=16,use_rslora=true]")
+    perturb(model, "a")
+    model.set_active_adapters("a")
+    expected = _output(model)
+    model.save_adapter(tmp_path / "peft", "a", format="peft")
+    config = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] is True and config["lora_alpha"] == 16
+    ours = set(load_file(tmp_path / "peft/adapter_model.safetensors"))
+    reference = set(load_file(ROOT / "tests/fixtures/peft/peft_bert_lora/adapter_model.safetensors"))
+    assert ours == reference  # same keys as a folder PEFT itself wrote for query/value LoRA
+    fresh = adaptercli.init(tiny_model("bert"))
+    fresh.load_adapter(tmp_path / "peft", load_as="a", set_active=True)
+    assert torch.allclose(_output(fresh), expected, atol=1e-6)
+
+
+def test_errors_are_one_clear_message(tmp_path: Path) -> None:
+    model = adaptercli.init(tiny_model("bert"))
+    with pytest.raises(AdapterFileError, match="adapter folder not found"):
+        model.load_adapter(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterFileError, match="no adapter_config.json"):
+        model.load_adapter(tmp_path / "empty")
+    model.add_adapter("a", "seq_bn")
+    model.save_adapter(tmp_path / "a", "a")
+    (tmp_path / "a/adapter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterFileError, match="cannot read weights"):
+        model.load_adapter(tmp_path / "a", load_as="b")
+    assert "b" not in model.adapters_config  # nothing half-loaded
+    (tmp_path / "a/adapter_config.json").write_text("{broken")
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        model.load_adapter(tmp_path / "a", load_as="b")
+
+    other = adaptercli.init(tiny_model("gpt2"))
+    other.add_adapter("g", "seq_bn")
+    other.save_adapter(tmp_path / "g", "g")
+    with pytest.raises(AdapterFileError, match="saved for a gpt2 model; this model is bert"):
+        model.load_adapter(tmp_path / "g")
+    meta = json.loads((tmp_path / "g/adapter_config.json").read_text())
+    meta["hidden_size"] = 768
+    (tmp_path / "g/adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterFileError, match="hidden size 768; this bert model has hidden size 32"):
+        model.load_adapter(tmp_path / "g")
+
+
+def test_pickles_are_read_weights_only(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"config": {"reduction_factor": 16}, "name": "x",
+                                                             "version": "adapters.1.3.0"}))
+    torch.save({"x": Evil()}, folder / "pytorch_adapter.bin")
+    model = adaptercli.init(tiny_model("bert"))
+    with pytest.raises(AdapterFileError, match="cannot read weights"):
+        model.load_adapter(folder)
