@@ -68,12 +68,21 @@ def read_weights(folder: Path, *names: str) -> dict[str, torch.Tensor]:
     raise AdapterFileError(f"{folder}: no weights file (looked for {', '.join(names)})")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename it into place, so a crash
+    leaves either the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give them the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,609 @@
+"""Recipes: the YAML files that describe one training run, and their validation.
+
+A recipe is built from layers, merged in this order (later wins):
+
+1. the presets named in its ``defaults:`` list (``method/lora`` is ``configs/method/lora.yaml``; a
+   name ending in ``.yaml`` is a file relative to the recipe), each expanded with its own defaults;
+2. the recipe file itself;
+3. command-line overrides ``key=value`` (dotted keys, values parsed as YAML).
+
+``${...}`` interpolations are then resolved, and the result is checked against the dataclasses
+below. Every problem is collected and raised together as one `RecipeError`, each line naming the
+dotted path of the offending key.
+
+Switching methods: ``adapter.config`` holds the fields of one method, so each layer's
+``adapter.config`` belongs to the method that layer declares in ``adapter.method`` (or, when it
+declares none, to the method in force after the layers before it). Only the layers whose method is
+the final one contribute ``adapter.config``. So ``adapter.method=seq_bn`` on the command line of a
+recipe built on ``method/lora`` drops the LoRA fields and leaves seq_bn's own defaults (which
+``adaptercli.methods`` supplies); fields set in the same override layer as the new method are kept,
+and a field that does not belong to the method is refused there by the method registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import typing
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from adaptercli.assets import OFFLINE_DATASETS
+from adaptercli.errors import RecipeError
+
+TASKS = ("classification", "multilabel", "regression", "tagging", "mlm", "causal_lm")
+HEAD_TYPES = ("classification", "multilabel", "regression", "tagging", "qa", "mlm", "causal_lm")
+COMPOSITION_TYPES = ("stack", "fuse", "parallel", "average", "split", "batch_split")
+FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll")
+# Compression suffixes that the readers undo transparently, so `x.csv.gz` is a csv file.
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
+
+# Marks a value that failed a check (and was reported), so later checks skip it.
+_INVALID = object()
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+"""Packaged presets. The package is installed in editable mode, so this is the clone's `configs/`."""
+
+
+def _field(
+    default: Any = NO_DEFAULT,
+    *,
+    factory: Any = NO_DEFAULT,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field whose metadata carries the allowed choices and bounds checked on load."""
+    bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt}
+    metadata = {name: bound for name, bound in bounds.items() if bound is not None}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model.
+
+    Attributes:
+        name_or_path: Hub id, local folder, or an offline short name such as ``minilm``
+            (see `adaptercli.assets.resolve_model_path`).
+        revision: Hub branch, tag or commit.
+        trust_remote_code: allow the model repository's own Python code to run.
+        attn_implementation: e.g. ``eager``, ``sdpa``; None lets transformers choose.
+        dtype: weights dtype; None keeps the checkpoint's.
+        gguf_file: name of a GGUF file inside ``name_or_path`` to dequantize and load.
+    """
+
+    name_or_path: str = MISSING
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    dtype: str | None = _field(None, choices=("auto", "float32", "float16", "bfloat16"))
+    gguf_file: str | None = None
+
+
+@dataclass
+class AdapterConfig:
+    """The adapter to train.
+
+    Attributes:
+        name: name the adapter is added and saved under.
+        method: a method of the `adaptercli.methods` registry, e.g. ``lora``, ``seq_bn``.
+        config: the method's fields; validated by the method registry, not here.
+        load: path or Hub id of a pretrained adapter to load (and train) instead of adding a new one.
+    """
+
+    name: str = "default"
+    method: str = "lora"
+    config: dict[str, Any] = _field(factory=dict)
+    load: str | None = None
+
+
+@dataclass
+class HeadConfig:
+    """The prediction head on top of the model.
+
+    Attributes:
+        type: one of `HEAD_TYPES`; defaults to ``data.task``.
+        num_labels: None infers it from the data.
+        layers: number of linear layers.
+        activation: activation between the layers.
+        dropout: dropout before each layer.
+    """
+
+    type: str | None = _field(None, choices=HEAD_TYPES)
+    num_labels: int | None = _field(None, ge=1)
+    layers: int = _field(2, ge=1)
+    activation: str = "tanh"
+    dropout: float = _field(0.1, ge=0, lt=1)
+
+
+@dataclass
+class CompositionConfig:
+    """How several adapters combine (AdapterHub composition blocks).
+
+    Attributes:
+        type: one of `COMPOSITION_TYPES`.
+        adapters: names or paths of the adapters to combine.
+        kwargs: extra arguments of the block, e.g. ``splits`` for ``split``.
+    """
+
+    type: str = _field(MISSING, choices=COMPOSITION_TYPES)
+    adapters: list[str] = _field(factory=list)
+    kwargs: dict[str, Any] = _field(factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how their columns map to text and labels.
+
+    Attributes:
+        source: an offline data set name (`adaptercli.assets.OFFLINE_DATASETS`), ``hub``, or a file
+            format (`FILE_FORMATS`); None infers the format from ``train_file``'s suffix.
+        name: Hub dataset id (or a local folder laid out like a Hub dataset repo), for ``hub``.
+        subset: Hub configuration name, e.g. ``mrpc`` of ``nyu-mll/glue``.
+        train_file: training file, relative to the working directory.
+        validation_file: validation file; when there is no validation set, ``validation_split``
+            of the training set is held out (seeded with ``train.seed``).
+        test_file: test file.
+        text_column: column with the text (a list of words for tagging); None tries common names.
+        text_pair_column: second text column for sentence-pair tasks.
+        label_column: column with the labels; None tries common names.
+        label_map: maps raw label values to label names (or ids).
+        labels: label names in id order; None takes them from the data.
+        validation_split: fraction of the training set held out when there is no validation set.
+        max_train_samples: keep at most this many training examples (seeded sample).
+        max_eval_samples: keep at most this many validation and test examples (seeded sample).
+        task: one of `TASKS`; None means the offline data set's task, else classification.
+    """
+
+    source: str | None = None
+    name: str | None = None
+    subset: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    label_map: dict[Any, Any] | None = None
+    labels: list[str] | None = None
+    validation_split: float = _field(0.1, gt=0, lt=1)
+    max_train_samples: int | None = _field(None, ge=1)
+    max_eval_samples: int | None = _field(None, ge=1)
+    task: str | None = _field(None, choices=TASKS)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and checkpointing.
+
+    Attributes:
+        max_steps: optimizer steps; -1 trains for ``num_epochs`` instead.
+        eval_steps: evaluate every this many steps; None evaluates at the end of each epoch.
+        metric_for_best: metric that selects the best checkpoint, e.g. ``accuracy``; None uses
+            the evaluation loss (lower is better).
+        early_stopping_patience: stop after this many evaluations without improvement.
+        The other fields mean what they mean in `transformers.TrainingArguments`.
+    """
+
+    learning_rate: float = _field(1e-4, gt=0)
+    batch_size: int = _field(32, ge=1)
+    eval_batch_size: int | None = _field(None, ge=1)
+    max_steps: int = _field(-1, ge=-1)
+    num_epochs: float = _field(3.0, gt=0)
+    warmup_ratio: float = _field(0.0, ge=0, le=1)
+    warmup_steps: int = _field(0, ge=0)
+    lr_scheduler: str = _field("linear", choices=("linear", "cosine", "constant"))
+    weight_decay: float = _field(0.0, ge=0)
+    gradient_accumulation_steps: int = _field(1, ge=1)
+    max_grad_norm: float = _field(1.0, ge=0)
+    mixed_precision: str = _field("no", choices=("no", "fp16", "bf16"))
+    seed: int = 42
+    eval_steps: int | None = _field(None, ge=1)
+    save_steps: int = _field(500, ge=1)
+    save_total_limit: int = _field(2, ge=1)
+    logging_steps: int = _field(10, ge=1)
+    metric_for_best: str | None = None
+    greater_is_better: bool = True
+    early_stopping_patience: int | None = _field(None, ge=1)
+    max_seq_length: int = _field(128, ge=1)
+
+
+@dataclass
+class Recipe:
+    """One training run: model, adapter, head, optional composition, data, training and output."""
+
+    model: ModelConfig = _field(factory=ModelConfig)
+    adapter: AdapterConfig = _field(factory=AdapterConfig)
+    head: HeadConfig = _field(factory=HeadConfig)
+    composition: CompositionConfig | None = None
+    data: DataConfig = _field(factory=DataConfig)
+    train: TrainConfig = _field(factory=TrainConfig)
+    output_dir: str = MISSING
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, merge, resolve and validate a recipe file.
+
+    Args:
+        path: the recipe YAML.
+        overrides: ``key=value`` strings with dotted keys, e.g. ``train.learning_rate=3e-4``;
+            values are parsed as YAML (``[q,v]`` is a list, ``null`` is None).
+
+    Returns:
+        The typed recipe, with inferred values filled in (data format, task, head type).
+
+    Raises:
+        RecipeError: listing every problem found.
+    """
+    problems: list[str] = []
+    path = Path(path).resolve()
+    body = _read_yaml(path, problems)
+    if problems:  # without the recipe itself, every other message would be noise
+        raise RecipeError(problems)
+    layers = _expand_defaults(body, path.parent, problems, chain=(path,))
+    layers.append((str(path), body))
+    layers.append(("overrides", _overrides_layer(overrides, problems)))
+    # Keep going after layer problems: the schema checks below may find more to report at once.
+    merged = _merge_layers(layers, problems)
+    values = _resolve(merged, "", problems)
+    checked = _check_section(Recipe, values, "", problems)
+    _check_semantics(checked, problems)
+    if problems:
+        raise RecipeError(problems)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), checked))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """Render a recipe as YAML; loading the text again gives an equal recipe."""
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def available_presets() -> list[str]:
+    """Names of the packaged presets usable in ``defaults:``, e.g. ``method/lora``."""
+    return sorted(p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS_DIR.rglob("*.yaml"))
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, problems: list[str], where: str = "") -> DictConfig:
+    """Read one YAML mapping; on failure record a problem and return an empty mapping."""
+    prefix = f"{where}: " if where else ""
+    try:
+        loaded = OmegaConf.load(path)
+    except FileNotFoundError:
+        problems.append(f"{prefix}recipe file not found: {path}")
+        return OmegaConf.create()
+    except Exception as error:  # YAML syntax errors come in several types; all mean the same
+        problems.append(f"{prefix}{path}: cannot parse YAML: {error}")
+        return OmegaConf.create()
+    if not isinstance(loaded, DictConfig):
+        problems.append(f"{prefix}{path}: expected a mapping of sections, got a list")
+        return OmegaConf.create()
+    return loaded
+
+
+def _expand_defaults(
+    layer: DictConfig, base_dir: Path, problems: list[str], chain: tuple[Path, ...]
+) -> list[tuple[str, DictConfig]]:
+    """Pop `layer`'s ``defaults`` list and return its presets' named layers, each after its own."""
+    defaults = layer.pop("defaults", None)
+    if defaults is None:
+        return []
+    if not isinstance(defaults, ListConfig):
+        problems.append("defaults: expected a list of preset names like method/lora")
+        return []
+    layers: list[tuple[str, DictConfig]] = []
+    for index, entry in enumerate(defaults):
+        where = f"defaults[{index}]"
+        if not isinstance(entry, str):
+            problems.append(f"{where}: expected a preset name like method/lora, got {entry!r}")
+            continue
+        preset_path = _preset_path(entry, base_dir, where, problems)
+        if preset_path is None:
+            continue
+        if preset_path in chain:
+            problems.append(f"{where}: preset {entry} includes itself through its defaults")
+            continue
+        preset = _read_yaml(preset_path, problems, where)
+        layers += _expand_defaults(preset, preset_path.parent, problems, chain + (preset_path,))
+        layers.append((f"preset {entry}", preset))
+    return layers
+
+
+def _preset_path(entry: str, base_dir: Path, where: str, problems: list[str]) -> Path | None:
+    """Locate a preset: a ``.yaml`` path relative to the including file, else a packaged preset."""
+    if entry.endswith((".yaml", ".yml")):
+        path = (base_dir / entry).resolve()
+        if not path.is_file():
+            problems.append(f"{where}: preset file not found: {path}")
+            return None
+        return path
+    path = CONFIGS_DIR / f"{entry}.yaml"
+    if not path.is_file():
+        problems.append(f"{where}: unknown preset '{entry}'{_did_you_mean(entry, available_presets())}")
+        return None
+    return path
+
+
+def _overrides_layer(overrides: list[str] | tuple[str, ...], problems: list[str]) -> DictConfig:
+    """Turn ``key=value`` strings into one layer."""
+    layer = OmegaConf.create()
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"{override}: override must look like key=value, e.g. train.learning_rate=3e-4")
+            continue
+        try:
+            # from_dotlist parses the value with OmegaConf's YAML loader, which reads 1e-4 as a float.
+            layer = OmegaConf.merge(layer, OmegaConf.from_dotlist([override]))
+        except Exception:  # YAML syntax errors come in several types; all mean the same here
+            problems.append(f"{key}: cannot parse the value {value!r} as YAML")
+    return layer
+
+
+def _declared_method(layer: DictConfig) -> str | None:
+    """The ``adapter.method`` a layer sets as a plain string, if any."""
+    adapter = layer.get("adapter")
+    if not isinstance(adapter, DictConfig):
+        return None
+    method = OmegaConf.to_container(adapter).get("method")  # unresolved: interpolations stay strings
+    return method if isinstance(method, str) and "${" not in method and method != MISSING else None
+
+
+def _merge_layers(layers: list[tuple[str, DictConfig]], problems: list[str]) -> DictConfig:
+    """Merge named layers; a layer's ``adapter.config`` is kept only if it belongs to the final method."""
+    method = AdapterConfig.method
+    owners = []
+    for _, layer in layers:
+        method = _declared_method(layer) or method
+        owners.append(method)
+    merged = OmegaConf.create()
+    for (origin, layer), owner in zip(layers, owners, strict=True):
+        adapter = layer.get("adapter")
+        if owner != method and isinstance(adapter, DictConfig) and "config" in adapter:
+            layer = copy.deepcopy(layer)
+            del layer.adapter["config"]
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except (OmegaConfBaseException, TypeError) as error:  # TypeError: a list merged onto a mapping
+            problems.append(f"{origin}: cannot merge onto the layers before it: {error}".splitlines()[0])
+    return merged
+
+
+def _resolve(node: Any, path: str, problems: list[str]) -> Any:
+    """Resolve interpolations leaf by leaf into plain Python values, recording each failure."""
+    if isinstance(node, DictConfig):
+        items = ((key, _join(path, str(key))) for key in node.keys())
+    elif isinstance(node, ListConfig):
+        items = ((index, f"{path}[{index}]") for index in range(len(node)))
+    else:
+        return node
+    resolved: dict[Any, Any] = {}
+    for key, child_path in items:
+        if OmegaConf.is_missing(node, key):
+            resolved[key] = MISSING
+            continue
+        try:
+            child = node[key]
+        except OmegaConfBaseException as error:
+            problems.append(f"{child_path}: cannot resolve interpolation: {error.msg.splitlines()[0]}")
+            resolved[key] = _INVALID
+            continue
+        resolved[key] = _resolve(child, child_path, problems)
+    return list(resolved.values()) if isinstance(node, ListConfig) else resolved
+
+
+# --- schema checks ---------------------------------------------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(word, candidates, n=1)
+    return f", did you mean {match[0]}?" if match else ""
+
+
+def _schema_paths(schema: type, path: str = "") -> list[str]:
+    """All dotted leaf and section paths of a dataclass schema."""
+    paths = []
+    for item in fields(schema):
+        item_path = _join(path, item.name)
+        paths.append(item_path)
+        nested = _dataclass_in(typing.get_type_hints(schema)[item.name])
+        if nested is not None:
+            paths += _schema_paths(nested, item_path)
+    return paths
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass in `hint` (``X`` or ``X | None``), if there is one."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _unknown_key_problem(key: str, path: str, siblings: list[str]) -> str:
+    """Message for an unknown key, suggesting a sibling or else a same-named key elsewhere."""
+    full = _join(path, key)
+    suggestion = difflib.get_close_matches(key, siblings, n=1)
+    if suggestion:
+        return f"{full}: unknown key, did you mean {_join(path, suggestion[0])}?"
+    elsewhere = {p.rsplit(".", 1)[-1]: p for p in _schema_paths(Recipe)}
+    match = difflib.get_close_matches(key, list(elsewhere), n=1)
+    hint = f", did you mean {elsewhere[match[0]]}?" if match else ""
+    return f"{full}: unknown key{hint}"
+
+
+def _check_section(schema: type, values: Any, path: str, problems: list[str]) -> dict[str, Any]:
+    """Check a mapping against a dataclass schema; return the values converted to its types."""
+    if not isinstance(values, dict):
+        problems.append(f"{path or 'recipe'}: expected a mapping, got {values!r}")
+        return {}
+    names = [item.name for item in fields(schema)]
+    for key in values:
+        if key not in names:
+            problems.append(_unknown_key_problem(str(key), path, names))
+    hints = typing.get_type_hints(schema)
+    checked: dict[str, Any] = {}
+    for item in fields(schema):
+        item_path = _join(path, item.name)
+        if item.name not in values or values[item.name] == MISSING:
+            if item.default == MISSING:
+                problems.append(f"{item_path}: missing required value")
+            continue
+        value = _check_value(hints[item.name], values[item.name], item_path, problems)
+        if value not in (_INVALID, None) and not _within_limits(value, item.metadata, item_path, problems):
+            value = _INVALID
+        # Invalid values stay, marked, so the cross-field checks can skip them instead of guessing.
+        checked[item.name] = value
+    return checked
+
+
+def _check_value(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """Convert `value` to the type `hint`, or record a problem and return `_INVALID`."""
+    if value is _INVALID:  # already reported
+        return _INVALID
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(arg for arg in args if arg is not type(None))
+    if _dataclass_in(hint) is not None:
+        return _check_section(hint, value, path, problems)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {value!r}")
+            return _INVALID
+        items = [
+            _check_value(typing.get_args(hint)[0], v, f"{path}[{i}]", problems) for i, v in enumerate(value)
+        ]
+        return _INVALID if _INVALID in items else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {value!r}")
+            return _INVALID
+        return value
+    converted = _convert_scalar(hint, value)
+    if converted is _INVALID:
+        problems.append(f"{path}: expected {hint.__name__}, got {value!r}")
+    return converted
+
+
+def _convert_scalar(kind: type, value: Any) -> Any:
+    """Convert a scalar the way a user means it (``"3"`` for an int is 3), else `_INVALID`."""
+    if kind is bool or isinstance(value, bool) or value is None:
+        return value if kind is bool and isinstance(value, bool) else _INVALID
+    if kind is str:
+        return str(value) if isinstance(value, str | int | float) else _INVALID
+    if kind in (int, float) and isinstance(value, str | int | float):
+        if kind is int and isinstance(value, float):
+            return int(value) if value.is_integer() else _INVALID
+        try:
+            return kind(value)
+        except ValueError:
+            return _INVALID
+    return _INVALID
+
+
+def _within_limits(value: Any, limits: typing.Mapping[str, Any], path: str, problems: list[str]) -> bool:
+    """Check a value against a field's choices and bounds; record a problem if outside."""
+    choices = limits.get("choices")
+    if choices is not None and value not in choices:
+        problems.append(
+            f"{path}: expected one of {', '.join(choices)}, got {value!r}{_did_you_mean(str(value), list(choices))}"
+        )
+        return False
+    tests = {
+        "ge": (float.__ge__, ">="),
+        "gt": (float.__gt__, ">"),
+        "le": (float.__le__, "<="),
+        "lt": (float.__lt__, "<"),
+    }
+    for name, (test, symbol) in tests.items():
+        if name in limits and not test(float(value), float(limits[name])):
+            problems.append(f"{path}: must be {symbol} {limits[name]}, got {value!r}")
+            return False
+    return True
+
+
+# --- cross-field checks ----------------------------------------------------------------------
+
+
+def _infer_format(filename: str) -> str | None:
+    """The file format that a file name's suffix names, ignoring a compression suffix."""
+    name = filename.lower()
+    for compression in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(compression)
+    suffix = Path(name).suffix.removeprefix(".")
+    return suffix if suffix in FILE_FORMATS else None
+
+
+def _check_semantics(recipe: dict[str, Any], problems: list[str]) -> None:
+    """Check rules that span fields and fill in inferred values (data source, task, head type)."""
+    data = recipe.setdefault("data", {})
+    _check_data_source(data, problems)
+    source = data.get("source")
+    offline_task = OFFLINE_DATASETS[source].task if source in OFFLINE_DATASETS else None
+    task = data.setdefault("task", offline_task or "classification")
+    # Any data set's texts also serve language modelling (domain-adaptive pretraining).
+    if offline_task is not None and task not in (offline_task, "mlm", "causal_lm", _INVALID):
+        problems.append(f"data.task: data set {source} is for {offline_task}, got {task!r}")
+
+    head = recipe.setdefault("head", {})
+    head_type = head.setdefault("type", task)
+    if _INVALID not in (task, head_type) and head_type != task:
+        problems.append(f"head.type: {head_type!r} does not match data.task {task!r}")
+
+    if recipe.get("train", {}).get("max_steps") == 0:
+        problems.append("train.max_steps: must be -1 (train for num_epochs) or positive, got 0")
+    composition = recipe.get("composition")
+    if composition is not None and composition.get("adapters") == []:
+        problems.append("composition.adapters: list the adapters to combine")
+
+
+def _check_data_source(data: dict[str, Any], problems: list[str]) -> None:
+    """Check that ``data`` names a reachable source, inferring the file format from the suffix."""
+    source = data.get("source")
+    train_file = data.get("train_file")
+    if _INVALID in (source, train_file):
+        return
+    if source is None:
+        if train_file is None:
+            problems.append(
+                "data: set data.source (an offline data set, hub, or a file format) or data.train_file"
+            )
+            return
+        source = _infer_format(train_file)
+        if source is None:
+            problems.append(
+                f"data.train_file: cannot tell the format of {train_file}; set data.source to one of {', '.join(FILE_FORMATS)}"
+            )
+            return
+        data["source"] = source
+    known = [*OFFLINE_DATASETS, "hub", *FILE_FORMATS]
+    if source not in known:
+        problems.append(f"data.source: unknown source {source!r}{_did_you_mean(source, known)}")
+        return
+    if source == "hub" and not data.get("name"):
+        problems.append("data.name: the hub source needs a dataset id, e.g. nyu-mll/glue")
+    if source in FILE_FORMATS:
+        if train_file is None:
+            problems.append(f"data.train_file: source {source} needs a training file")
+        for key in ("train_file", "validation_file", "test_file"):
+            if data.get(key) not in (None, _INVALID) and not Path(data[key]).is_file():
+                problems.append(f"data.{key}: file not found: {data[key]}")
