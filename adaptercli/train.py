@@ -12,6 +12,7 @@ Run folder: ``adapter/`` (final adapter + head, native format; the best one when
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -101,6 +102,18 @@ class RunState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _with_absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe as saved in the run folder: local paths made absolute, so ``adapter eval`` and
+    ``adapter predict`` work from any directory."""
+    saved = copy.deepcopy(recipe)
+    for section, key in (("data", "train_file"), ("data", "validation_file"), ("data", "test_file"),
+                         ("data", "name"), ("model", "name_or_path"), ("adapter", "load")):
+        value = getattr(getattr(saved, section), key)
+        if value and Path(value).exists():
+            setattr(getattr(saved, section), key, str(Path(value).resolve()))
+    return saved
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -202,7 +215,7 @@ def _plot(history: list[dict[str, Any]], path: Path, metric: str | None) -> None
     evals = [h for h in history if h.get("eval")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     if train:
-        axes[0].plot(*zip(*train, strict=True), label="train loss")
+        axes[0].plot(*zip(*train, strict=True), marker="." if len(train) < 20 else None, label="train loss")
     if evals:
         axes[0].plot([h["step"] for h in evals], [h["loss"] for h in evals], "o-", label="eval loss")
         key = metric or next((k for k in ("accuracy", "f1", "pearson", "f1_micro") if k in evals[0]), None)
@@ -253,7 +266,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
 
     # 2. a fresh run folder, or the state of the latest checkpoint
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    (out / "recipe.yaml").write_text(recipe_to_yaml(_with_absolute_paths(recipe)))
     progress = _load_checkpoint(ckpt_dir, model, optimizer, scheduler) if resume else RunState()
     with open(out / "metrics.jsonl", "w") as log:  # rewritten from the checkpoint's history on resume
         for entry in progress.history:

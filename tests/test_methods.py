@@ -160,3 +160,16 @@ def test_name_collision_and_unsupported_architecture() -> None:
         t5.add_adapter("b", "lora[target_modules=[query]]")
     t5.add_adapter("c", "lora[target_modules=[q,v]]")  # any model works by module name
     assert t5.adapter_summary()[0]["params"] == 2 * 8 * (32 + 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "seq_bn", "prefix_tuning"])
+def test_adapted_model_compiles(method: str) -> None:
+    model = adaptercli.init(tiny_model("bert", "sdpa"))
+    model.add_adapter("a", method)
+    model.set_active_adapters("a")
+    ids, mask = batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        compiled = torch.compile(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(compiled, expected, atol=1e-5)
