@@ -79,7 +79,7 @@ def load_adapter(model: ModelAdaptersMixin, path: Path, load_as: str | None, wit
     model.add_adapter(name, loaded.config)
     try:
         _copy_into(state.adapter_parameters(name), weights, path, "adapter")
-        if with_head and loaded.head_weights:
+        if with_head and (loaded.head_weights or loaded.head_config):
             _load_head(model, loaded, name, path)
     except Exception:
         model.delete_adapter(name)  # never leave a half-loaded adapter behind
@@ -143,8 +143,8 @@ def save_adapter(model: ModelAdaptersMixin, folder: Path, name: str, with_head: 
             "model_class": type(model).__name__.removesuffix("WithAdapters")}
     head = None
     head_params = model._head_parameters(name) if with_head else {}
-    if head_params:
-        heads = getattr(model, "heads", None)
+    heads = getattr(model, "heads", None)
+    if with_head and (head_params or (heads is not None and name in heads)):
         head_meta = {"name": name, "model_type": state.model_type, "hidden_size": state.hidden_size}
         if heads is not None:
             head_meta["config"] = heads[name].config.to_dict()
