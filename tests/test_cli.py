@@ -172,3 +172,13 @@ def test_validate_and_recipes_commands(tmp_path: Path) -> None:
 def test_every_command_has_help(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+@pytest.mark.slow
+def test_causal_lm_recipe_on_smollm2(tmp_path: Path) -> None:
+    out = tmp_path / "lm"
+    result = runner.invoke(app, ["train", "sms_spam_causal_lm_smollm2", f"output_dir={out}", "train.max_steps=2",
+                                 "train.batch_size=2", "data.max_eval_samples=8"], env=ENV)
+    assert result.exit_code == 0, result.output
+    assert '"eval": true' in (out / "metrics.jsonl").read_text()
+    assert load_file(out / "adapter/adapter.safetensors")
