@@ -173,3 +173,18 @@ def test_adapted_model_compiles(method: str) -> None:
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
         compiled = torch.compile(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.allclose(compiled, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["seq_bn_inv", "lora", "prefix_tuning"])
+def test_delete_adapter_removes_parameters_and_hooks(method: str) -> None:
+    model = adaptercli.init(tiny_model("gpt2"))
+    before = {k for k, _ in model.named_parameters()}
+    ids, mask = batch()
+    with torch.no_grad():
+        bare = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    model.add_adapter("a", method, set_active=True)
+    model.delete_adapter("a")
+    assert {k for k, _ in model.named_parameters()} == before
+    assert model._adapter_state.handles == [] and model.active_adapters is None
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, bare)
