@@ -176,16 +176,11 @@ def summary(
         model = load_run(path)[1]
     else:
         from .recipe import load_recipe
-        from .train import load_model
+        from .train import attach_adapter, load_model
 
         recipe = load_recipe(_recipe_path(target), overrides or [])
         model = load_model(recipe)[0]
-        name = recipe.adapter.name
-        if recipe.adapter.load:
-            model.load_adapter(recipe.adapter.load, load_as=name)
-        else:
-            model.add_adapter(name, {"method": recipe.adapter.method, **recipe.adapter.config})
-        model.train_adapter(name)
+        model.train_adapter(attach_adapter(model, recipe))
     console.print(model.adapter_summary(as_table=True))
 
 

@@ -72,14 +72,20 @@ def load_model(recipe: Recipe) -> tuple[AdapterModel, Any]:
     return model, tokenizer
 
 
-def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
-    """Backbone + the recipe's adapter (new or loaded) + its head, ready to train."""
-    model, tokenizer = load_model(recipe)
+def attach_adapter(model: AdapterModel, recipe: Recipe) -> str:
+    """Add the recipe's new adapter, or load its pretrained one; returns the adapter's name."""
     name = recipe.adapter.name
     if recipe.adapter.load:
         model.load_adapter(recipe.adapter.load, load_as=name)
     else:
         model.add_adapter(name, {"method": recipe.adapter.method, **recipe.adapter.config})
+    return name
+
+
+def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
+    """Backbone + the recipe's adapter (new or loaded) + its head, ready to train."""
+    model, tokenizer = load_model(recipe)
+    name = attach_adapter(model, recipe)
     if name not in model.heads:
         head = recipe.head
         kind = _HEAD_TYPES[head.type or data.task]
