@@ -159,17 +159,18 @@ class BottleneckAdapter(nn.Module):
         return out
 
     # The three steps below mirror AdapterHub's pre_forward / forward / post_forward.
-    def pre_forward(self, h: torch.Tensor, r: torch.Tensor, norm: Callable | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pre_forward(self, h: torch.Tensor, r: torch.Tensor, norm: Callable | None,
+                    normed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``normed``, when given, is ``norm(h + r)`` as the model already computed it."""
         cfg = self.config
         if cfg.is_parallel:
             return r, r
         residual = h if cfg.residual_before_ln is True else None
         if cfg.original_ln_before:
-            h = h + r
+            summed = h + r
             if cfg.residual_before_ln == "post_add":
-                residual = h
-            if norm is not None:
-                h = norm(h)
+                residual = summed
+            h = summed if norm is None else normed if normed is not None else norm(summed)
         if residual is None:
             residual = h
         return h, residual
@@ -196,16 +197,20 @@ class BottleneckAdapter(nn.Module):
         return out
 
 
-def run_site(adapters: list[BottleneckAdapter], h: torch.Tensor, r: torch.Tensor, norm: Callable | None) -> torch.Tensor:
+def run_site(adapters: list[BottleneckAdapter], h: torch.Tensor, r: torch.Tensor, norm: Callable | None,
+             normed: torch.Tensor | None = None) -> torch.Tensor:
     """The output of one sub-layer with ``adapters`` stacked on it (what the layer's own
-    ``norm(h + r)`` or ``h + r`` becomes)."""
+    ``norm(h + r)`` or ``h + r`` becomes). ``normed`` is the model's own ``norm(h + r)``, reused
+    by the first adapter instead of normalising again."""
     dtype = h.dtype
     weight_dtype = adapters[0].adapter_up.weight.dtype
     if dtype != weight_dtype:  # e.g. a bf16 backbone with fp32 adapters
         h, r = h.to(weight_dtype), r.to(weight_dtype)
     h_in = h
-    for adapter in adapters:
-        x, residual = adapter.pre_forward(h, r, norm)
+    if normed is not None and normed.dtype != h.dtype:
+        normed = None
+    for i, adapter in enumerate(adapters):
+        x, residual = adapter.pre_forward(h, r, norm, normed if i == 0 else None)
         h = adapter(x, residual)
     return adapters[-1].post_forward(h, h_in, r, norm).to(dtype)
 
@@ -295,7 +300,7 @@ def _hook_site(layer: nn.Module, site: Site, adapters: list[BottleneckAdapter]) 
         def adapt_norm(module, args, output):
             h, r = capture.h, capture.r
             capture.h = capture.r = None
-            return run_site(adapters, h, r, norm_module.forward)
+            return run_site(adapters, h, r, norm_module.forward, normed=output)
 
         handles.append(output_module.register_forward_hook(grab_output))
         handles.append(norm_module.register_forward_hook(adapt_norm))

@@ -164,13 +164,15 @@ class LoRA(nn.Module):
         if self.scale_mode:
             return out * (self._fill(self.lora_B.view(-1), 1.0) * self.scaling).to(out.dtype)
         after_a = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()  # [..., r * n]
+        # The scaling goes on B (out x r), not on the full-width output: one multiply fewer per token.
+        scaled_b = self.lora_B * self.scaling
         if self.slots:
-            n, r = sum(self.slots), self.lora_B.shape[1]
+            n, r = sum(self.slots), scaled_b.shape[1]
             groups = after_a.unflatten(-1, (n, r))  # [..., n, r]
-            delta = torch.einsum("...nr,ndr->...nd", groups, self.lora_B.view(n, -1, r)).flatten(-2)
+            delta = self._fill(torch.einsum("...nr,ndr->...nd", groups, scaled_b.view(n, -1, r)).flatten(-2), 0.0)
         else:
-            delta = after_a @ self.lora_B.t()
-        return out + (self._fill(delta, 0.0) * self.scaling).to(out.dtype)
+            delta = after_a @ scaled_b.t()
+        return out + delta.to(out.dtype)
 
     def weight_delta(self) -> torch.Tensor:
         """``B A`` as an [out, in] matrix (add mode), or the [out] scale vector (scale mode)."""

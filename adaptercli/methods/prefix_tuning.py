@@ -3,8 +3,8 @@
 A shared pool computes, from a learned embedding of ``prefix_length`` positions, the keys and
 values of every layer: ``kv = W2 tanh(W1 wte + b1) + b2`` with kv [P, n_layers * 2 * kv_heads *
 head_dim] (AdapterHub's ``PrefixTuning``; ``flat=True`` learns kv directly). Layer i uses rows
-``[2i, 2i+1]`` of the layer axis; we only compute those rows per layer, so there is no per-forward
-cache to keep.
+``[2i, 2i+1]`` of the layer axis. The prefixes of all layers are computed once per forward pass
+(the first layer to need them fills a cache that a pre-hook on the backbone clears).
 
 The prefix joins attention through the model's own attention-function interface: while a prefix
 is active the model runs ``adaptercli_eager`` / ``adaptercli_sdpa``, which prepend the prefix to the
@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -82,18 +81,20 @@ class PrefixPool(nn.Module):
                 nn.Linear(config.bottleneck_size, width),
             )
         self.dropout = nn.Dropout(config.dropout)
+        self._per_layer: list[torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        self._per_layer = None
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value prefix of one layer, each [kv_heads, P, head_dim]."""
-        P, _, heads, dim = self.shape
-        if self.flat:
-            kv = self.control_trans.view(self.shape)[:, 2 * layer : 2 * layer + 2]
-        else:
-            hidden = self.control_trans[1](self.control_trans[0](self.wte.weight))  # [P, bottleneck]
-            out = self.control_trans[2]
-            rows = slice(2 * layer * heads * dim, (2 * layer + 2) * heads * dim)
-            kv = F.linear(hidden, out.weight[rows], out.bias[rows]).view(P, 2, heads, dim)
-        kv = self.dropout(kv).permute(1, 2, 0, 3)  # [2, heads, P, dim]
+        if self._per_layer is None:
+            kv = self.control_trans if self.flat else self.control_trans(self.wte.weight)
+            kv = self.dropout(kv.view(self.shape))  # [P, n_layers * 2, heads, dim]
+            # One split for all layers: its backward concatenates, instead of zero-filling a
+            # full-size gradient per layer as separate slices would.
+            self._per_layer = [t.permute(1, 2, 0, 3) for t in kv.split(2, dim=1)]  # [2, heads, P, dim]
+        kv = self._per_layer[layer]
         return kv[0], kv[1]
 
 
@@ -177,7 +178,13 @@ class PrefixTuningFamily(MethodFamily):
             )
         state._base_attn = base
         config._attn_implementation = PREFIXED[base]
-        handles = []
+        active_pools = [pools_by_name[n] for n in active]
+
+        def clear_prefixes(module, args):
+            for pool in active_pools:
+                pool.clear()
+
+        handles = [state.backbone.register_forward_pre_hook(clear_prefixes)]
         for i, layer in enumerate(transformer_layers(state.backbone, state.arch)):
             pools = [pools_by_name[n] for n in active if i not in state.adapters[n].config.leave_out]
             if pools:

@@ -1,0 +1,496 @@
+"""Benchmark adaptercli against full fine-tuning (and optionally PEFT) on one machine, as ratios.
+
+Every number that matters is a ratio measured in the same run, on the same randomly initialised
+model, the same batch and the same device, so the results do not depend on how fast the machine
+is (see ``../shared/notes/anchors.md`` for the targets):
+
+* training throughput (samples/s over ``--steps`` timed AdamW steps after ``--warmup`` steps) of
+  full fine-tuning and of frozen-backbone adapter training for each method; speedup = adapter /
+  full fine-tuning; peak memory on CUDA;
+* inference latency (median ms per batch) of the bare model, an active unmerged adapter and a
+  merged LoRA; overhead = adapter / bare - 1;
+* adapter file size (``adapter.safetensors``) against the raw bytes of the adapter's parameters.
+
+The model is ``AutoModelForSequenceClassification`` built from a config (no download): its
+backbone plus a linear classifier on the first token (BERT, via the pooler) or the last token
+(Llama); the loss is cross-entropy on random labels; inputs are random token ids.
+
+Examples::
+
+    .venv/bin/python scripts/bench.py                                  # CPU, MiniLM shape, 16 x 128
+    .venv/bin/python scripts/bench.py --threads 2 --out bench.json
+    python scripts/bench.py --device cuda --bf16 --model bert-base-shape --batch 32
+    python scripts/bench.py --device cuda --bf16 --model llama-1b-shape --batch 8 --seq 512
+    /tmp/benchvenv/bin/python scripts/bench.py --peft                  # also PEFT LoRA r8 q,v
+
+``--peft`` needs ``peft`` importable; it is not a dependency of adaptercli, so use a throw-away
+virtual environment (see ``scripts/README.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import transformers
+from transformers import AutoModelForSequenceClassification, BertConfig, LlamaConfig
+
+import adaptercli
+
+METHODS = ["lora", "seq_bn", "seq_bn_inv", "double_seq_bn", "par_bn", "ia3", "prefix_tuning"]
+
+SHAPES: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "minilm-shape": lambda: BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                       intermediate_size=1536, num_labels=2),
+    "bert-base-shape": lambda: BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                          intermediate_size=3072, num_labels=2),
+    "llama-1b-shape": lambda: LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                          num_key_value_heads=8, head_dim=64, intermediate_size=8192,
+                                          vocab_size=128256, max_position_embeddings=4096, num_labels=2,
+                                          pad_token_id=0),
+}
+
+# PEFT's names for the q and v projections (LoRA r8 on q,v = our "lora" default).
+PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+
+# Minimum speedups over full fine-tuning from anchors.md, by device (and model on CUDA).
+def speedup_target(device: str, model: str, method: str) -> float | None:
+    if device == "cpu":
+        return 1.45 if method in ("lora", "seq_bn") else 1.25
+    return {"bert-base-shape": 1.3, "llama-1b-shape": 1.5}.get(model)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(args: argparse.Namespace, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
+def make_batch(config, args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(args.seed)
+    # Ids from 1 up: 0 is Llama's pad id here, and the classifier reads the last non-pad token.
+    ids = torch.randint(1, config.vocab_size, (args.batch, args.seq), generator=g)
+    labels = torch.randint(0, config.num_labels, (args.batch,), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "labels": labels.to(device)}
+
+
+# -- the model under each setting ----------------------------------------------------------------
+def build(base: nn.Module, setting: str, device: torch.device) -> nn.Module:
+    """A fresh copy of ``base`` on ``device`` set up for ``setting``: "full" (everything trains),
+    "bare" (no adapters, eval), an adaptercli method name, "<method>+merged", or "peft_lora"."""
+    model = copy.deepcopy(base).to(device)
+    if setting in ("full", "bare"):
+        return model
+    if setting == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, task_type="SEQ_CLS",
+                            target_modules=PEFT_TARGETS[model.config.model_type])
+        return get_peft_model(model, config)
+    method, _, merged = setting.partition("+")
+    adaptercli.init(model)
+    model.add_adapter(method, method)
+    model.train_adapter(method)
+    if merged:
+        model.merge_adapter(method)
+    return model
+
+
+class Trainer:
+    """One setting's model and AdamW optimizer, and the wall time of each training step."""
+
+    def __init__(self, model: nn.Module, batch: dict, args: argparse.Namespace, device: torch.device):
+        self.model, self.batch, self.args, self.device = model.train(), batch, args, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
+        self.step_s: list[float] = []
+        self.loss = float("nan")
+
+    def step(self, timed: bool) -> None:
+        t0 = time.perf_counter()
+        with autocast(self.args, self.device):
+            loss = self.model(**self.batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if timed:
+            sync(self.device)  # only in the interleaved schedule (CPU), where it costs nothing
+            self.step_s.append(time.perf_counter() - t0)
+        self.loss = float(loss.detach())
+
+    def result(self, elapsed: float | None = None) -> dict[str, Any]:
+        """Throughput from the fastest (``--stat min``) or median timed step (interleaved), or
+        from ``elapsed`` (sequential)."""
+        if elapsed is None:
+            step = min(self.step_s) if self.args.stat == "min" else statistics.median(self.step_s)
+        else:
+            step = elapsed / self.args.steps
+        out = {"samples_per_s": self.args.batch / step, "step_ms": 1000 * step,
+               "trainable_params": count(self.params), "loss": self.loss}
+        if self.step_s:
+            out["min_step_ms"] = 1000 * min(self.step_s)
+            out["median_step_ms"] = 1000 * statistics.median(self.step_s)
+            out["timed_step_ms"] = [round(1000 * s, 1) for s in self.step_s]
+        return out
+
+
+def train_sequential(trainer: Trainer) -> dict[str, Any]:
+    """``--warmup`` then ``--steps`` steps timed as a whole (no sync between steps, so on CUDA
+    the host can run ahead of the device as it does in real training)."""
+    for _ in range(trainer.args.warmup):
+        trainer.step(timed=False)
+    sync(trainer.device)
+    start = time.perf_counter()
+    for _ in range(trainer.args.steps):
+        trainer.step(timed=False)
+    sync(trainer.device)
+    result = trainer.result(time.perf_counter() - start)
+    result["peak_gib"] = peak_gib(trainer.device)
+    return result
+
+
+def adapter_file(model: nn.Module, name: str) -> dict[str, int]:
+    state = model._adapter_state
+    params = {id(p): p for p in state.adapter_parameters(name).values()}.values()
+    raw = sum(p.numel() * p.element_size() for p in params)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_adapter(folder, name, with_head=False)
+        size = (Path(folder) / "adapter.safetensors").stat().st_size
+    return {"params": count(params), "raw_bytes": raw, "file_bytes": size, "overhead_bytes": size - raw}
+
+
+def run_training(base: nn.Module, batch: dict, settings: list[str], args, device) -> tuple[dict, dict]:
+    """Train every setting; returns (results by setting, adapter file sizes by method).
+
+    ``interleaved`` (default on CPU): all settings live at once and take one step in turn, and each
+    setting's throughput comes from its fastest (or median, ``--stat``) step, so load from other
+    processes on a shared machine hits every setting alike. ``sequential`` (default on CUDA): one setting at a time,
+    timed over all its steps, with its own peak memory; ``--repeats`` runs and the best counts.
+    """
+    files: dict[str, dict] = {}
+    results: dict[str, dict] = {}
+
+    def make(setting: str) -> Trainer | None:
+        try:
+            trainer = Trainer(build(base, setting, device), batch, args, device)
+            if setting in METHODS:
+                files[setting] = adapter_file(trainer.model, setting)
+            return trainer
+        except Exception as error:  # one broken method must not hide the others' numbers
+            results[setting] = {"error": f"{type(error).__name__}: {error}"}
+            return None
+
+    def guarded(setting: str, action: Callable[..., Any], *action_args: Any) -> bool:
+        try:
+            action(*action_args)
+            return True
+        except Exception as error:
+            results[setting] = {"error": f"{type(error).__name__}: {error}"}
+            return False
+
+    if args.schedule == "interleaved":
+        trainers = {s: t for s in settings if (t := make(s)) is not None}
+        for i in range(args.warmup + args.steps):
+            for setting in list(trainers):
+                if not guarded(setting, trainers[setting].step, i >= args.warmup):
+                    del trainers[setting]
+            print(f"  step {i + 1}/{args.warmup + args.steps} ({'timed' if i >= args.warmup else 'warmup'})",
+                  file=sys.stderr, flush=True)
+        results.update({s: {**t.result(), "peak_gib": None} for s, t in trainers.items()})
+    else:
+        for setting in settings:
+            runs = []
+            for _ in range(args.repeats):
+                free(device)
+                trainer = make(setting)
+                if trainer is None or not guarded(setting, lambda t, out: out.append(train_sequential(t)), trainer, runs):
+                    break
+                del trainer
+            if runs:
+                best = max(runs, key=lambda r: r["samples_per_s"])
+                results[setting] = {**best, "runs_samples_per_s": [round(r["samples_per_s"], 3) for r in runs]}
+            r = results[setting]
+            print(f"  train {setting:<14} " + (f"{r['samples_per_s']:8.2f} samples/s" if "error" not in r else r["error"]),
+                  file=sys.stderr, flush=True)
+    return {s: results[s] for s in settings if s in results}, files
+
+
+def run_inference(base: nn.Module, batch: dict, settings: list[str], args, device) -> dict:
+    """Median latency per forward pass; the settings take turns (``--rounds`` rounds of
+    ``--infer-iters`` passes each) so that drift in machine speed hits them all alike."""
+    free(device)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    models = {}
+    for setting in settings:
+        try:
+            models[setting] = build(base, setting, device).eval()
+        except Exception as error:
+            models[setting] = f"{type(error).__name__}: {error}"
+    times: dict[str, list[float]] = {s: [] for s in settings}
+
+    def forward(model):
+        with torch.inference_mode(), autocast(args, device):
+            model(**inputs)
+
+    for model in models.values():
+        if not isinstance(model, str):
+            for _ in range(args.warmup):
+                forward(model)
+    for _ in range(args.rounds):
+        for setting, model in models.items():
+            if isinstance(model, str):
+                continue
+            for _ in range(args.infer_iters):
+                sync(device)
+                t0 = time.perf_counter()
+                forward(model)
+                sync(device)
+                times[setting].append(time.perf_counter() - t0)
+    results = {}
+    for setting, model in models.items():
+        if isinstance(model, str):
+            results[setting] = {"error": model}
+        else:
+            results[setting] = {"median_ms": 1000 * statistics.median(times[setting]),
+                                "min_ms": 1000 * min(times[setting]), "n": len(times[setting])}
+    bare = results.get("bare", {}).get("median_ms")
+    for result in results.values():
+        if bare and "median_ms" in result:
+            result["overhead_pct"] = 100 * (result["median_ms"] / bare - 1)
+    return results
+
+
+def run_profile(base: nn.Module, batch: dict, setting: str, args, device) -> None:
+    """Print torch.profiler's top operators for ``--steps`` training steps of one setting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    free(device)
+    model = build(base, setting, device)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        with autocast(args, device):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        sync(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n### profile: {setting} ({args.steps} steps)\n")
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+
+
+# -- report ------------------------------------------------------------------------------------------
+def fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    args, lines = report["args"], []
+    m = report["machine"]
+    lines.append(f"**{args['model']}**, batch {args['batch']} × {args['seq']}, {m['device_name']}, "
+                 f"{m['torch_threads']} threads, {'bf16 autocast' if args['bf16'] else 'fp32'}, "
+                 f"{args['warmup']} warmup + {args['steps']} timed steps ({args['schedule']}" + (f", best of {args['repeats']}" if args['schedule'] == 'sequential' else f", {args['stat']} step") + f"); torch {m['torch']}, "
+                 f"transformers {m['transformers']}" + (f", peft {m['peft']}" if m.get("peft") else ""))
+    training = report["training"]
+    full = training.get("full", {}).get("samples_per_s")
+    if training:
+        lines += ["", "| training | trainable params | samples/s | step ms | × full FT | target | peak GiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for setting, r in training.items():
+            if "error" in r:
+                lines.append(f"| {setting} | error: {r['error'][:80]} | | | | | |")
+                continue
+            speedup = r.get("speedup")
+            target = r.get("target")
+            mark = "" if target is None or speedup is None else (" ✓" if speedup >= target else " ✗")
+            lines.append(f"| {setting} | {r['trainable_params']:,} | {r['samples_per_s']:.2f} | {r['step_ms']:.0f} | "
+                         f"{fmt(speedup, '.2f')}{mark} | {fmt(target, '.2f')} | {fmt(r['peak_gib'], '.2f')} |")
+        if full is None:
+            lines.append("(no full fine-tuning number: speedups not computed)")
+    if report.get("ours_vs_peft") is not None:
+        lines.append(f"\nour LoRA / PEFT LoRA throughput: **{report['ours_vs_peft']:.2f}×** (target ≥ 1.15)")
+    inference = report["inference"]
+    if inference:
+        lines += ["", "| inference | median ms/batch | min ms | overhead vs bare |", "|---|---:|---:|---:|"]
+        for setting, r in inference.items():
+            if "error" in r:
+                lines.append(f"| {setting} | error: {r['error'][:80]} | | |")
+                continue
+            lines.append(f"| {setting} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {fmt(r.get('overhead_pct'), '+.1f')}% |")
+    files = report["files"]
+    if files:
+        lines += ["", "| adapter file | params | raw bytes | adapter.safetensors | overhead |", "|---|---:|---:|---:|---:|"]
+        for method, r in files.items():
+            lines.append(f"| {method} | {r['params']:,} | {r['raw_bytes']:,} | {r['file_bytes']:,} | "
+                         f"+{r['overhead_bytes']:,} B ({100 * r['overhead_bytes'] / r['raw_bytes']:.1f}%) |")
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "adaptercli": adaptercli.__version__, "device": str(device),
+            "device_name": cpu_name()}
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(SHAPES), default="minilm-shape")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay fp32)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (and forward passes) first")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting")
+    parser.add_argument("--schedule", choices=["interleaved", "sequential"], default=None,
+                        help="training: settings take turns step by step (default on CPU) or run one after "
+                             "another with their own peak memory (default on CUDA)")
+    parser.add_argument("--stat", choices=["min", "median"], default="min",
+                        help="interleaved schedule: a setting's step time is its fastest or its median timed step "
+                             "(min: other load on the machine only ever slows a step down)")
+    parser.add_argument("--repeats", type=int, default=1, help="sequential schedule: runs per setting, best counts")
+    parser.add_argument("--rounds", type=int, default=4, help="inference: rounds the settings take in turn")
+    parser.add_argument("--infer-iters", type=int, default=3, help="inference: timed passes per setting per round")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated adapter methods to train")
+    parser.add_argument("--infer-methods", default="lora,seq_bn", help="active unmerged adapters to time at inference")
+    parser.add_argument("--peft", action="store_true", help="also time PEFT LoRA r8 q,v (needs peft importable)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer")
+    parser.add_argument("--profile", default="", help="comma-separated settings to profile (e.g. full,seq_bn) "
+                                                      "after the benchmark; prints torch.profiler tables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(args.threads or cores)
+    if args.peft:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            parser.error("--peft: peft is not importable in this environment (see scripts/README.md)")
+    args.schedule = args.schedule or ("sequential" if device.type == "cuda" else "interleaved")
+    skip = set(filter(None, args.skip.split(",")))
+    methods = [m for m in args.methods.split(",") if m]
+
+    torch.manual_seed(args.seed)
+    config = SHAPES[args.model]()
+    if config.model_type == "bert" and args.seq > config.max_position_embeddings:
+        parser.error(f"--seq {args.seq} exceeds BERT's {config.max_position_embeddings} positions")
+    base = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")  # stays on CPU
+    batch = make_batch(config, args, device)
+    print(f"{args.model}: {count(base.parameters()):,} parameters; device {device}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr, flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load > cores - torch.get_num_threads() + 0.5:
+        # Threads that share cores with other work wait on each other at every parallel op: such
+        # runs are several times slower and far noisier (seen: full fine-tuning 8.6 s/step instead
+        # of 1.2 s with 2 threads and one other busy process on 2 cores).
+        print(f"warning: load average {load:.1f} on {cores} cores; other processes compete with the "
+              f"{torch.get_num_threads()} benchmark threads. Numbers will be noisy; try --threads "
+              f"{max(1, cores - round(load))}.", file=sys.stderr, flush=True)
+
+    report: dict[str, Any] = {"args": vars(args), "machine": machine_info(device), "training": {},
+                              "inference": {}, "files": {}, "ours_vs_peft": None}
+    started = time.perf_counter()
+    if "train" not in skip:
+        settings = ["full", *methods] + (["peft_lora"] if args.peft else [])
+        report["training"], report["files"] = run_training(base, batch, settings, args, device)
+        full = report["training"].get("full", {}).get("samples_per_s")
+        for setting, r in report["training"].items():
+            if full and "samples_per_s" in r and setting != "full":
+                r["speedup"] = r["samples_per_s"] / full
+                r["target"] = speedup_target(device.type, args.model, setting) if setting in METHODS else None
+        ours, theirs = (report["training"].get(k, {}).get("samples_per_s") for k in ("lora", "peft_lora"))
+        if ours and theirs:
+            report["ours_vs_peft"] = ours / theirs
+    if "infer" not in skip:
+        infer = ["bare", *[m for m in args.infer_methods.split(",") if m], "lora+merged"]
+        infer += ["peft_lora"] if args.peft else []
+        report["inference"] = run_inference(base, batch, infer, args, device)
+    report["seconds"] = time.perf_counter() - started
+    report["machine"]["loadavg_start_end"] = [round(load, 2), round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None]
+
+    print(markdown(report))
+    print(f"\n({report['seconds']:.0f} s)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    for setting in filter(None, args.profile.split(",")):
+        run_profile(base, batch, setting, args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
