@@ -147,10 +147,10 @@ def evaluate(model: AdapterModel, split, collator: Callable, task: str, label_na
             batch = {k: v.to(device) for k, v in _collate(collator, split, list(range(start, min(start + batch_size, len(split))))).items()}
             out = model(**batch)
             losses.append(out.loss.item() * len(batch["input_ids"]))
-            logits = out.logits.float().cpu().numpy()
+            logits = out.logits.float()
             if task in ("tagging", "mlm", "causal_lm"):
                 logits = logits.argmax(-1)  # keep ids only: full-vocabulary logits would not fit
-            predictions.append(logits)
+            predictions.append(logits.cpu().numpy())
             labels.append(batch["labels"].cpu().numpy())
     model.train()
     if task in ("tagging", "mlm", "causal_lm"):  # pad token-level batches to one length
@@ -305,7 +305,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
 
     # 3. the loop: accumulate, clip, step, log, evaluate, checkpoint
     model.train()
-    started, seen, running = time.perf_counter(), 0, []
+    train_seconds, seen, running = 0.0, 0, []  # samples/s counts training steps only, not evals
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console) as bar:
@@ -315,6 +315,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
             batches = _batches(len(train_split), cfg.batch_size, cfg.seed, progress.epoch)
             while progress.batch_in_epoch < len(batches) and not stop:
                 group = batches[progress.batch_in_epoch : progress.batch_in_epoch + cfg.gradient_accumulation_steps]
+                step_started = time.perf_counter()
                 if data.task == "mlm":  # masking seeded by step, so a resumed run masks the same tokens
                     collator = make_collator(tokenizer, data.task, seed=cfg.seed + progress.step)
                 for indices in group:
@@ -331,7 +332,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
                 optimizer.zero_grad(set_to_none=True)
                 progress.batch_in_epoch += len(group)
                 progress.step += 1
-                rate = seen / (time.perf_counter() - started)
+                train_seconds += time.perf_counter() - step_started
+                rate = seen / train_seconds
                 lr = scheduler.get_last_lr()[0]
                 bar.update(task_id, completed=progress.step, info=f"loss {running[-1]:.4f}  lr {lr:.2e}  {rate:.1f} samples/s")
                 stop = progress.step >= total_steps

