@@ -173,7 +173,8 @@ def summary(
     if path.is_dir():
         from .train import load_run
 
-        model = load_run(path)[1]
+        _, model, _, name = load_run(path)
+        model.train_adapter(name)  # show what training it would update
     else:
         from .recipe import load_recipe
         from .train import attach_adapter, load_model
