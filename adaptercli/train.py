@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, get_scheduler
 
 from .assets import resolve_model_path
+from .composition import Stack
 from .data import LoadedData, load_data, make_collator, tokenize_dataset
 from .errors import AdapterCliError
 from .formats.common import read_json, write_json, write_weights
@@ -82,9 +83,27 @@ def attach_adapter(model: AdapterModel, recipe: Recipe) -> str:
     return name
 
 
+def frozen_below(model: AdapterModel, recipe: Recipe) -> list[str]:
+    """Load the pretrained adapters a ``composition: {type: stack}`` puts below the trained one
+    (e.g. a language adapter under a task adapter); they stay frozen."""
+    comp = recipe.composition
+    if comp is None:
+        return []
+    if comp.type != "stack":
+        raise AdapterCliError(f"composition.type: '{comp.type}' training is not supported yet (only stack)")
+    names = []
+    for path in comp.adapters:
+        name = model.load_adapter(path, with_head=False)
+        if name == recipe.adapter.name:
+            raise AdapterCliError(f"composition.adapters: '{path}' is named '{name}' like the adapter being trained")
+        names.append(name)
+    return names
+
+
 def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
     """Backbone + the recipe's adapter (new or loaded) + its head, ready to train."""
     model, tokenizer = load_model(recipe)
+    below = frozen_below(model, recipe)
     name = attach_adapter(model, recipe)
     if name not in model.heads:
         head = recipe.head
@@ -94,6 +113,8 @@ def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
         label2id = {label: i for i, label in enumerate(labels)} if labels else None
         model.add_head(name, HeadConfig(kind, num_labels, head.layers, head.activation, label2id, dropout_prob=head.dropout))
     model.train_adapter(name)
+    if below:
+        model.set_active_adapters(Stack(*below, name))  # run them all, train only `name`
     return model, tokenizer
 
 
@@ -119,6 +140,8 @@ def _with_absolute_paths(recipe: Recipe) -> Recipe:
         value = getattr(getattr(saved, section), key)
         if value and Path(value).exists():
             setattr(getattr(saved, section), key, str(Path(value).resolve()))
+    if saved.composition is not None:
+        saved.composition.adapters = [str(Path(a).resolve()) if Path(a).exists() else a for a in saved.composition.adapters]
     return saved
 
 
@@ -384,7 +407,9 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, AdapterModel, Any, str]:
         raise AdapterCliError(f"{run}: not a finished run folder (needs recipe.yaml and adapter/)")
     recipe = load_recipe(run / "recipe.yaml")
     model, tokenizer = load_model(recipe)
-    name = model.load_adapter(run / "adapter", set_active=True)
+    below = frozen_below(model, recipe)
+    name = model.load_adapter(run / "adapter")
+    model.set_active_adapters(Stack(*below, name))
     model.eval()
     return recipe, model, tokenizer, name
 

@@ -161,3 +161,26 @@ def test_causal_lm_recipe_on_smollm2(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert '"eval": true' in (out / "metrics.jsonl").read_text()
     assert load_file(out / "adapter/adapter.safetensors")
+
+
+def test_stack_composition_trains_only_the_top_adapter(tmp_path: Path, tiny_bert_dir: Path, tiny_data: Path) -> None:
+    lower_dir, upper_dir = tmp_path / "lower", tmp_path / "upper"
+    lower_dir.mkdir()
+    upper_dir.mkdir()
+    lower = tiny_recipe(lower_dir, tiny_bert_dir, tiny_data, max_steps=2)
+    assert runner.invoke(app, ["train", str(lower)], env=ENV).exit_code == 0
+    lower_adapter = lower_dir / "run/adapter"
+    upper = tiny_recipe(upper_dir, tiny_bert_dir, tiny_data, max_steps=3)
+    upper.write_text(upper.read_text().replace("name: tiny", "name: task").replace(
+        "data:", f"composition:\n  type: stack\n  adapters: [{lower_adapter}]\ndata:"))
+    result = runner.invoke(app, ["train", str(upper)], env=ENV)
+    assert result.exit_code == 0, result.output
+    checkpoint = next((upper_dir / "run/checkpoints").glob("step-*"))
+    trained = load_file(checkpoint / "trainable.safetensors")
+    assert trained and all(".adapters.task." in k or k.startswith("heads.task.") for k in trained)
+    result = runner.invoke(app, ["predict", str(upper_dir / "run"), "great movie", "--json"], env=ENV)
+    assert result.exit_code == 0, result.output
+    bad = tiny_recipe(upper_dir, tiny_bert_dir, tiny_data)
+    bad.write_text(bad.read_text().replace("data:", f"composition:\n  type: fuse\n  adapters: [{lower_adapter}]\ndata:"))
+    result = runner.invoke(app, ["train", str(bad), f"output_dir={tmp_path / 'bad'}"], env=ENV)
+    assert result.exit_code == 1 and "only stack" in result.output
