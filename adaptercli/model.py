@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from . import composition
-from .architectures import Architecture, architecture_for, get_module
+from .architectures import Architecture, UnsupportedArchitectureError, architecture_for, supported_model_types
 from .errors import AdapterCliError
 from .heads import HeadConfig, PredictionHead
 from .methods import FAMILIES, MethodConfig, family_of, method_name, resolve_config
@@ -64,7 +64,14 @@ class AdapterState:
         self.merged: set[str] = set()
 
     def require_architecture(self, what: str) -> Architecture:
-        return self.arch or architecture_for(self.model_type)  # the second call raises the clear error
+        """The table entry, or an error saying that ``what`` needs one (and which types have one)."""
+        if self.arch is None:
+            raise UnsupportedArchitectureError(
+                f"{what}: model type '{self.model_type}' has no entry in the architecture table; "
+                f"supported: {', '.join(supported_model_types())}. LoRA and IA3 work on any model with "
+                "target_modules (module names)."
+            )
+        return self.arch
 
     def record(self, name: str) -> AdapterRecord:
         if name not in self.adapters:
@@ -379,4 +386,4 @@ class AutoAdapterModel:
         return AdapterModel(AutoModel.from_config(config, **kwargs))
 
 
-__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "init", "get_module"]
+__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "init"]
