@@ -202,8 +202,10 @@ def _save_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler, pr
         "param_groups": state["param_groups"], "scheduler": scheduler.state_dict(), "progress": progress.__dict__,
         "trainable": list(trainable), "adapter": name,
     })
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if final.exists():  # the same step saved before (a resumed run ending where it was cut): same state
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
     write_json(folder / "latest.json", {"checkpoint": final.name, "step": progress.step})
 
 
