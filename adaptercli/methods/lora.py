@@ -170,6 +170,10 @@ class LoRA(nn.Module):
             n, r = sum(self.slots), scaled_b.shape[1]
             groups = after_a.unflatten(-1, (n, r))  # [..., n, r]
             delta = self._fill(torch.einsum("...nr,ndr->...nd", groups, scaled_b.view(n, -1, r)).flatten(-2), 0.0)
+        elif out.dtype == after_a.dtype:
+            # One GEMM that also adds the base output (no separate full-width add).
+            width = out.shape[-1]
+            return torch.addmm(out.reshape(-1, width), after_a.reshape(-1, after_a.shape[-1]), scaled_b.t()).view(out.shape)
         else:
             delta = after_a @ scaled_b.t()
         return out + delta.to(out.dtype)
