@@ -24,7 +24,9 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/python -m pytest -q
 
+# The demo's own run folder is recreated each time, so `make demo` can be run again.
 demo: install
+	rm -rf runs/quickstart
 	$(BIN)/adapter train recipes/rotten_tomatoes_lora.yaml output_dir=runs/quickstart
 
 lint: install
