@@ -146,12 +146,13 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_TYPE)
 
 
-def architecture_for(model_type: str, *, required: bool = True) -> Architecture | None:
-    """The table entry for a ``config.model_type``; a clear error (or None) when there is none."""
+def architecture_for(model_type: str, *, required: bool = True, what: str = "") -> Architecture | None:
+    """The table entry for a ``config.model_type``; a clear error (or None) when there is none.
+    ``what`` names the feature that needs the entry, to start the error message."""
     arch = _BY_TYPE.get(model_type)
     if arch is None and required:
         raise UnsupportedArchitectureError(
-            f"model type '{model_type}' has no entry in the architecture table; supported: "
+            f"{what + ': ' if what else ''}model type '{model_type}' has no entry in the architecture table; supported: "
             f"{', '.join(supported_model_types())}. LoRA and IA3 still work on any model when you "
             "name the modules with `target_modules`."
         )

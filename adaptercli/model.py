@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from . import composition
-from .architectures import Architecture, UnsupportedArchitectureError, architecture_for, supported_model_types
+from .architectures import Architecture, architecture_for
 from .errors import AdapterCliError
 from .heads import HeadConfig, PredictionHead
 from .methods import FAMILIES, MethodConfig, family_of, method_name, resolve_config
@@ -65,13 +65,7 @@ class AdapterState:
 
     def require_architecture(self, what: str) -> Architecture:
         """The table entry, or an error saying that ``what`` needs one (and which types have one)."""
-        if self.arch is None:
-            raise UnsupportedArchitectureError(
-                f"{what}: model type '{self.model_type}' has no entry in the architecture table; "
-                f"supported: {', '.join(supported_model_types())}. LoRA and IA3 work on any model with "
-                "target_modules (module names)."
-            )
-        return self.arch
+        return self.arch or architecture_for(self.model_type, what=what)
 
     def record(self, name: str) -> AdapterRecord:
         if name not in self.adapters:

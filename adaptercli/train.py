@@ -189,6 +189,9 @@ def _save_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler, pr
     """Write ``checkpoints/step-N`` via a temporary folder and a rename, then point ``latest`` at
     it: a run killed at any moment leaves the previous checkpoint intact."""
     final = folder / f"step-{progress.step}"
+    if final.exists():  # the same step saved before (a resumed run ending where it was cut): same state
+        write_json(folder / "latest.json", {"checkpoint": final.name, "step": progress.step})
+        return
     tmp = folder / f".tmp-step-{progress.step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -202,10 +205,7 @@ def _save_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler, pr
         "param_groups": state["param_groups"], "scheduler": scheduler.state_dict(), "progress": progress.__dict__,
         "trainable": list(trainable), "adapter": name,
     })
-    if final.exists():  # the same step saved before (a resumed run ending where it was cut): same state
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, final)
+    os.replace(tmp, final)
     write_json(folder / "latest.json", {"checkpoint": final.name, "step": progress.step})
 
 
