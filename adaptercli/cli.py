@@ -11,9 +11,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .errors import AdapterCliError, RecipeError
+from .errors import AdapterCliError
 
 app = typer.Typer(
     help="Train, evaluate and share adapters on frozen Hugging Face transformers, driven by YAML recipes.",
@@ -37,12 +38,18 @@ def _friendly(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except AdapterCliError as exc:
+        except (AdapterCliError, OSError, KeyboardInterrupt) as exc:
             if _DEBUG["on"]:
                 raise
-            problems = exc.problems if isinstance(exc, RecipeError) else [str(exc)]
+            if isinstance(exc, KeyboardInterrupt):
+                problems = ["interrupted"]
+            elif isinstance(exc, OSError):  # the machine's doing: permissions, a full disk, a vanished file
+                where = f"{exc.filename}: " if exc.filename else ""
+                problems = [f"{where}{exc.strerror or exc}"]
+            else:
+                problems = getattr(exc, "problems", None) or [str(exc)]
             for problem in problems:
-                errors.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+                errors.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -90,7 +97,16 @@ def train(
     from .recipe import load_recipe
     from .train import train as run
 
-    run(load_recipe(_recipe_path(recipe), overrides or []), resume=resume, console=console)
+    path = _recipe_path(recipe)
+    loaded = load_recipe(path, overrides or [])
+    try:
+        run(loaded, resume=resume, console=console)
+    except KeyboardInterrupt:
+        saved = (Path(loaded.output_dir) / "checkpoints" / "latest.json").exists()
+        again = " ".join(["adapter train", str(path), *(overrides or []), "--resume" if saved else ""]).strip()
+        raise AdapterCliError(
+            f"interrupted; {'the latest checkpoint is kept, continue with' if saved else 'no checkpoint yet, start again with'}: {again}"
+        ) from None
 
 
 @app.command()
@@ -99,17 +115,16 @@ def validate(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file (or the name of a shipped recipe).")],
     overrides: Overrides = None,
 ) -> None:
-    """Check a recipe (keys, types, files, method config) and print it resolved, without training."""
-    from .methods import resolve_config
+    """Check a recipe and what it points at (keys, types, method config, model folder, data files and
+    columns, metric, composition members, output folder) and print it resolved, without training."""
+    from .checks import preflight
     from .recipe import load_recipe, recipe_to_yaml
 
     loaded = load_recipe(_recipe_path(recipe), overrides or [])
-    if not loaded.adapter.load:
-        try:
-            resolve_config({"method": loaded.adapter.method, **loaded.adapter.config})
-        except AdapterCliError as exc:
-            raise RecipeError([f"adapter.config: {exc}"]) from None
+    checked = preflight(loaded, load_hub_data=False)
     console.print(recipe_to_yaml(loaded), highlight=False, markup=False)
+    for note in checked.notes or []:
+        errors.print(f"note: {note}", highlight=False, soft_wrap=True)
     errors.print("[green]recipe is valid[/green]")
 
 
@@ -182,7 +197,13 @@ def summary(
         recipe = load_recipe(_recipe_path(target), overrides or [])
         model = load_model(recipe)[0]
         model.train_adapter(attach_adapter(model, recipe))
-    console.print(model.adapter_summary(as_table=True))
+    table = Table(title="Adapters")
+    for column in ("name", "method", "params", "% of model", "active", "trainable"):
+        table.add_column(column, justify="right" if column in ("params", "% of model") else "left")
+    for row in model.adapter_summary():
+        table.add_row(row["name"], row["method"], f"{row['params']:,}", f"{row['percent']:.3f}",
+                      "yes" if row["active"] else "no", "yes" if row["trainable"] else "no")
+    console.print(table)
 
 
 @app.command()
@@ -191,14 +212,19 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Output folder of a finished `adapter train`.")],
     to: Annotated[str, typer.Option("--to", help="native, peft, or hub.")] = "native",
     dest: Annotated[str | None, typer.Option("--dest", help="Folder (native/peft) or Hub repo id (hub).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into a --dest folder that already holds files.")] = False,
 ) -> None:
     """Export a trained adapter: a native or PEFT folder, or push it to the Hugging Face Hub."""
     from .train import load_run
 
-    _, model, _, name = load_run(run_dir)
+    if to not in ("native", "peft", "hub"):
+        raise AdapterCliError(f"--to: '{to}' is not one of native, peft, hub")
     if to in ("native", "peft"):
         if not dest:
             raise AdapterCliError("--dest: give the folder to write")
+        _check_export_dest(run_dir, Path(dest), force)
+    _, model, _, name = load_run(run_dir)
+    if to in ("native", "peft"):
         model.save_adapter(dest, name, format=to)
         console.print(f"wrote {to} adapter to {dest}")
     elif to == "hub":
@@ -214,8 +240,19 @@ def export(
             raise AdapterCliError(f"could not push to the Hub repository '{dest}' ({type(exc).__name__}); "
                                   "check the network and your login (HF_TOKEN or `hf auth login`)") from None
         console.print(f"pushed {run_dir / 'adapter'} to {dest}")
-    else:
-        raise AdapterCliError(f"--to: '{to}' is not one of native, peft, hub")
+
+
+def _check_export_dest(run_dir: Path, dest: Path, force: bool) -> None:
+    """Never write into a run's own folders; never mix an export into a folder that holds files."""
+    target = dest.resolve()
+    for own in ("adapter", "best", "checkpoints"):
+        folder = (run_dir / own).resolve()
+        if target == folder or folder in target.parents:
+            raise AdapterCliError(f"--dest: {dest} is inside the run's own {own}/ folder; export somewhere else")
+    if target == run_dir.resolve():
+        raise AdapterCliError(f"--dest: {dest} is the run folder itself; export somewhere else")
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not force):
+        raise AdapterCliError(f"--dest: {dest} already holds files; choose an empty folder or pass --force")
 
 
 @recipes_app.command("list")

@@ -37,6 +37,7 @@ from transformers import (
 
 from adaptercli.assets import OFFLINE_DATASETS, offline_dataset_path
 from adaptercli.errors import AdapterCliError
+from adaptercli.hub import hub_access
 from adaptercli.metrics import IGNORE_INDEX
 from adaptercli.recipe import DataConfig
 
@@ -130,9 +131,12 @@ def load_hub_dataset(name: str | None, subset: str | None = None) -> DatasetDict
     # (huggingface/datasets#2956): rebuild it each time, skipping the size checks against the
     # stale copy's record. Local files are cheap to read again.
     rebuild = {"download_mode": "force_redownload", "verification_mode": "no_checks"}
-    options = rebuild if name is not None and Path(name).is_dir() else {}
+    local = name is not None and Path(name).is_dir()
     try:
-        return datasets.load_dataset(name, subset, **options)
+        if local:
+            return datasets.load_dataset(name, subset, **rebuild)
+        with hub_access():  # an unreachable Hub fails in seconds (cached copies still load)
+            return datasets.load_dataset(name, subset)
     except ConnectionError as error:
         raise AdapterCliError(
             f"could not reach dataset {label} on the Hugging Face Hub: {error}; {offline_hint}"
@@ -156,10 +160,19 @@ def load_files(config: DataConfig) -> DatasetDict:
         ]
         if file is not None
     }
-    if config.source == "conll":
-        return DatasetDict({split: read_conll(file) for split, file in files.items()})
-    builder, options = _BUILDERS[config.source]
-    return datasets.load_dataset(builder, data_files=files, **options)
+    try:
+        if config.source == "conll":
+            return DatasetDict({split: read_conll(file) for split, file in files.items()})
+        builder, options = _BUILDERS[config.source]
+        return datasets.load_dataset(builder, data_files=files, **options)
+    except Exception as error:  # any parse failure of a user's file is reported the same way
+        names = ", ".join(str(f) for f in files.values())
+        while error.__cause__ is not None or error.__context__ is not None:  # the root cause says most
+            error = error.__cause__ or error.__context__
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise AdapterCliError(
+            f"data: cannot read {names} as {config.source} ({detail}); check the file and data.source"
+        ) from None
 
 
 def read_conll(path: str | Path) -> Dataset:

@@ -118,6 +118,17 @@ def entity_scores(predicted: Sequence[Sequence[str]], actual: Sequence[Sequence[
     }
 
 
+METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "f1", "f1_macro", "mcc"),
+    "multilabel": ("f1_micro", "subset_accuracy"),
+    "regression": ("pearson", "spearman", "mse"),
+    "tagging": ("precision", "recall", "f1", "accuracy"),
+    "mlm": ("accuracy",),
+    "causal_lm": ("accuracy",),
+}
+"""The metrics `compute_metrics` reports for each task (evaluation adds ``loss``)."""
+
+
 def _class_ids(predictions: np.ndarray) -> np.ndarray:
     """Class ids from logits (last axis = classes, float) or from ids already."""
     predictions = np.asarray(predictions)

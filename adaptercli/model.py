@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from rich.table import Table
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
@@ -220,8 +219,10 @@ class ModelAdaptersMixin:
         return name
 
     # -- reporting ------------------------------------------------------------------------------------
-    def adapter_summary(self, as_table: bool = False) -> list[dict[str, Any]] | Table:
-        """One row per adapter: name, method, parameters, % of the backbone, active, trainable."""
+    def adapter_summary(self, as_table: bool = False) -> list[dict[str, Any]] | str:
+        """One row per adapter: name, method, parameters, % of the backbone, active, trainable,
+        merged; then the backbone. ``as_table=True`` returns the rows as a plain-text table
+        (AdapterHub's layout), ready to print."""
         state = self._adapter_state
         is_adapter = re.compile(_ADAPTER_KEY.format(name=r"[^.]+"))
         backbone = [p for k, p in state.backbone.named_parameters() if not is_adapter.search(k)]
@@ -239,15 +240,18 @@ class ModelAdaptersMixin:
             })
         rows.append({"name": "(backbone)", "method": "", "params": total, "percent": 100.0, "active": True,
                      "trainable": any(p.requires_grad for p in backbone), "merged": False})
-        if not as_table:
-            return rows
-        table = Table(title="Adapters")
-        for column in ("name", "method", "params", "% of model", "active", "trainable"):
-            table.add_column(column, justify="right" if column in ("params", "% of model") else "left")
-        for row in rows:
-            table.add_row(row["name"], row["method"], f"{row['params']:,}", f"{row['percent']:.3f}",
-                          "yes" if row["active"] else "no", "yes" if row["trainable"] else "no")
-        return table
+        return summary_text(rows) if as_table else rows
+
+
+def summary_text(rows: list[dict[str, Any]]) -> str:
+    """`adapter_summary` rows as a fixed-width text table."""
+    header = f"{'Name':<24}{'Method':<16}{'#Param':>14}{'%Param':>10}{'Active':>8}{'Train':>7}"
+    lines = ["=" * len(header), header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['name'][:23]:<24}{row['method'][:15]:<16}{row['params']:>14,}{row['percent']:>10.3f}"
+                     f"{'yes' if row['active'] else 'no':>8}{'yes' if row['trainable'] else 'no':>7}")
+    lines.append("=" * len(header))
+    return "\n".join(lines)
 
 
 _INITIALISED: dict[type, type] = {}

@@ -25,8 +25,7 @@ from __future__ import annotations
 import copy
 import difflib
 import typing
-from dataclasses import MISSING as NO_DEFAULT
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from adaptercli.assets import OFFLINE_DATASETS
 from adaptercli.errors import RecipeError
+from adaptercli.schema import INVALID, check_section, dataclass_in, did_you_mean, join, spec
 
 TASKS = ("classification", "multilabel", "regression", "tagging", "mlm", "causal_lm")
 HEAD_TYPES = ("classification", "multilabel", "regression", "tagging", "qa", "mlm", "causal_lm")
@@ -43,29 +43,9 @@ FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll")
 # Compression suffixes that the readers undo transparently, so `x.csv.gz` is a csv file.
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
 
-# Marks a value that failed a check (and was reported), so later checks skip it.
-_INVALID = object()
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 """Packaged presets. The package is installed in editable mode, so this is the clone's `configs/`."""
-
-
-def _field(
-    default: Any = NO_DEFAULT,
-    *,
-    factory: Any = NO_DEFAULT,
-    choices: tuple[str, ...] | None = None,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-) -> Any:
-    """A dataclass field whose metadata carries the allowed choices and bounds checked on load."""
-    bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt}
-    metadata = {name: bound for name, bound in bounds.items() if bound is not None}
-    if choices is not None:
-        metadata["choices"] = choices
-    return field(default=default, default_factory=factory, metadata=metadata)
 
 
 @dataclass
@@ -86,7 +66,7 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
-    dtype: str | None = _field(None, choices=("auto", "float32", "float16", "bfloat16"))
+    dtype: str | None = spec(None, choices=("auto", "float32", "float16", "bfloat16"))
     gguf_file: str | None = None
 
 
@@ -103,7 +83,7 @@ class AdapterConfig:
 
     name: str = "default"
     method: str = "lora"
-    config: dict[str, Any] = _field(factory=dict)
+    config: dict[str, Any] = spec(factory=dict)
     load: str | None = None
 
 
@@ -119,11 +99,11 @@ class HeadConfig:
         dropout: dropout before each layer.
     """
 
-    type: str | None = _field(None, choices=HEAD_TYPES)
-    num_labels: int | None = _field(None, ge=1)
-    layers: int = _field(2, ge=1)
+    type: str | None = spec(None, choices=HEAD_TYPES)
+    num_labels: int | None = spec(None, ge=1)
+    layers: int = spec(2, ge=1)
     activation: str = "tanh"
-    dropout: float = _field(0.1, ge=0, lt=1)
+    dropout: float = spec(0.1, ge=0, lt=1)
 
 
 @dataclass
@@ -136,9 +116,9 @@ class CompositionConfig:
         kwargs: extra arguments of the block, e.g. ``splits`` for ``split``.
     """
 
-    type: str = _field(MISSING, choices=COMPOSITION_TYPES)
-    adapters: list[str] = _field(factory=list)
-    kwargs: dict[str, Any] = _field(factory=dict)
+    type: str = spec(MISSING, choices=COMPOSITION_TYPES)
+    adapters: list[str] = spec(factory=list)
+    kwargs: dict[str, Any] = spec(factory=dict)
 
 
 @dataclass
@@ -176,10 +156,10 @@ class DataConfig:
     label_column: str | None = None
     label_map: dict[Any, Any] | None = None
     labels: list[str] | None = None
-    validation_split: float = _field(0.1, gt=0, lt=1)
-    max_train_samples: int | None = _field(None, ge=1)
-    max_eval_samples: int | None = _field(None, ge=1)
-    task: str | None = _field(None, choices=TASKS)
+    validation_split: float = spec(0.1, gt=0, lt=1)
+    max_train_samples: int | None = spec(None, ge=1)
+    max_eval_samples: int | None = spec(None, ge=1)
+    task: str | None = spec(None, choices=TASKS)
 
 
 @dataclass
@@ -195,39 +175,39 @@ class TrainConfig:
         The other fields mean what they mean in `transformers.TrainingArguments`.
     """
 
-    learning_rate: float = _field(1e-4, gt=0)
-    batch_size: int = _field(32, ge=1)
-    eval_batch_size: int | None = _field(None, ge=1)
-    max_steps: int = _field(-1, ge=-1)
-    num_epochs: float = _field(3.0, gt=0)
-    warmup_ratio: float = _field(0.0, ge=0, le=1)
-    warmup_steps: int = _field(0, ge=0)
-    lr_scheduler: str = _field("linear", choices=("linear", "cosine", "constant"))
-    weight_decay: float = _field(0.0, ge=0)
-    gradient_accumulation_steps: int = _field(1, ge=1)
-    max_grad_norm: float = _field(1.0, ge=0)
-    mixed_precision: str = _field("no", choices=("no", "fp16", "bf16"))
+    learning_rate: float = spec(1e-4, gt=0)
+    batch_size: int = spec(32, ge=1)
+    eval_batch_size: int | None = spec(None, ge=1)
+    max_steps: int = spec(-1, ge=-1)
+    num_epochs: float = spec(3.0, gt=0)
+    warmup_ratio: float = spec(0.0, ge=0, le=1)
+    warmup_steps: int = spec(0, ge=0)
+    lr_scheduler: str = spec("linear", choices=("linear", "cosine", "constant"))
+    weight_decay: float = spec(0.0, ge=0)
+    gradient_accumulation_steps: int = spec(1, ge=1)
+    max_grad_norm: float = spec(1.0, ge=0)
+    mixed_precision: str = spec("no", choices=("no", "fp16", "bf16"))
     seed: int = 42
-    eval_steps: int | None = _field(None, ge=1)
-    save_steps: int = _field(500, ge=1)
-    save_total_limit: int = _field(2, ge=1)
-    logging_steps: int = _field(10, ge=1)
+    eval_steps: int | None = spec(None, ge=1)
+    save_steps: int = spec(500, ge=1)
+    save_total_limit: int = spec(2, ge=1)
+    logging_steps: int = spec(10, ge=1)
     metric_for_best: str | None = None
     greater_is_better: bool = True
-    early_stopping_patience: int | None = _field(None, ge=1)
-    max_seq_length: int = _field(128, ge=1)
+    early_stopping_patience: int | None = spec(None, ge=1)
+    max_seq_length: int = spec(128, ge=1)
 
 
 @dataclass
 class Recipe:
     """One training run: model, adapter, head, optional composition, data, training and output."""
 
-    model: ModelConfig = _field(factory=ModelConfig)
-    adapter: AdapterConfig = _field(factory=AdapterConfig)
-    head: HeadConfig = _field(factory=HeadConfig)
+    model: ModelConfig = spec(factory=ModelConfig)
+    adapter: AdapterConfig = spec(factory=AdapterConfig)
+    head: HeadConfig = spec(factory=HeadConfig)
     composition: CompositionConfig | None = None
-    data: DataConfig = _field(factory=DataConfig)
-    train: TrainConfig = _field(factory=TrainConfig)
+    data: DataConfig = spec(factory=DataConfig)
+    train: TrainConfig = spec(factory=TrainConfig)
     output_dir: str = MISSING
 
 
@@ -256,8 +236,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     # Keep going after layer problems: the schema checks below may find more to report at once.
     merged = _merge_layers(layers, problems)
     values = _resolve(merged, "", problems)
-    checked = _check_section(Recipe, values, "", problems)
+    checked = check_section(Recipe, values, "", problems, _unknown_key_problem)
     _check_semantics(checked, problems)
+    _check_method_config(checked.get("adapter", {}), problems)
     if problems:
         raise RecipeError(problems)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), checked))
@@ -331,7 +312,7 @@ def _preset_path(entry: str, base_dir: Path, where: str, problems: list[str]) ->
         return path
     path = CONFIGS_DIR / f"{entry}.yaml"
     if not path.is_file():
-        problems.append(f"{where}: unknown preset '{entry}'{_did_you_mean(entry, available_presets())}")
+        problems.append(f"{where}: unknown preset '{entry}'{did_you_mean(entry, available_presets())}")
         return None
     return path
 
@@ -384,7 +365,7 @@ def _merge_layers(layers: list[tuple[str, DictConfig]], problems: list[str]) -> 
 def _resolve(node: Any, path: str, problems: list[str]) -> Any:
     """Resolve interpolations leaf by leaf into plain Python values, recording each failure."""
     if isinstance(node, DictConfig):
-        items = ((key, _join(path, str(key))) for key in node.keys())
+        items = ((key, join(path, str(key))) for key in node.keys())
     elif isinstance(node, ListConfig):
         items = ((index, f"{path}[{index}]") for index in range(len(node)))
     else:
@@ -398,7 +379,7 @@ def _resolve(node: Any, path: str, problems: list[str]) -> Any:
             child = node[key]
         except OmegaConfBaseException as error:
             problems.append(f"{child_path}: cannot resolve interpolation: {error.msg.splitlines()[0]}")
-            resolved[key] = _INVALID
+            resolved[key] = INVALID
             continue
         resolved[key] = _resolve(child, child_path, problems)
     return list(resolved.values()) if isinstance(node, ListConfig) else resolved
@@ -407,138 +388,28 @@ def _resolve(node: Any, path: str, problems: list[str]) -> Any:
 # --- schema checks ---------------------------------------------------------------------------
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _did_you_mean(word: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(word, candidates, n=1)
-    return f", did you mean {match[0]}?" if match else ""
-
-
 def _schema_paths(schema: type, path: str = "") -> list[str]:
     """All dotted leaf and section paths of a dataclass schema."""
     paths = []
     for item in fields(schema):
-        item_path = _join(path, item.name)
+        item_path = join(path, item.name)
         paths.append(item_path)
-        nested = _dataclass_in(typing.get_type_hints(schema)[item.name])
+        nested = dataclass_in(typing.get_type_hints(schema)[item.name])
         if nested is not None:
             paths += _schema_paths(nested, item_path)
     return paths
 
 
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass in `hint` (``X`` or ``X | None``), if there is one."""
-    for candidate in (hint, *typing.get_args(hint)):
-        if isinstance(candidate, type) and is_dataclass(candidate):
-            return candidate
-    return None
-
-
 def _unknown_key_problem(key: str, path: str, siblings: list[str]) -> str:
     """Message for an unknown key, suggesting a sibling or else a same-named key elsewhere."""
-    full = _join(path, key)
+    full = join(path, key)
     suggestion = difflib.get_close_matches(key, siblings, n=1)
     if suggestion:
-        return f"{full}: unknown key, did you mean {_join(path, suggestion[0])}?"
+        return f"{full}: unknown key, did you mean {join(path, suggestion[0])}?"
     elsewhere = {p.rsplit(".", 1)[-1]: p for p in _schema_paths(Recipe)}
     match = difflib.get_close_matches(key, list(elsewhere), n=1)
     hint = f", did you mean {elsewhere[match[0]]}?" if match else ""
     return f"{full}: unknown key{hint}"
-
-
-def _check_section(schema: type, values: Any, path: str, problems: list[str]) -> dict[str, Any]:
-    """Check a mapping against a dataclass schema; return the values converted to its types."""
-    if not isinstance(values, dict):
-        problems.append(f"{path or 'recipe'}: expected a mapping, got {values!r}")
-        return {}
-    names = [item.name for item in fields(schema)]
-    for key in values:
-        if key not in names:
-            problems.append(_unknown_key_problem(str(key), path, names))
-    hints = typing.get_type_hints(schema)
-    checked: dict[str, Any] = {}
-    for item in fields(schema):
-        item_path = _join(path, item.name)
-        if item.name not in values or values[item.name] == MISSING:
-            if item.default == MISSING:
-                problems.append(f"{item_path}: missing required value")
-            continue
-        value = _check_value(hints[item.name], values[item.name], item_path, problems)
-        if value not in (_INVALID, None) and not _within_limits(value, item.metadata, item_path, problems):
-            value = _INVALID
-        # Invalid values stay, marked, so the cross-field checks can skip them instead of guessing.
-        checked[item.name] = value
-    return checked
-
-
-def _check_value(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
-    """Convert `value` to the type `hint`, or record a problem and return `_INVALID`."""
-    if value is _INVALID:  # already reported
-        return _INVALID
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(arg for arg in args if arg is not type(None))
-    if _dataclass_in(hint) is not None:
-        return _check_section(hint, value, path, problems)
-    origin = typing.get_origin(hint)
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(f"{path}: expected a list, got {value!r}")
-            return _INVALID
-        items = [
-            _check_value(typing.get_args(hint)[0], v, f"{path}[{i}]", problems) for i, v in enumerate(value)
-        ]
-        return _INVALID if _INVALID in items else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {value!r}")
-            return _INVALID
-        return value
-    converted = _convert_scalar(hint, value)
-    if converted is _INVALID:
-        problems.append(f"{path}: expected {hint.__name__}, got {value!r}")
-    return converted
-
-
-def _convert_scalar(kind: type, value: Any) -> Any:
-    """Convert a scalar the way a user means it (``"3"`` for an int is 3), else `_INVALID`."""
-    if kind is bool or isinstance(value, bool) or value is None:
-        return value if kind is bool and isinstance(value, bool) else _INVALID
-    if kind is str:
-        return str(value) if isinstance(value, str | int | float) else _INVALID
-    if kind in (int, float) and isinstance(value, str | int | float):
-        if kind is int and isinstance(value, float):
-            return int(value) if value.is_integer() else _INVALID
-        try:
-            return kind(value)
-        except ValueError:
-            return _INVALID
-    return _INVALID
-
-
-def _within_limits(value: Any, limits: typing.Mapping[str, Any], path: str, problems: list[str]) -> bool:
-    """Check a value against a field's choices and bounds; record a problem if outside."""
-    choices = limits.get("choices")
-    if choices is not None and value not in choices:
-        problems.append(
-            f"{path}: expected one of {', '.join(choices)}, got {value!r}{_did_you_mean(str(value), list(choices))}"
-        )
-        return False
-    tests = {
-        "ge": (float.__ge__, ">="),
-        "gt": (float.__gt__, ">"),
-        "le": (float.__le__, "<="),
-        "lt": (float.__lt__, "<"),
-    }
-    for name, (test, symbol) in tests.items():
-        if name in limits and not test(float(value), float(limits[name])):
-            problems.append(f"{path}: must be {symbol} {limits[name]}, got {value!r}")
-            return False
-    return True
 
 
 # --- cross-field checks ----------------------------------------------------------------------
@@ -561,12 +432,12 @@ def _check_semantics(recipe: dict[str, Any], problems: list[str]) -> None:
     offline_task = OFFLINE_DATASETS[source].task if source in OFFLINE_DATASETS else None
     task = data.setdefault("task", offline_task or "classification")
     # Any data set's texts also serve language modelling (domain-adaptive pretraining).
-    if offline_task is not None and task not in (offline_task, "mlm", "causal_lm", _INVALID):
+    if offline_task is not None and task not in (offline_task, "mlm", "causal_lm", INVALID):
         problems.append(f"data.task: data set {source} is for {offline_task}, got {task!r}")
 
     head = recipe.setdefault("head", {})
     head_type = head.setdefault("type", task)
-    if _INVALID not in (task, head_type) and head_type != task:
+    if INVALID not in (task, head_type) and head_type != task:
         problems.append(f"head.type: {head_type!r} does not match data.task {task!r}")
 
     if recipe.get("train", {}).get("max_steps") == 0:
@@ -576,11 +447,31 @@ def _check_semantics(recipe: dict[str, Any], problems: list[str]) -> None:
         problems.append("composition.adapters: list the adapters to combine")
 
 
+def _check_method_config(adapter: dict[str, Any], problems: list[str]) -> None:
+    """Check ``adapter.method`` and ``adapter.config`` with the method registry's own field specs
+    (types, bounds, choices), so a recipe reports them like its other keys. A loaded adapter
+    brings its own config."""
+    from adaptercli.methods import ConfigError, get_method
+
+    method, config = adapter.get("method", AdapterConfig.method), adapter.get("config", {})
+    if adapter.get("load") or INVALID in (method, config):
+        return
+    try:
+        entry = get_method(method)
+    except ConfigError as error:
+        problems += [f"adapter.method: {problem}" for problem in error.problems]
+        return
+    try:
+        entry.make_config(config)
+    except ConfigError as error:
+        problems += [f"adapter.config.{problem}" for problem in error.problems]
+
+
 def _check_data_source(data: dict[str, Any], problems: list[str]) -> None:
     """Check that ``data`` names a reachable source, inferring the file format from the suffix."""
     source = data.get("source")
     train_file = data.get("train_file")
-    if _INVALID in (source, train_file):
+    if INVALID in (source, train_file):
         return
     if source is None:
         if train_file is None:
@@ -597,7 +488,7 @@ def _check_data_source(data: dict[str, Any], problems: list[str]) -> None:
         data["source"] = source
     known = [*OFFLINE_DATASETS, "hub", *FILE_FORMATS]
     if source not in known:
-        problems.append(f"data.source: unknown source {source!r}{_did_you_mean(source, known)}")
+        problems.append(f"data.source: unknown source {source!r}{did_you_mean(source, known)}")
         return
     if source == "hub" and not data.get("name"):
         problems.append("data.name: the hub source needs a dataset id, e.g. nyu-mll/glue")
@@ -605,5 +496,5 @@ def _check_data_source(data: dict[str, Any], problems: list[str]) -> None:
         if train_file is None:
             problems.append(f"data.train_file: source {source} needs a training file")
         for key in ("train_file", "validation_file", "test_file"):
-            if data.get(key) not in (None, _INVALID) and not Path(data[key]).is_file():
+            if data.get(key) not in (None, INVALID) and not Path(data[key]).is_file():
                 problems.append(f"data.{key}: file not found: {data[key]}")

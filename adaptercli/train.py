@@ -12,13 +12,15 @@ Run folder: ``adapter/`` (final adapter + head, native format; the best one when
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, get_scheduler
 
 from .assets import resolve_model_path
+from .checks import preflight
 from .composition import Stack
 from .data import LoadedData, load_data, make_collator, tokenize_dataset
 from .errors import AdapterCliError
 from .formats.common import read_json, write_json, write_weights
 from .heads import HeadConfig
+from .hub import hub_access
 from .metrics import compute_metrics
 from .model import AdapterModel, AutoAdapterModel
 from .recipe import Recipe, load_recipe, recipe_to_yaml
@@ -57,12 +61,13 @@ def load_model(recipe: Recipe) -> tuple[AdapterModel, Any]:
     if m.gguf_file:
         kwargs["gguf_file"] = m.gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        if m.attn_implementation:
-            kwargs["attn_implementation"] = m.attn_implementation
-        if m.dtype:
-            kwargs["dtype"] = m.dtype if m.dtype == "auto" else getattr(torch, m.dtype)
-        model = AutoAdapterModel.from_pretrained(path, **kwargs)
+        with hub_access():  # a Hub id with the Hub unreachable fails in seconds
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            if m.attn_implementation:
+                kwargs["attn_implementation"] = m.attn_implementation
+            if m.dtype:
+                kwargs["dtype"] = m.dtype if m.dtype == "auto" else getattr(torch, m.dtype)
+            model = AutoAdapterModel.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         local = Path(path).exists()
         hint = "" if local else (" — it is not a local folder and the Hugging Face Hub could not be reached; "
@@ -200,34 +205,57 @@ def _save_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler, pr
     state = optimizer.state_dict()
     tensors = {f"{i}.{key}": value for i, s in state["state"].items() for key, value in s.items() if torch.is_tensor(value)}
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     write_weights(tmp / "optimizer.safetensors", tensors)
+    numpy_rng = np.random.get_state()
     write_json(tmp / "state.json", {
         "param_groups": state["param_groups"], "scheduler": scheduler.state_dict(), "progress": progress.__dict__,
         "trainable": list(trainable), "adapter": name,
+        "rng": {"python": random.getstate(), "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]},
     })
     os.replace(tmp, final)
     write_json(folder / "latest.json", {"checkpoint": final.name, "step": progress.step})
 
 
 def _load_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler) -> RunState:
-    latest = read_json(folder / "latest.json")
-    path = folder / latest["checkpoint"]
-    meta = read_json(path / "state.json")
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in weights.items():
-            params[key].copy_(value)
-    tensors = load_file(path / "optimizer.safetensors")
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, _, name = key.partition(".")
-        if index != "rng":
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
+    """Restore the latest checkpoint; a damaged one is reported (and how to go on), not a traceback."""
+    path = folder
+    try:
+        path = folder / read_json(folder / "latest.json")["checkpoint"]
+        meta = read_json(path / "state.json")
+        weights = load_file(path / "trainable.safetensors")
+        tensors = load_file(path / "optimizer.safetensors")
+        params = dict(model.named_parameters())
+        missing = sorted(set(weights) - set(params))
+        if missing:
+            raise ValueError(f"it holds weights this recipe's model lacks ({missing[0]}, ...)")
+        with torch.no_grad():
+            for key, value in weights.items():
+                params[key].copy_(value)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            index, _, name = key.partition(".")
+            if index != "rng":
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+        progress = RunState(**meta["progress"])
+    except (AdapterCliError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise AdapterCliError(f"--resume: cannot restore the checkpoint {path} ({detail}); delete it (and "
+                              f"{folder / 'latest.json'}) to resume from an earlier one, or train without --resume") from None
     torch.set_rng_state(tensors["rng.torch"])
-    return RunState(**meta["progress"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    if "rng" in meta:
+        version, internal, gauss = meta["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, *rest = meta["rng"]["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    return progress
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -265,20 +293,68 @@ def _plot(history: list[dict[str, Any]], path: Path, metric: str | None) -> None
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` (our pid) while training, so a second `adapter train` into the same
+    folder is refused; a lock left by a run that died (kill -9) is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".lock"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise AdapterCliError(f"{out} is in use by a running training (pid {holder}); wait for it to "
+                                      "end or choose another output_dir") from None
+            lock.unlink(missing_ok=True)  # stale: its run is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise AdapterCliError(f"{out}: cannot take the run lock {lock}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> int | None:
+    """The pid in a lock file if that process is still alive, else None."""
+    try:
+        pid = int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # unreadable or half-written: treat as stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid  # alive, owned by someone else
+    return pid if pid != os.getpid() else None
+
+
 def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, float]:
     """Train the recipe's adapter; returns the final evaluation metrics."""
-    console = console or Console()
-    cfg = recipe.train
     out = Path(recipe.output_dir)
     ckpt_dir = out / "checkpoints"
     if resume and not (ckpt_dir / "latest.json").exists():
         raise AdapterCliError(f"--resume: no checkpoint in {ckpt_dir} (train without --resume to start)")
     if not resume and (ckpt_dir / "latest.json").exists():
         raise AdapterCliError(f"{out} already holds a run; use --resume to continue it or choose another output_dir")
+    data = preflight(recipe).data  # the recipe's files, model folder and metric, before anything loads
+    with run_lock(out):
+        return _train(recipe, data, resume, console or Console())
 
-    # 1. data, model, optimizer
+
+def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> dict[str, float]:
+    cfg = recipe.train
+    out = Path(recipe.output_dir)
+    ckpt_dir = out / "checkpoints"
+
+    # 1. model, optimizer (the data was loaded by the checks)
     torch.manual_seed(cfg.seed)
-    data = load_data(recipe.data, seed=cfg.seed)
     model, tokenizer = prepare_model(recipe, data)
     tokenized = tokenize_dataset(data.splits, tokenizer, data.task, cfg.max_seq_length)
     train_split, eval_split = tokenized["train"], tokenized["validation"]

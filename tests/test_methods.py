@@ -139,7 +139,7 @@ def test_config_strings_dicts_and_errors() -> None:
     assert resolve_config("houlsby").mh_adapter is True
     with pytest.raises(ConfigError, match="did you mean 'lora'"):
         resolve_config("lorra")
-    with pytest.raises(ConfigError, match="unknown field 'reduction_factr'.*did you mean 'reduction_factor'"):
+    with pytest.raises(ConfigError, match="reduction_factr: unknown field.*did you mean 'reduction_factor'"):
         resolve_config("seq_bn[reduction_factr=8]")
     with pytest.raises(ConfigError, match="r=1"):
         resolve_config("ia3[r=4]")

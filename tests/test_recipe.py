@@ -138,11 +138,11 @@ train:
     )
     problems = problems_of(path)
     assert "train.learning_rat: unknown key, did you mean train.learning_rate?" in problems
-    assert "train.batch_size: expected int, got 'abc'" in problems
+    assert "train.batch_size: expected an integer, got 'abc'" in problems
     assert "data.train_file: file not found: foo.csv" in problems
     assert "output_dir: missing required value" in problems
     assert "train.mixed_precision: expected one of no, fp16, bf16, got 'fp32'" in problems
-    assert "train.warmup_ratio: must be <= 1, got 2.0" in problems
+    assert "train.warmup_ratio: must be >= 0 and <= 1, got 2" in problems
     assert len(problems) == 6
 
 

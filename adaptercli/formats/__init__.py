@@ -34,7 +34,10 @@ def _resolve_folder(path: Path) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(text))
+            from ..hub import hub_access
+
+            with hub_access():
+                return Path(snapshot_download(text))
         except Exception as exc:
             raise AdapterFileError(
                 f"adapter '{text}' is not a local folder and could not be fetched from the Hugging Face Hub "

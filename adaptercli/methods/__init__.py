@@ -70,11 +70,11 @@ def _parse_string(spec: str) -> tuple[str, dict[str, Any]]:
     if rest:
         if not rest.endswith("]"):
             raise ConfigError(f"cannot read adapter config '{spec}': expected NAME[key=value,...]")
-        # Split on commas outside brackets so lists like attn_matrices=[q,k,v] survive.
+        # Split on commas outside brackets so lists like attn_matrices=[q,k,v] and mappings survive.
         depth, part, parts = 0, "", []
         for ch in rest[:-1]:
-            depth += ch == "["
-            depth -= ch == "]"
+            depth += ch in "[{"
+            depth -= ch in "]}"
             if ch == "," and depth == 0:
                 parts.append(part)
                 part = ""
@@ -85,7 +85,10 @@ def _parse_string(spec: str) -> tuple[str, dict[str, Any]]:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ConfigError(f"cannot read '{item}' in adapter config '{spec}': expected key=value")
-            overrides[key.strip()] = yaml.safe_load(value)
+            try:
+                overrides[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key.strip()}: cannot read the value {value!r} as YAML") from None
     return name.strip(), overrides
 
 

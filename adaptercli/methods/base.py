@@ -9,7 +9,6 @@ family's config (``seq_bn`` and ``par_bn`` are both bottleneck presets; ``ia3`` 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,18 +16,27 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import AdapterCliError
+from ..schema import check_section
+from ..schema import did_you_mean as _did_you_mean
 
 if TYPE_CHECKING:
     from ..model import AdapterState
 
 
 class ConfigError(AdapterCliError):
-    """An adapter config that names an unknown method or field, or has a bad value."""
+    """An adapter config that names an unknown method or field, or has bad values.
+
+    ``problems`` holds one line per problem, each starting with the field it concerns
+    (``dropout: must be >= 0 and < 1, got -1``), so a recipe can prefix its own path.
+    """
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1)
-    return f", did you mean '{match[0]}'?" if match else ""
+    return _did_you_mean(str(word), list(choices), ", did you mean '{}'?")
 
 
 @dataclasses.dataclass
@@ -46,19 +54,21 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, method: str = "") -> MethodConfig:
+        """Check every field (type, bounds, choices; unknown names) and report all problems at once."""
         names = cls.field_names()
-        kwargs, problems = {}, []
+        known, problems = {}, []
         for key, value in values.items():
             if key in names:
-                kwargs[key] = value
+                known[key] = value
             elif key in cls.foreign_defaults:
                 if value != cls.foreign_defaults[key]:
-                    problems.append(f"{key}={value!r} is not supported (only {cls.foreign_defaults[key]!r})")
-            elif key not in ("architecture",):
-                problems.append(f"unknown field '{key}' for method '{method or cls.family}'{did_you_mean(key, names)}")
+                    problems.append(f"{key}: only {cls.foreign_defaults[key]!r} is supported, got {value!r}")
+            elif key != "architecture":
+                problems.append(f"{key}: unknown field for method '{method or cls.family}'{did_you_mean(key, names)}")
+        checked = check_section(cls, known, "", problems)
         if problems:
-            raise ConfigError("; ".join(problems))
-        config = cls(**kwargs)
+            raise ConfigError(problems)
+        config = cls(**checked)
         config.validate()
         return config
 
@@ -71,7 +81,8 @@ class MethodConfig:
         return data
 
     def validate(self) -> None:
-        """Raise ConfigError for values the method cannot use."""
+        """Raise ConfigError for combinations of values the method cannot use (single fields are
+        checked against their types, bounds and choices before this runs)."""
 
 
 class MethodFamily:

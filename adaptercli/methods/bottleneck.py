@@ -25,13 +25,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
-from transformers.activations import get_activation
+from transformers.activations import ACT2FN, get_activation
 
 from ..architectures import Site, get_module, transformer_layers
+from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
 
 if TYPE_CHECKING:
     from ..model import AdapterState
+
+# Activation names a bottleneck (or prefix MLP) accepts: transformers' table plus AdapterHub's leakyrelu.
+ACTIVATIONS: tuple[str, ...] = tuple(sorted({*ACT2FN, "leakyrelu"}))
 
 _PHM_DEFAULTS: dict[str, Any] = {
     "phm_layer": False, "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False,
@@ -64,33 +68,33 @@ class BnConfig(MethodConfig):
 
     mh_adapter: bool = False
     output_adapter: bool = True
-    reduction_factor: float | dict = 16
-    non_linearity: str = "relu"
+    reduction_factor: float | dict = spec(16, gt=0)
+    non_linearity: str = spec("relu", choices=ACTIVATIONS)
     original_ln_before: bool = True
     original_ln_after: bool = True
     ln_before: bool = False
     ln_after: bool = False
-    init_weights: str = "bert"
+    init_weights: str = spec("bert", choices=("bert", "mam_adapter", "houlsby"))
     init_weights_seed: int | None = None
     is_parallel: bool = False
-    scaling: float | str = 1.0
+    scaling: float | str = spec(1.0, choices=("learned", "channel"))
     use_gating: bool = False
-    residual_before_ln: bool | str = True
+    residual_before_ln: bool | str = spec(True, choices=("post_add",))
     adapter_residual_before_ln: bool = False
-    inv_adapter: str | None = None
-    inv_adapter_reduction_factor: float | None = None
-    leave_out: list[int] = dataclasses.field(default_factory=list)
-    dropout: float = 0.0
+    inv_adapter: str | None = spec(None, choices=("nice",))
+    inv_adapter_reduction_factor: float | None = spec(None, gt=0)
+    leave_out: list[int] = spec(factory=list, ge=0)
+    dropout: float = spec(0.0, ge=0, lt=1)
 
     def validate(self) -> None:
-        if self.init_weights not in ("bert", "mam_adapter", "houlsby"):
-            raise ConfigError(f"init_weights '{self.init_weights}' is not one of bert, mam_adapter, houlsby")
-        if isinstance(self.scaling, str) and self.scaling not in ("learned", "channel"):
-            raise ConfigError(f"scaling must be a number, 'learned' or 'channel', not '{self.scaling}'")
-        if self.inv_adapter not in (None, "nice"):
-            raise ConfigError(f"inv_adapter '{self.inv_adapter}' is not supported (only 'nice')")
         if not (self.mh_adapter or self.output_adapter):
-            raise ConfigError("a bottleneck adapter needs mh_adapter or output_adapter set")
+            raise ConfigError("output_adapter: a bottleneck adapter needs mh_adapter or output_adapter set")
+        if isinstance(self.reduction_factor, dict):
+            problems = [f"reduction_factor.{layer}: must be a number > 0, got {factor!r}"
+                        for layer, factor in self.reduction_factor.items()
+                        if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 0]
+            if problems:
+                raise ConfigError(problems)
 
     def width(self, hidden_size: int, layer: int) -> int:
         factor = self.reduction_factor

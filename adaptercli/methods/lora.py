@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from ..architectures import get_module, transformer_layers
+from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
 
 if TYPE_CHECKING:
@@ -54,31 +55,25 @@ class LoRAConfig(MethodConfig):
     selfattn_lora: bool = True
     intermediate_lora: bool = False
     output_lora: bool = False
-    leave_out: list[int] = dataclasses.field(default_factory=list)
-    r: int = 8
-    alpha: float = 8
-    dropout: float = 0.0
-    attn_matrices: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])
-    composition_mode: str = "add"
-    init_weights: str = "lora"
+    leave_out: list[int] = spec(factory=list, ge=0)
+    r: int = spec(8, ge=1)
+    alpha: float = spec(8, gt=0)
+    dropout: float = spec(0.0, ge=0, lt=1)
+    attn_matrices: list[str] = spec(factory=lambda: ["q", "v"], choices=("q", "k", "v", "o"))
+    composition_mode: str = spec("add", choices=("add", "scale"))
+    init_weights: str = spec("lora", choices=("lora", "bert", "ia3"))
     init_weights_seed: int | None = None
     target_modules: list[str] | None = None
     use_rslora: bool = False
 
     def validate(self) -> None:
-        if self.composition_mode not in ("add", "scale"):
-            raise ConfigError(f"composition_mode must be 'add' or 'scale', not '{self.composition_mode}'")
+        problems = []
         if self.composition_mode == "scale" and self.r != 1:
-            raise ConfigError("composition_mode 'scale' (IA3) needs r=1")
+            problems.append(f"r: composition_mode 'scale' (IA3) needs r=1, got {self.r}")
         if self.composition_mode == "scale" and self.dropout > 0:
-            raise ConfigError("composition_mode 'scale' (IA3) does not support dropout")
-        if self.r < 1:
-            raise ConfigError(f"r must be at least 1, not {self.r}")
-        unknown = set(self.attn_matrices) - {"q", "k", "v", "o"}
-        if unknown:
-            raise ConfigError(f"attn_matrices may hold q, k, v, o; not {sorted(unknown)}")
-        if self.init_weights not in ("lora", "bert", "ia3"):
-            raise ConfigError(f"init_weights '{self.init_weights}' is not one of lora, bert, ia3")
+            problems.append(f"dropout: composition_mode 'scale' (IA3) does not support dropout, got {self.dropout}")
+        if problems:
+            raise ConfigError(problems)
 
     @property
     def scaling(self) -> float:

@@ -27,8 +27,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask,
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..architectures import get_module, transformer_layers
+from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
-from .bottleneck import _activation
+from .bottleneck import ACTIVATIONS, _activation
 
 if TYPE_CHECKING:
     from ..model import AdapterState
@@ -48,17 +49,13 @@ class PrefixTuningConfig(MethodConfig):
         "encoder_prefix": True, "cross_prefix": True, "use_gating": False, "shared_gating": True,
     }
 
-    prefix_length: int = 30
-    bottleneck_size: int = 512
-    non_linearity: str = "tanh"
-    dropout: float = 0.0
+    prefix_length: int = spec(30, ge=1)
+    bottleneck_size: int = spec(512, ge=1)
+    non_linearity: str = spec("tanh", choices=ACTIVATIONS)
+    dropout: float = spec(0.0, ge=0, lt=1)
     flat: bool = False
-    leave_out: list[int] = dataclasses.field(default_factory=list)
+    leave_out: list[int] = spec(factory=list, ge=0)
     init_weights_seed: int | None = None
-
-    def validate(self) -> None:
-        if self.prefix_length < 1:
-            raise ConfigError(f"prefix_length must be at least 1, not {self.prefix_length}")
 
 
 class PrefixPool(nn.Module):
