@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import AdapterCliError
+from .recipe import shipped_folder
 
 app = typer.Typer(
     help="Train, evaluate and share adapters on frozen Hugging Face transformers, driven by YAML recipes.",
@@ -25,7 +26,7 @@ app.add_typer(recipes_app, name="recipes")
 
 console = Console()
 errors = Console(stderr=True)
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = shipped_folder("recipes")
 _DEBUG = {"on": False}
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=100 adapter.method=seq_bn")]
@@ -67,6 +68,8 @@ def _quiet_libraries() -> None:
     import transformers
 
     datasets.disable_progress_bars()
+    # `datasets` logs a traceback for a file it cannot parse; we report that file in one line.
+    datasets.utils.logging.set_verbosity(datasets.logging.CRITICAL)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

@@ -44,8 +44,17 @@ FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll")
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
 
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-"""Packaged presets. The package is installed in editable mode, so this is the clone's `configs/`."""
+
+
+def shipped_folder(name: str) -> Path:
+    """``recipes`` or ``configs``: inside the installed package (a wheel puts them there), else the
+    source tree's top-level folder (an editable install or a clone)."""
+    package = Path(__file__).resolve().parent
+    return package / name if (package / name).is_dir() else package.parent / name
+
+
+CONFIGS_DIR = shipped_folder("configs")
+"""The presets that ``defaults:`` names (``method/lora`` is ``CONFIGS_DIR/method/lora.yaml``)."""
 
 
 @dataclass

@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, get_scheduler
 
@@ -241,7 +242,7 @@ def _load_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler) ->
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         scheduler.load_state_dict(meta["scheduler"])
         progress = RunState(**meta["progress"])
-    except (AdapterCliError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (AdapterCliError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise AdapterCliError(f"--resume: cannot restore the checkpoint {path} ({detail}); delete it (and "
                               f"{folder / 'latest.json'}) to resume from an earlier one, or train without --resume") from None
