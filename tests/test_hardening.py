@@ -304,3 +304,20 @@ def test_checkpoint_restores_python_numpy_and_torch_rngs(tmp_path: Path) -> None
 def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
     result = subprocess.run([*CLI, "recipes", "list"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
     assert result.returncode == 0 and "rotten_tomatoes_lora" in result.stdout
+
+
+def test_a_full_disk_during_training_gives_one_line(tmp_path: Path, tiny_bert_dir: Path, data_csv: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import adaptercli.train as training
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(training, "write_weights", full_disk)
+    recipe = write_recipe(tmp_path, tiny_bert_dir, data_csv)
+    problems = errors_of(runner.invoke(app, ["train", str(recipe)], env=ENV))
+    assert len(problems) == 1 and problems[0].endswith("trainable.safetensors: No space left on device")
+    assert not (tmp_path / "run/.lock").exists()
+    assert not (tmp_path / "run/checkpoints/latest.json").exists()  # no half-written checkpoint is pointed at
