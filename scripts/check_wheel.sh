@@ -7,6 +7,7 @@ PY=${PY:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 .venv/bin/pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/dist" . 2>/dev/null
+rm -rf build  # setuptools' scratch folder
 "$PY" -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install --quiet torch==2.13.0
 "$WORK/venv/bin/pip" install --quiet "$WORK"/dist/adaptercli-*.whl
