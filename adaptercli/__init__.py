@@ -7,14 +7,16 @@
     model.train_adapter("sst2")
 """
 
-from .composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
+from .composition import Average, BatchSplit, CompositionError, Fuse, Parallel, Split, Stack
 from .errors import AdapterCliError
 from .methods import BnConfig, LoRAConfig, PrefixTuningConfig, resolve_config
-from .model import AdapterModel, AutoAdapterModel, init
+from .methods.fusion import FusionConfig
+from .model import AdapterModel, AutoAdapterModel, MultiHeadOutput, init
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterCliError", "AdapterModel", "AutoAdapterModel", "Average", "BatchSplit", "BnConfig", "Fuse",
-    "LoRAConfig", "Parallel", "PrefixTuningConfig", "Split", "Stack", "init", "resolve_config",
+    "AdapterCliError", "AdapterModel", "AutoAdapterModel", "Average", "BatchSplit", "BnConfig", "CompositionError",
+    "Fuse", "FusionConfig", "LoRAConfig", "MultiHeadOutput", "Parallel", "PrefixTuningConfig", "Split", "Stack",
+    "init", "resolve_config",
 ]

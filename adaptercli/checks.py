@@ -56,6 +56,12 @@ def preflight(recipe: Recipe, *, load_hub_data: bool = True) -> Preflight:
     return Preflight(data, notes)
 
 
+def member_folder(source: str) -> str:
+    """A composition member as written in a recipe: a run folder stands for its ``adapter/``."""
+    run_adapter = Path(source).expanduser() / "adapter"
+    return str(run_adapter) if (run_adapter / "adapter_config.json").is_file() else source
+
+
 def looks_local(name: str) -> bool:
     """True for what can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``), not a Hub id (``org/name``)."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
@@ -124,8 +130,10 @@ def _check_composition(recipe: Recipe, base_config: dict[str, Any] | None, probl
 
     if recipe.composition is None:
         return
+    configs = {}
     for index, member in enumerate(recipe.composition.adapters):
         where = f"composition.adapters[{index}]"
+        member = member_folder(member)
         if not Path(member).expanduser().exists() and not looks_local(member):
             continue  # a Hub id: fetched when the run starts
         try:
@@ -133,6 +141,7 @@ def _check_composition(recipe: Recipe, base_config: dict[str, Any] | None, probl
         except AdapterCliError as error:
             problems.append(f"{where}: {error}")
             continue
+        configs[f"{loaded.saved_name}_{index}"] = loaded.config
         if base_config is None:
             continue
         base_type = base_config.get("model_type")
@@ -143,6 +152,25 @@ def _check_composition(recipe: Recipe, base_config: dict[str, Any] | None, probl
         elif loaded.model_type and base_type and loaded.model_type != base_type:
             problems.append(f"{where}: {member} was made for a {loaded.model_type} model; "
                             f"the base model {recipe.model.name_or_path} is {base_type}")
+    if not problems and len(configs) == len(recipe.composition.adapters):
+        _check_block(recipe, configs, problems)
+
+
+def _check_block(recipe: Recipe, configs: dict[str, Any], problems: list[str]) -> None:
+    """The members' methods (and the trained adapter's) can run in the recipe's block."""
+    from .composition import Average, CompositionError, Fuse, Stack, check_support
+    from .methods import FAMILIES, get_method, method_name
+
+    kind, names = recipe.composition.type, list(configs)
+    if kind == "stack" and not recipe.adapter.load:
+        configs = {**configs, recipe.adapter.name: get_method(recipe.adapter.method).make_config(recipe.adapter.config)}
+        names = list(configs)
+    block = {"stack": Stack, "fuse": Fuse, "average": Average}[kind](*names)
+    try:
+        check_support(block, lambda n: method_name(configs[n]), lambda n: configs[n].family,
+                      {family.name: family.blocks for family in FAMILIES.values()})
+    except CompositionError as error:
+        problems.append(f"composition.type: {error}")
 
 
 def _check_output_dir(out: Path, problems: list[str]) -> None:

@@ -49,8 +49,10 @@ def _friendly(command):
                 problems = [f"{where}{exc.strerror or exc}"]
             else:
                 problems = getattr(exc, "problems", None) or [str(exc)]
+            from .hub import redact  # a token never reaches the terminal, whatever a library put in a message
+
             for problem in problems:
-                errors.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+                errors.print(f"[red]error:[/red] {escape(redact(problem))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -97,19 +99,39 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in output_dir.")] = False,
 ) -> None:
     """Train the recipe's adapter; writes adapter/, checkpoints/, metrics.jsonl and curves.png to output_dir."""
+    _train("train", recipe, overrides or [], resume)
+
+
+def _train(command: str, recipe: str, overrides: list[str], resume: bool) -> None:
+    """`adapter train` and `adapter fuse`: load the recipe, train, and on Ctrl-C say how to resume."""
     from .recipe import load_recipe
     from .train import train as run
 
     path = _recipe_path(recipe)
-    loaded = load_recipe(path, overrides or [])
+    loaded = load_recipe(path, overrides)
+    if command == "fuse" and (loaded.composition is None or loaded.composition.type != "fuse"):
+        raise AdapterCliError("composition: `adapter fuse` needs a recipe with composition: {type: fuse, adapters: "
+                              "[...]}; train other recipes with `adapter train`")
     try:
         run(loaded, resume=resume, console=console)
     except KeyboardInterrupt:
         saved = (Path(loaded.output_dir) / "checkpoints" / "latest.json").exists()
-        again = " ".join(["adapter train", str(path), *(overrides or []), "--resume" if saved else ""]).strip()
+        again = " ".join([f"adapter {command}", str(path), *overrides, "--resume" if saved else ""]).strip()
         raise AdapterCliError(
             f"interrupted; {'the latest checkpoint is kept, continue with' if saved else 'no checkpoint yet, start again with'}: {again}"
         ) from None
+
+
+@app.command()
+@_friendly
+def fuse(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file whose composition is {type: fuse, adapters: [...]}.")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in output_dir.")] = False,
+) -> None:
+    """Train an AdapterFusion over the recipe's member adapters (run folders, adapter folders or Hub
+    ids), which stay frozen; writes the fusion and its head to adapter/, and fusion_attention.png."""
+    _train("fuse", recipe, overrides or [], resume)
 
 
 @app.command()
@@ -191,8 +213,16 @@ def summary(
     if path.is_dir():
         from .train import load_run
 
-        _, model, _, name = load_run(path)
-        model.train_adapter(name)  # show what training it would update
+        recipe, model, _, name = load_run(path)
+        fusion_report = path / "fusion_attention.json"
+        if recipe.composition is not None and recipe.composition.type == "fuse":
+            model.train_adapter_fusion(model.active_adapters)  # show what training it would update
+            from .train import fusion_attention_report, fusion_table
+
+            report = json.loads(fusion_report.read_text()) if fusion_report.exists() else fusion_attention_report(path)
+            console.print(fusion_table(report))
+        else:
+            model.train_adapter(name)
     else:
         from .recipe import load_recipe
         from .train import attach_adapter, load_model
@@ -209,53 +239,174 @@ def summary(
     console.print(table)
 
 
+TaskOpt = Annotated[str | None, typer.Option("--task", help="What the adapter does, e.g. sentiment (default: from the data set).")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="Data set name for the card and index (default: the recipe's).")]
+BaseModelOpt = Annotated[str | None, typer.Option("--base-model", help="Hub id of the base model, when the run used a local folder.")]
+
+
 @app.command()
 @_friendly
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="Output folder of a finished `adapter train`.")],
-    to: Annotated[str, typer.Option("--to", help="native, peft, or hub.")] = "native",
-    dest: Annotated[str | None, typer.Option("--dest", help="Folder (native/peft) or Hub repo id (hub).")] = None,
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (training or fusion), or an adapter folder.")],
+    to: Annotated[str, typer.Option("--to", help="native, hub, peft, adapterhub or merged.")] = "native",
+    dest: Annotated[str | None, typer.Option("--dest", help="Folder to write, or the Hub repository id (--to hub).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a --dest folder that already holds files.")] = False,
+    private: Annotated[bool, typer.Option("--private", help="--to hub: create the repository private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="--to hub: the branch to push to.")] = None,
+    commit_message: Annotated[str | None, typer.Option("--commit-message", help="--to hub: the commit message.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="--to hub: list what would be uploaded; push nothing.")] = False,
+    index: Annotated[str | None, typer.Option("--index", help="--to hub: also add the pushed adapter to this index folder.")] = None,
+    org: Annotated[str | None, typer.Option("--org", help="With --index: the org of its id (default: the repository's).")] = None,
+    task: TaskOpt = None,
+    dataset: DatasetOpt = None,
+    base_model: BaseModelOpt = None,
+    license: Annotated[str, typer.Option("--license", help="License for the model card.")] = "apache-2.0",
 ) -> None:
-    """Export a trained adapter: a native or PEFT folder, or push it to the Hugging Face Hub."""
-    from .train import load_run
+    """Export a trained adapter with a model card: our folder (native), pushed to the Hugging Face
+    Hub (hub), a PEFT LoRA/IA3 folder (peft), an AdapterHub `adapters` folder (adapterhub), or the
+    base model with the adapter merged in (merged). The token comes from HF_TOKEN or `hf auth login`."""
+    from .export import TARGETS, open_source
+    from .export import export as run_export
 
-    if to not in ("native", "peft", "hub"):
-        raise AdapterCliError(f"--to: '{to}' is not one of native, peft, hub")
-    if to in ("native", "peft"):
-        if not dest:
-            raise AdapterCliError("--dest: give the folder to write")
-        _check_export_dest(run_dir, Path(dest), force)
-    _, model, _, name = load_run(run_dir)
-    if to in ("native", "peft"):
-        model.save_adapter(dest, name, format=to)
-        console.print(f"wrote {to} adapter to {dest}")
-    elif to == "hub":
-        if not dest:
-            raise AdapterCliError("--dest: give the Hub repository id, e.g. user/my-adapter")
-        from huggingface_hub import HfApi
+    if to not in TARGETS:
+        raise AdapterCliError(f"--to: '{to}' is not one of {', '.join(TARGETS)}")
+    if index and (to != "hub" or dry_run):
+        raise AdapterCliError("--index: goes with --to hub (without --dry-run); use `adapter hub add` for other exports")
+    index_folder = _local_index(index) if index else None  # before pushing: a bad --index stops it
+    source = open_source(run_dir, base_model=base_model, task=task, dataset=dataset, license=license)
+    result = run_export(source, to, dest or "", force=force, private=private, revision=revision,
+                        commit_message=commit_message, dry_run=dry_run)
+    for note in result.notes:
+        errors.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    if to != "hub":
+        console.print(f"wrote {to} export of {source.card.name} to {escape(result.dest)} ({len(result.files)} files)",
+                      highlight=False)
+        return
+    table = Table(title=f"{'would upload' if dry_run else 'uploaded'} to {result.dest}")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    for name, size in result.files:
+        table.add_row(escape(name), f"{size:,}")
+    console.print(table)
+    if result.pushed is None:
+        console.print("dry run: nothing was pushed")
+        return
+    console.print(f"pushed commit {result.pushed.commit} to {escape(result.pushed.url)}", highlight=False,
+                  soft_wrap=True)
+    if index_folder is not None:
+        from .hub import split_revision
+        from .index import add
 
-        try:
-            api = HfApi()  # the token comes from HF_TOKEN or `hf auth login`; it is never printed
-            api.create_repo(dest, exist_ok=True)
-            api.upload_folder(folder_path=str(run_dir / "adapter"), repo_id=dest)
-        except Exception as exc:
-            raise AdapterCliError(f"could not push to the Hub repository '{dest}' ({type(exc).__name__}); "
-                                  "check the network and your login (HF_TOKEN or `hf auth login`)") from None
-        console.print(f"pushed {run_dir / 'adapter'} to {dest}")
+        repo_id = split_revision(result.dest)[0]
+        path, descriptor = add(index_folder, source, org=org or repo_id.split("/")[0], repo=repo_id,
+                               revision=result.pushed.commit, force=force)
+        console.print(f"added {descriptor.id} to the index ({escape(str(path))})", highlight=False, soft_wrap=True)
 
 
-def _check_export_dest(run_dir: Path, dest: Path, force: bool) -> None:
-    """Never write into a run's own folders; never mix an export into a folder that holds files."""
-    target = dest.resolve()
-    for own in ("adapter", "best", "checkpoints"):
-        folder = (run_dir / own).resolve()
-        if target == folder or folder in target.parents:
-            raise AdapterCliError(f"--dest: {dest} is inside the run's own {own}/ folder; export somewhere else")
-    if target == run_dir.resolve():
-        raise AdapterCliError(f"--dest: {dest} is the run folder itself; export somewhere else")
-    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not force):
-        raise AdapterCliError(f"--dest: {dest} already holds files; choose an empty folder or pass --force")
+hub_app = typer.Typer(help="An adapter index: add runs, search by task, data set, model and method, show one.",
+                      no_args_is_help=True)
+app.add_typer(hub_app, name="hub")
+IndexOpt = Annotated[str | None, typer.Option("--index", help="Index: a folder, a git URL or hf:org/name (default: $ADAPTERCLI_INDEX).")]
+
+
+def _index_folder(spec: str | None) -> Path:
+    from .index import open_index
+
+    return open_index(spec)
+
+
+def _local_index(spec: str | Path) -> Path:
+    """The index folder descriptors are written to (created if missing)."""
+    folder = Path(spec).expanduser()
+    if str(spec).startswith(("hf:", "git+", "git@", "file://", "ssh://")) or str(spec).endswith(".git"):
+        raise AdapterCliError(f"--index: {spec} is not a local folder; add to a local checkout of the index, "
+                              "then commit and push it (or upload it to its Hub repository)")
+    if folder.exists() and not folder.is_dir():
+        raise AdapterCliError(f"--index: {spec} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@hub_app.command("add")
+@_friendly
+def hub_add(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder, or an adapter folder.")],
+    index: Annotated[Path, typer.Option("--index", help="The index folder to write the descriptor into (created if missing).")],
+    org: Annotated[str | None, typer.Option("--org", help="Who shares it: the org of the id task/dataset@org.")] = None,
+    repo: Annotated[str | None, typer.Option("--repo", help="Hub repository (org/name[@revision]) holding its files; "
+                                             "default: a copy beside the descriptor.")] = None,
+    task: TaskOpt = None,
+    dataset: DatasetOpt = None,
+    base_model: BaseModelOpt = None,
+    description: Annotated[str, typer.Option("--description", help="One line about it.")] = "",
+    force: Annotated[bool, typer.Option("--force", help="Replace a descriptor for the same id, model and method.")] = False,
+) -> None:
+    """Describe a run's adapter in an index (task, data set, base model, method, metrics, files
+    and their sha256), so `adapter hub search` finds it and `task/dataset@org` loads it."""
+    from .export import open_source
+    from .hub import split_revision
+    from .index import add
+
+    index = _local_index(index)
+    source = open_source(run_dir, base_model=base_model, task=task, dataset=dataset)
+    repo_id, at = split_revision(repo) if repo else (None, None)
+    path, descriptor = add(index, source, org=org or (repo_id.split("/")[0] if repo_id else "local"), repo=repo_id,
+                           revision=at, description=description, force=force)
+    console.print(f"added {descriptor.id} ({descriptor.method} on {descriptor.model.get('name') or descriptor.model.get('type')}) "
+                  f"to {escape(str(path))}", highlight=False, soft_wrap=True)
+
+
+@hub_app.command("search")
+@_friendly
+def hub_search(
+    index: IndexOpt = None,
+    task: Annotated[str | None, typer.Option("--task", help="e.g. sentiment")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="e.g. rotten_tomatoes")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Part of the base model's Hub id, or its type (bert).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="e.g. lora, seq_bn")] = None,
+) -> None:
+    """List the index's adapters that match every filter given."""
+    from .index import descriptors, search
+
+    found = search(descriptors(_index_folder(index)), task=task, dataset=dataset, model=model, method=method)
+    if not found:
+        errors.print("no adapter in the index matches")
+        raise typer.Exit(1)
+    table = Table(title=f"{len(found)} adapter{'s' if len(found) != 1 else ''}")
+    for column in ("id", "base model", "method", "metrics", "files"):
+        table.add_column(column)
+    for d in found:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in d.metrics.items() if k != "loss")
+        table.add_row(d.id, str(d.model.get("name") or d.model.get("type")), d.method, metrics, escape(d.location))
+    console.print(table)
+
+
+@hub_app.command("show")
+@_friendly
+def hub_show(
+    adapter_id: Annotated[str, typer.Argument(metavar="ID", help="task/dataset@org")],
+    index: IndexOpt = None,
+) -> None:
+    """Show everything the index says about an id (one table per base model and method)."""
+    from .index import descriptors, find
+
+    found = find(descriptors(_index_folder(index)), adapter_id)
+    if not found:
+        raise AdapterCliError(f"{adapter_id}: not in the index")
+    for d in found:
+        table = Table(title=d.id, show_header=False)
+        table.add_column("field")
+        table.add_column("value")
+        rows = [("name", d.name), ("base model", d.model.get("name")), ("model type", d.model.get("type")),
+                ("hidden size", d.model.get("hidden_size")), ("method", d.method),
+                ("head", f"{d.head['type']} ({', '.join(d.head.get('labels') or [])})" if d.head else None),
+                *[(f"metric: {k}", f"{v:.4f}") for k, v in d.metrics.items()],
+                ("files", d.location), *[(f"sha256: {n}", h) for n, h in (d.files.get("sha256") or {}).items()],
+                ("description", d.description), ("added", d.added), ("descriptor", str(d.path))]
+        for key, value in rows:
+            if value not in (None, ""):
+                table.add_row(key, escape(str(value)))
+        console.print(table)
 
 
 @recipes_app.command("list")

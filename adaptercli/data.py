@@ -18,6 +18,7 @@ from __future__ import annotations
 import bz2
 import functools
 import gzip
+import io
 import lzma
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -163,6 +164,8 @@ def load_files(config: DataConfig) -> DatasetDict:
     try:
         if config.source == "conll":
             return DatasetDict({split: read_conll(file) for split, file in files.items()})
+        if config.source == "parquet" and any(Path(file).suffix in _OPENERS for file in files.values()):
+            return DatasetDict({split: read_parquet(file) for split, file in files.items()})
         builder, options = _BUILDERS[config.source]
         return datasets.load_dataset(builder, data_files=files, **options)
     except Exception as error:  # any parse failure of a user's file is reported the same way
@@ -173,6 +176,14 @@ def load_files(config: DataConfig) -> DatasetDict:
         raise AdapterCliError(
             f"data: cannot read {names} as {config.source} ({detail}); check the file and data.source"
         ) from None
+
+
+def read_parquet(path: str | Path) -> Dataset:
+    """Read a parquet file, also one compressed as a whole (``x.parquet.gz``): parquet compresses
+    inside the file, and the `datasets` parquet reader does not undo an outer compression."""
+    opener = _OPENERS.get(Path(path).suffix, open)
+    with opener(path, "rb") as handle:
+        return Dataset.from_pandas(pd.read_parquet(io.BytesIO(handle.read())), preserve_index=False)
 
 
 def read_conll(path: str | Path) -> Dataset:

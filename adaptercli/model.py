@@ -8,9 +8,12 @@ All per-model state lives in one :class:`AdapterState` object.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,8 @@ from . import composition
 from .architectures import Architecture, architecture_for
 from .errors import AdapterCliError
 from .heads import HeadConfig, PredictionHead
-from .methods import FAMILIES, MethodConfig, family_of, method_name, resolve_config
+from .methods import FAMILIES, LoRAConfig, MethodConfig, family_of, method_name, resolve_config
+from .methods.fusion import FusionConfig, FusionRecorder, resolve_fusion_config
 
 
 class AdapterError(AdapterCliError):
@@ -34,13 +38,26 @@ class AdapterError(AdapterCliError):
 class AdapterRecord:
     name: str
     config: MethodConfig
+    base_model: str | None = None  # the model a loaded adapter was trained on, as its file says
 
     @property
     def method(self) -> str:
         return method_name(self.config)
 
 
-_ADAPTER_KEY = r"(^|\.)(adapters|loras|prefix_tunings|invertible_adapters)\.{name}\."
+@dataclasses.dataclass
+class FusionRecord:
+    name: str
+    members: list[str]
+    config: FusionConfig
+
+
+# Fusion layers count as adapter weights (not backbone) in summaries; a fusion name never equals
+# an adapter name, so an adapter's own pattern does not reach them.
+_ADAPTER_KEY = r"(^|\.)(adapters|loras|prefix_tunings|invertible_adapters|adapter_fusion_layer)\.{name}\."
+_FUSION_KEY = r"(^|\.)adapter_fusion_layer\.{name}\."
+# Inputs of a backbone forward that carry the batch on dim 0 (replicated for Parallel).
+_BATCH_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 
 
 class AdapterState:
@@ -58,9 +75,12 @@ class AdapterState:
         self.num_kv_heads: int = getattr(config, "num_key_value_heads", None) or heads
         self.head_dim: int = getattr(config, "head_dim", None) or self.hidden_size // heads
         self.adapters: dict[str, AdapterRecord] = {}
+        self.fusions: dict[str, FusionRecord] = {}
         self.active: composition.CompositionBlock | None = None
         self.handles: list = []
         self.merged: set[str] = set()
+        self.recorders: list[FusionRecorder] = []
+        self.forward_mask: torch.Tensor | None = None  # the current forward's attention mask (when needed)
 
     def require_architecture(self, what: str) -> Architecture:
         """The table entry, or an error saying that ``what`` needs one (and which types have one)."""
@@ -77,23 +97,98 @@ class AdapterState:
         pattern = re.compile(_ADAPTER_KEY.format(name=re.escape(name)))
         return {k: p for k, p in self.backbone.named_parameters(remove_duplicate=False) if pattern.search(k)}
 
+    def fusion(self, name: str) -> FusionRecord:
+        if name not in self.fusions:
+            known = ", ".join(self.fusions) or "none"
+            raise composition.CompositionError(
+                f"no AdapterFusion named '{name}' (fusions on this model: {known}); add it with "
+                f"add_adapter_fusion or load_adapter_fusion")
+        return self.fusions[name]
+
+    def fusion_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        pattern = re.compile(_FUSION_KEY.format(name=re.escape(name)))
+        return {k: p for k, p in self.backbone.named_parameters(remove_duplicate=False) if pattern.search(k)}
+
+    def check_setup(self, setup: composition.CompositionBlock) -> None:
+        """Every adapter and fusion exists, every block runs with its adapters' methods."""
+        for name in setup.flatten():
+            self.record(name)
+        composition.check_support(
+            setup, method_of=lambda n: self.adapters[n].method, family_of=lambda n: self.adapters[n].config.family,
+            supported={f.name: f.blocks for f in FAMILIES.values()})
+        merged = [n for n in setup.flatten() if n in self.merged]
+        if merged and not composition.is_plain_stack(setup):
+            raise AdapterError(f"adapter(s) {', '.join(merged)} are merged into the weights and run for every row; "
+                               f"unmerge_adapter them to use them in {type(setup).__name__}")
+        for block in composition.blocks_in(setup):
+            if isinstance(block, composition.Fuse):
+                record = self.fusion(block.name)
+                members = [c if isinstance(c, str) else c.last() for c in block.children]
+                if members != record.members:
+                    raise composition.CompositionError(
+                        f"fusion '{block.name}' fuses {record.members}, not {members}")
+
     def activate(self, setup: composition.CompositionBlock | None) -> None:
+        if setup is not None:
+            self.check_setup(setup)  # before anything changes: a refused setup leaves the old one running
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        names: list[str] = []
-        if setup is not None:
-            if type(setup) is not composition.Stack:
-                raise AdapterError(
-                    f"{type(setup).__name__} composition is not executable yet; use a single adapter or Stack"
-                )
-            names = setup.flatten()
-            for name in names:
-                self.record(name)
-        for family in FAMILIES.values():
-            mine = [n for n in names if family_of(self.adapters[n].config) is family]
-            self.handles += family.activate(self, mine)
+        handles: list = []
+        if setup is not None and (setup.parallel_channels > 1 or any(
+                isinstance(b, composition.Fuse) for b in composition.blocks_in(setup))):
+            prepare = _InputPreparer(self, setup.parallel_channels)
+            handles.append(self.backbone.register_forward_pre_hook(prepare, with_kwargs=True))
+        try:
+            for family in FAMILIES.values():
+                handles += family.activate(self, setup)
+        except Exception:
+            for handle in handles:
+                handle.remove()
+            self.active = None
+            raise
+        self.handles = handles
         self.active = setup
+
+    def on_fusion_attention(self, fusion: str, present: list[str], probs: torch.Tensor, *, layer: int,
+                            site: str) -> None:
+        """Called by every fusion layer with its softmax [B, T, members present]."""
+        if not self.recorders:
+            return
+        mask = self.forward_mask
+        if mask is not None:
+            mask = mask[:, -probs.shape[1]:] if mask.dim() == 2 and mask.shape[0] == probs.shape[0] else None
+        for recorder in self.recorders:
+            recorder.add(fusion, self.fusions[fusion].members, present, layer, site, probs, mask)
+
+
+class _InputPreparer:
+    """Backbone pre-hook: replicates the batch for Parallel (row ``i*B + b`` is a copy of row
+    ``b``) and keeps the attention mask for fusion-attention recording."""
+
+    def __init__(self, state: AdapterState, channels: int):
+        self.state, self.channels = state, channels
+        parameters = inspect.signature(state.backbone.forward).parameters.values()
+        self.positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = {**dict(zip(self.positional, args, strict=False)), **kwargs}
+        if self.channels > 1:
+            reference = kwargs.get("input_ids")
+            reference = kwargs.get("inputs_embeds") if reference is None else reference
+            batch = reference.shape[0]
+            for key in _BATCH_INPUTS:
+                value = kwargs.get(key)
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                    kwargs[key] = value.repeat(self.channels, *[1] * (value.dim() - 1))
+        self.state.forward_mask = kwargs.get("attention_mask")
+        return (), kwargs
+
+
+def _swap_name(key: str, old: str, new: str) -> str:
+    """The same weight of adapter ``new``: ``...loras.<old>.lora_A`` -> ``...loras.<new>.lora_A``."""
+    pattern = re.compile(_ADAPTER_KEY.format(name=re.escape(old)))
+    return pattern.sub(lambda m: m.group(0).replace(f".{old}.", f".{new}."), key, count=1)
 
 
 class ModelAdaptersMixin:
@@ -128,6 +223,8 @@ class ModelAdaptersMixin:
         active = state.active.flatten() if state.active else []
         if name in active:
             state.activate(None)
+        for fusion in [f.name for f in state.fusions.values() if name in f.members]:
+            self.delete_adapter_fusion(fusion)  # a fusion without one of its members cannot run
         family_of(record.config).delete(state, name)
         del state.adapters[name]
         heads = getattr(self, "heads", None)
@@ -136,7 +233,8 @@ class ModelAdaptersMixin:
 
     # -- activation --------------------------------------------------------------------------
     def set_active_adapters(self, setup: str | list | composition.CompositionBlock | None) -> None:
-        """Run these adapters in every forward pass (None: none). A list means Stack."""
+        """Run these adapters in every forward pass (None: none): a name, a composition block, or
+        a list (a Stack; a list inside it is a Fuse: ``[["a", "b"], "c"]``)."""
         self._adapter_state.activate(composition.parse(setup))
 
     @property
@@ -165,6 +263,187 @@ class ModelAdaptersMixin:
                 p.requires_grad_(True)
         self.train()
 
+    # -- AdapterFusion ----------------------------------------------------------------------------
+    def add_adapter_fusion(self, adapter_names: composition.Fuse | list[str] | str,
+                           config: str | dict | FusionConfig | None = "dynamic", name: str | None = None, *,
+                           overwrite_ok: bool = False, set_active: bool = False) -> str:
+        """Add an AdapterFusion layer over bottleneck adapters (a ``Fuse``, a list or ``"a,b"``) at
+        every place they all sit; ``config`` is "dynamic", "static", a dict or a FusionConfig.
+        Returns its name (default: the members joined by commas)."""
+        state = self._adapter_state
+        if isinstance(adapter_names, composition.Fuse):
+            members = [c if isinstance(c, str) else c.last() for c in adapter_names.children]
+            name = name or adapter_names.name
+        else:
+            members = adapter_names.split(",") if isinstance(adapter_names, str) else list(adapter_names)
+        name = name or ",".join(members)
+        fusion_config = resolve_fusion_config(config)
+        missing = [m for m in members if m not in state.adapters]
+        if missing:
+            raise composition.CompositionError(
+                f"Fuse '{name}' needs adapter(s) {', '.join(missing)}, which are not on this model "
+                f"(adapters: {', '.join(state.adapters) or 'none'}); load them first")
+        composition.check_support(composition.Fuse(*members), method_of=lambda n: state.adapters[n].method,
+                                  family_of=lambda n: state.adapters[n].config.family,
+                                  supported={f.name: f.blocks for f in FAMILIES.values()})
+        trained_on = {m: state.adapters[m].base_model for m in members if state.adapters[m].base_model}
+        if len({Path(b.rstrip("/")).name for b in trained_on.values()}) > 1:
+            listed = ", ".join(f"'{m}' on {b}" for m, b in trained_on.items())
+            raise composition.CompositionError(f"Fuse '{name}' mixes adapters trained on different base models: {listed}")
+        if name in state.adapters:
+            raise AdapterError(f"fusion name '{name}' is the name of an adapter; pick another")
+        if name in state.fusions:
+            if not overwrite_ok:
+                raise AdapterError(f"a fusion named '{name}' already exists (use overwrite_ok=True to replace it)")
+            self.delete_adapter_fusion(name)
+        with torch.device(next(self.parameters()).device):
+            FAMILIES["bottleneck"].add_fusion(state, name, members, fusion_config)
+        state.fusions[name] = FusionRecord(name, members, fusion_config)
+        if set_active:
+            self.set_active_adapters(composition.Fuse(*members, name=name if name != ",".join(members) else None))
+        return name
+
+    def delete_adapter_fusion(self, adapter_names: composition.Fuse | list[str] | str) -> None:
+        state = self._adapter_state
+        name = self._fusion_name(adapter_names)
+        state.fusion(name)
+        if state.active is not None and any(isinstance(b, composition.Fuse) and b.name == name
+                                            for b in composition.blocks_in(state.active)):
+            state.activate(None)
+        FAMILIES["bottleneck"].delete_fusion(state, name)
+        del state.fusions[name]
+
+    @staticmethod
+    def _fusion_name(adapter_names: composition.Fuse | list[str] | str) -> str:
+        if isinstance(adapter_names, composition.Fuse):
+            return adapter_names.name
+        return adapter_names if isinstance(adapter_names, str) else ",".join(adapter_names)
+
+    def train_adapter_fusion(self, setup: composition.Fuse | list | str, unfreeze_adapters: bool = False) -> None:
+        """Freeze everything but the fusion layers in ``setup`` and the head the forward pass uses
+        (and, with ``unfreeze_adapters``, the members), and activate ``setup``."""
+        block = composition.parse(setup if not isinstance(setup, list) else [setup])
+        self.set_active_adapters(block)
+        self.freeze_model(True)
+        state = self._adapter_state
+        fuses = [b for b in composition.blocks_in(block) if isinstance(b, composition.Fuse)]
+        if not fuses:
+            raise composition.CompositionError(f"train_adapter_fusion needs a Fuse block, got {block!r}")
+        for fuse in fuses:
+            for p in state.fusion_parameters(fuse.name).values():
+                p.requires_grad_(True)
+        if unfreeze_adapters:
+            for name in block.flatten():
+                for p in state.adapter_parameters(name).values():
+                    p.requires_grad_(True)
+        head = self._current_head(None) if hasattr(self, "heads") else ""  # "": a task model's own head
+        for p in (self._head_parameters(head).values() if head is not None else ()):
+            p.requires_grad_(True)
+        self.train()
+
+    def get_fusion_regularization_loss(self) -> torch.Tensor | None:
+        """``0.01 * ||W_v - I||^2`` summed over the trainable value matrices of fusions whose config
+        asks for regularisation (add it to the training loss); None when there is none."""
+        state = self._adapter_state
+        total = None
+        for record in state.fusions.values():
+            if not record.config.regularization or not record.config.value:
+                continue
+            for layer in FAMILIES["bottleneck"].fusion_layers(state, record.name):
+                weight = layer.value.weight
+                if weight.requires_grad:
+                    eye = torch.eye(weight.shape[0], device=weight.device, dtype=weight.dtype)
+                    term = 0.01 * (eye - weight).pow(2).sum()
+                    total = term if total is None else total + term
+        return total
+
+    @contextlib.contextmanager
+    def record_fusion_attention(self) -> Iterator[FusionRecorder]:
+        """Record what every active fusion layer attends to, over all forward passes inside the
+        ``with`` block: ``recorder.result()[fusion].weights[i, j]`` is the mean softmax weight place
+        ``i`` (layer, site) gave member ``j``, over non-padded tokens."""
+        recorder = FusionRecorder()
+        self._adapter_state.recorders.append(recorder)
+        try:
+            yield recorder
+        finally:
+            self._adapter_state.recorders.remove(recorder)
+
+    def save_adapter_fusion(self, save_directory: str | Path, adapter_names: composition.Fuse | list[str] | str,
+                            with_head: bool | str = False) -> None:
+        """Write a fusion (``adapter_fusion_config.json`` + ``adapter_fusion.safetensors``) and,
+        with ``with_head``, the head named like it (or the head named by the string)."""
+        from .formats import save_adapter_fusion
+
+        save_adapter_fusion(self, Path(save_directory), self._fusion_name(adapter_names), with_head)
+
+    def load_adapter_fusion(self, path: str | Path, load_as: str | None = None, set_active: bool = False,
+                            with_head: bool = True) -> str:
+        """Load a fusion folder saved by adaptercli or AdapterHub 1.x (its members must be loaded
+        already); returns its name."""
+        from .formats import load_adapter_fusion
+
+        name = load_adapter_fusion(self, Path(path), load_as, with_head)
+        if set_active:
+            members = self._adapter_state.fusions[name].members
+            self.set_active_adapters(composition.Fuse(*members, name=name if name != ",".join(members) else None))
+        return name
+
+    # -- merging adapters into a new one ------------------------------------------------------------
+    @torch.no_grad()
+    def average_adapter(self, adapter_name: str, adapter_list: list[str] | dict[str, float],
+                        weights: list[float] | None = None, normalize_weights: bool = True,
+                        combine_strategy: str = "linear", svd_rank: int | None = None, *,
+                        overwrite_ok: bool = False, set_active: bool = False) -> None:
+        """Add ``adapter_name`` whose weights are the weighted average of ``adapter_list``'s (same
+        config). LoRA also offers ``combine_strategy="lora_delta_w_svd"``: the weighted sum of the
+        deltas ``scaling * B A``, truncated by SVD to rank ``svd_rank`` (exact when the rank suffices)."""
+        state = self._adapter_state
+        if isinstance(adapter_list, dict):
+            adapter_list, weights = list(adapter_list), list(adapter_list.values())
+        if not adapter_list:
+            raise AdapterError("average_adapter needs at least one adapter")
+        records = [state.record(n) for n in adapter_list]
+        weights = [1.0] * len(records) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(records):
+            raise AdapterError(f"{len(records)} adapters but {len(weights)} weights")
+        if normalize_weights:
+            weights = [w / sum(weights) for w in weights]
+        ignore = ("dropout", "init_weights", "init_weights_seed")
+        shapes = [{k: v for k, v in r.config.to_dict().items() if k not in ignore} for r in records]
+        if any(s != shapes[0] for s in shapes) or len({type(r.config) for r in records}) > 1:
+            raise AdapterError(f"average_adapter needs adapters with the same config; {adapter_list} differ")
+        config = records[0].config
+        strategies = ("linear", "lora_linear_only_negate_b", "lora_delta_w_svd")
+        if combine_strategy not in strategies:
+            raise AdapterError(f"combine_strategy must be one of {', '.join(strategies)}, not '{combine_strategy}'")
+        is_lora = isinstance(config, LoRAConfig) and config.composition_mode == "add"
+        if combine_strategy != "linear" and not is_lora:
+            raise AdapterError(f"combine_strategy '{combine_strategy}' works with LoRA adapters, not {records[0].method}")
+        if combine_strategy == "lora_delta_w_svd":
+            if not svd_rank or svd_rank < 1:
+                raise AdapterError("combine_strategy 'lora_delta_w_svd' needs svd_rank >= 1")
+            config = config.replace(r=svd_rank)
+        self.add_adapter(adapter_name, config, overwrite_ok=overwrite_ok)
+        try:
+            if combine_strategy == "lora_delta_w_svd":
+                FAMILIES["lora"].average_svd(state, adapter_name, adapter_list, weights, svd_rank)
+            else:
+                target = state.adapter_parameters(adapter_name)
+                sources = [state.adapter_parameters(n) for n in adapter_list]
+                for key, param in target.items():
+                    parts = []
+                    for name, source, w in zip(adapter_list, sources, weights, strict=True):
+                        value = source[_swap_name(key, adapter_name, name)]
+                        negate_a_only = combine_strategy == "lora_linear_only_negate_b" and key.endswith("lora_A")
+                        parts.append((abs(w) if negate_a_only else w) * value)
+                    param.copy_(sum(parts))
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        if set_active:
+            self.set_active_adapters(adapter_name)
+
     # -- heads -------------------------------------------------------------------------------------
     def _head_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """Head weights saved with adapter ``name``: its flexible head, or the static head (e.g.
@@ -181,6 +460,26 @@ class ModelAdaptersMixin:
             return {}
         inside = {id(p) for p in backbone.parameters()}
         return {k: p for k, p in self.named_parameters() if id(p) not in inside}
+
+    def get_labels_dict(self, head_name: str | None = None) -> dict[int, str] | None:
+        """id -> label of a head (default: the one the forward pass uses); a transformers task
+        model's from its config. None when the head has no labels."""
+        heads = getattr(self, "heads", None)
+        if heads is None:
+            id2label = getattr(self.config, "id2label", None)
+            return {int(i): label for i, label in id2label.items()} if id2label else None
+        name = head_name or self._current_head(None)  # type: ignore[attr-defined]
+        if name is None:
+            raise AdapterError("no head name given and no active head")
+        if name not in heads:
+            raise AdapterError(f"no head named '{name}' (heads: {', '.join(heads) or 'none'})")
+        id2label = heads[name].config.id2label
+        return dict(sorted(id2label.items())) if id2label else None
+
+    def get_labels(self, head_name: str | None = None) -> list[str] | None:
+        """The labels of a head in id order (see :meth:`get_labels_dict`)."""
+        id2label = self.get_labels_dict(head_name)
+        return None if id2label is None else list(id2label.values())
 
     # -- merging -------------------------------------------------------------------------------------
     def merge_adapter(self, name: str) -> None:
@@ -209,11 +508,16 @@ class ModelAdaptersMixin:
         save_adapter(self, Path(save_directory), name, with_head=with_head, format=format)
 
     def load_adapter(self, path: str | Path, load_as: str | None = None, with_head: bool = True,
-                     set_active: bool = False) -> str:
-        """Load an adapter folder saved by adaptercli, AdapterHub ``adapters`` or PEFT; returns its name."""
+                     set_active: bool = False, revision: str | None = None, index: str | Path | None = None) -> str:
+        """Load an adapter saved by adaptercli, AdapterHub ``adapters`` or PEFT; returns its name.
+        ``path``: a folder, a Hub id (``org/name``, ``org/name@revision``; or ``revision=``) or an
+        AdapterHub-style id ``task/dataset@org`` found in the adapter ``index`` (or $ADAPTERCLI_INDEX)."""
         from .formats import load_adapter
+        from .index import locate_adapter
 
-        name = load_adapter(self, Path(path), load_as=load_as, with_head=with_head)
+        state = self._adapter_state
+        folder = locate_adapter(path, revision, index=index, model_type=state.model_type, hidden_size=state.hidden_size)
+        name = load_adapter(self, folder, load_as=load_as, with_head=with_head)
         if set_active:
             self.set_active_adapters(name)
         return name
@@ -237,6 +541,17 @@ class ModelAdaptersMixin:
                 "percent": 100.0 * count / total if total else math.nan,
                 "active": name in active, "trainable": any(p.requires_grad for p in params),
                 "merged": name in state.merged,
+            })
+        for name, fusion in state.fusions.items():
+            params = list(state.fusion_parameters(name).values())
+            count = sum(p.numel() for p in params)
+            rows.append({
+                "name": name, "method": "fusion", "params": count,
+                "percent": 100.0 * count / total if total else math.nan,
+                "active": bool(active) and all(m in active for m in fusion.members) and any(
+                    isinstance(b, composition.Fuse) and b.name == name
+                    for b in composition.blocks_in(state.active)),
+                "trainable": any(p.requires_grad for p in params), "merged": False,
             })
         rows.append({"name": "(backbone)", "method": "", "params": total, "percent": 100.0, "active": True,
                      "trainable": any(p.requires_grad for p in backbone), "merged": False})
@@ -344,29 +659,79 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
     def add_causal_lm_head(self, name: str, **kw: Any) -> None:
         self.add_head(name, HeadConfig("causal_lm", 0, 1, None, bias=False), **kw)
 
+    def set_active_adapters(self, setup: str | list | composition.CompositionBlock | None) -> None:
+        """As for any model; also makes the head named like the setup's output (a Fuse's name,
+        else its last adapter) the active head, when there is one (AdapterHub does the same)."""
+        super().set_active_adapters(setup)
+        active = self._adapter_state.active
+        if active is not None and composition.head_name(active) in self.heads:
+            self.active_head = composition.head_name(active)
+
     def _current_head(self, head: str | None) -> str | None:
+        """The head the forward pass uses: ``head``, the active head, or the one named like the
+        active setup's output (a Fuse's name, else its last adapter, as in AdapterHub)."""
         if head is not None:
             return head
         if self.active_head in self.heads:
             return self.active_head
         active = self._adapter_state.active
-        first = active.flatten()[0] if active else None
-        return first if first in self.heads else None
+        name = composition.head_name(active) if active else None
+        return name if name in self.heads else None
+
+    def _inverse_for(self, node: str | composition.CompositionBlock | None) -> nn.Module | None:
+        """The invertible adapter an LM head undoes: the one of the first adapter that ran."""
+        inv = getattr(self.base_model, "invertible_adapters", None)
+        first = node if isinstance(node, str) or node is None else node.first()
+        return inv[first] if inv is not None and first in inv else None
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, head: str | None = None, **kwargs):
+        """Backbone + head. With a Parallel or BatchSplit setup (and no ``head``) every group of
+        rows goes to its own head (named like its adapter) and a :class:`MultiHeadOutput` holds
+        one output per group, in order; ``loss`` is the sum of theirs."""
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]
-        name = self._current_head(head)
-        if name is None:
-            return AdapterModelOutput(hidden_states=hidden)
-        inverse = None
-        inv = getattr(self.base_model, "invertible_adapters", None)
         active = self._adapter_state.active
-        if inv is not None and active is not None and active.flatten()[0] in inv:
-            inverse = inv[active.flatten()[0]]
-        loss, logits = self.heads[name].predict(hidden, attention_mask, labels, inverse)
-        return AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden)
+        groups = composition.row_groups(active, hidden.shape[0]) if active is not None and head is None else []
+        if len(groups) <= 1:
+            name = self._current_head(head)
+            if name is None:
+                return AdapterModelOutput(hidden_states=hidden)
+            loss, logits = self.heads[name].predict(hidden, attention_mask, labels, self._inverse_for(active))
+            return AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden)
+        channels = hidden.shape[0] // (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
+        if channels > 1:  # Parallel replicated the batch: replicate what goes with each row too
+            attention_mask, labels = (t.repeat(channels, *[1] * (t.dim() - 1)) if t is not None else None
+                                      for t in (attention_mask, labels))
+        results = []
+        for rows, node in groups:
+            name = composition.head_name(node)
+            if name not in self.heads:
+                results.append(AdapterModelOutput(hidden_states=hidden[rows]))
+                continue
+            loss, logits = self.heads[name].predict(
+                hidden[rows], None if attention_mask is None else attention_mask[rows],
+                None if labels is None else labels[rows], self._inverse_for(node))
+            results.append(AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden[rows]))
+        losses = [r.loss for r in results]
+        return MultiHeadOutput(results, sum(losses) if all(loss is not None for loss in losses) else None)
+
+
+@dataclasses.dataclass
+class MultiHeadOutput:
+    """One output per head of a Parallel / BatchSplit forward pass (iterate or index it)."""
+
+    head_outputs: list[AdapterModelOutput]
+    loss: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[AdapterModelOutput]:
+        return iter(self.head_outputs)
+
+    def __getitem__(self, index: int) -> AdapterModelOutput:
+        return self.head_outputs[index]
+
+    def __len__(self) -> int:
+        return len(self.head_outputs)
 
 
 class AutoAdapterModel:
@@ -384,4 +749,4 @@ class AutoAdapterModel:
         return AdapterModel(AutoModel.from_config(config, **kwargs))
 
 
-__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "init"]
+__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "MultiHeadOutput", "init"]

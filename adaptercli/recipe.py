@@ -88,12 +88,15 @@ class AdapterConfig:
         method: a method of the `adaptercli.methods` registry, e.g. ``lora``, ``seq_bn``.
         config: the method's fields; validated by the method registry, not here.
         load: path or Hub id of a pretrained adapter to load (and train) instead of adding a new one.
+        freeze: keep the loaded adapter's weights and train only a new head on top (a linear probe
+            of a pretrained adapter; needs ``load``).
     """
 
     name: str = "default"
     method: str = "lora"
     config: dict[str, Any] = spec(factory=dict)
     load: str | None = None
+    freeze: bool = False
 
 
 @dataclass
@@ -452,8 +455,41 @@ def _check_semantics(recipe: dict[str, Any], problems: list[str]) -> None:
     if recipe.get("train", {}).get("max_steps") == 0:
         problems.append("train.max_steps: must be -1 (train for num_epochs) or positive, got 0")
     composition = recipe.get("composition")
-    if composition is not None and composition.get("adapters") == []:
+    if composition is not None:
+        _check_composition(composition, problems)
+    adapter = recipe.get("adapter", {})
+    if adapter.get("freeze") is True and not adapter.get("load"):
+        problems.append("adapter.freeze: only a loaded adapter can be frozen; set adapter.load")
+
+
+# What a recipe's composition trains, and the block arguments each type takes (``composition.kwargs``).
+TRAINED_COMPOSITIONS: dict[str, tuple[str, ...]] = {
+    "stack": (),                                               # a new adapter over frozen members
+    "fuse": ("config",),                                       # an AdapterFusion layer over frozen members
+    "average": ("weights", "combine_strategy", "svd_rank"),    # an adapter started from the members' average
+}
+
+
+def _check_composition(composition: dict[str, Any], problems: list[str]) -> None:
+    kind, members = composition.get("type"), composition.get("adapters")
+    if members == []:
         problems.append("composition.adapters: list the adapters to combine")
+    if kind in (INVALID, None):
+        return
+    if kind not in TRAINED_COMPOSITIONS:
+        problems.append(f"composition.type: {kind} runs trained adapters side by side or on parts of the input; "
+                        f"a recipe trains {', '.join(TRAINED_COMPOSITIONS)} (use {kind} from Python: "
+                        "model.set_active_adapters)")
+        return
+    allowed = TRAINED_COMPOSITIONS[kind]
+    for key in composition.get("kwargs") or {}:
+        if key not in allowed:
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes none"
+            problems.append(f"composition.kwargs.{key}: unknown argument for {kind} ({takes})")
+    weights = (composition.get("kwargs") or {}).get("weights")
+    if kind == "average" and weights is not None and isinstance(members, list) and (
+            not isinstance(weights, list) or len(weights) != len(members)):
+        problems.append(f"composition.kwargs.weights: give one weight per adapter ({len(members)}), got {weights!r}")
 
 
 def _check_method_config(adapter: dict[str, Any], problems: list[str]) -> None:

@@ -36,13 +36,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, get_scheduler
 
 from .assets import resolve_model_path
-from .checks import preflight
-from .composition import Stack
+from .checks import member_folder, preflight
+from .composition import Fuse, Stack
 from .data import LoadedData, load_data, make_collator, tokenize_dataset
 from .errors import AdapterCliError
 from .formats.common import read_json, write_json, write_weights
 from .heads import HeadConfig
-from .hub import hub_access
+from .hub import hub_access, pinned
 from .metrics import compute_metrics
 from .model import AdapterModel, AutoAdapterModel
 from .recipe import Recipe, load_recipe, recipe_to_yaml
@@ -82,35 +82,53 @@ def load_model(recipe: Recipe) -> tuple[AdapterModel, Any]:
 def attach_adapter(model: AdapterModel, recipe: Recipe) -> str:
     """Add the recipe's new adapter, or load its pretrained one; returns the adapter's name."""
     name = recipe.adapter.name
-    if recipe.adapter.load:
-        model.load_adapter(recipe.adapter.load, load_as=name)
+    if recipe.adapter.load:  # a frozen adapter gets a new head for this task; else its own is trained on
+        model.load_adapter(recipe.adapter.load, load_as=name, with_head=not recipe.adapter.freeze)
     else:
         model.add_adapter(name, {"method": recipe.adapter.method, **recipe.adapter.config})
     return name
 
 
-def frozen_below(model: AdapterModel, recipe: Recipe) -> list[str]:
-    """Load the pretrained adapters a ``composition: {type: stack}`` puts below the trained one
-    (e.g. a language adapter under a task adapter); they stay frozen."""
-    comp = recipe.composition
-    if comp is None:
-        return []
-    if comp.type != "stack":
-        raise AdapterCliError(f"composition.type: '{comp.type}' training is not supported yet (only stack)")
-    names = []
-    for path in comp.adapters:
-        name = model.load_adapter(path, with_head=False)
-        if name == recipe.adapter.name:
-            raise AdapterCliError(f"composition.adapters: '{path}' is named '{name}' like the adapter being trained")
-        names.append(name)
+def load_members(model: AdapterModel, recipe: Recipe) -> list[str]:
+    """Load the composition's member adapters (frozen; heads left behind), each under its saved
+    name, or that name plus its position when two members share one."""
+    from .formats import read_adapter
+
+    names: list[str] = []
+    for index, source in enumerate(recipe.composition.adapters if recipe.composition else []):
+        folder = member_folder(source)
+        saved = read_adapter(Path(folder), with_head=False).saved_name if Path(folder).is_dir() else None
+        load_as = f"{saved}_{index}" if saved in names or saved == recipe.adapter.name else None
+        names.append(model.load_adapter(folder, load_as=load_as, with_head=False))
     return names
 
 
+def setup_of(recipe: Recipe, members: list[str]) -> Stack | Fuse:
+    """What runs in a forward pass: the fusion of the members (named like the recipe's adapter, whose
+    head it feeds), or the members stacked under the recipe's adapter."""
+    name = recipe.adapter.name
+    if recipe.composition is not None and recipe.composition.type == "fuse":
+        return Fuse(*members, name=name)
+    return Stack(*members, name)
+
+
 def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
-    """Backbone + the recipe's adapter (new or loaded) + its head, ready to train."""
+    """Backbone + what the recipe trains + its head, ready to train: a new or loaded adapter (over
+    frozen stacked members), an adapter started from the weighted average of the members, or an
+    AdapterFusion layer over frozen members."""
     model, tokenizer = load_model(recipe)
-    below = frozen_below(model, recipe)
-    name = attach_adapter(model, recipe)
+    comp, name = recipe.composition, recipe.adapter.name
+    members = load_members(model, recipe) if comp is not None and comp.type in ("stack", "fuse") else []
+    if comp is not None and comp.type == "average":
+        averaged = load_members(model, recipe)
+        model.average_adapter(name, averaged, weights=comp.kwargs.get("weights"),
+                              **{k: v for k, v in comp.kwargs.items() if k != "weights"})
+        for member in averaged:
+            model.delete_adapter(member)
+    elif comp is not None and comp.type == "fuse":
+        model.add_adapter_fusion(setup_of(recipe, members), comp.kwargs.get("config", "dynamic"))
+    else:
+        attach_adapter(model, recipe)
     if name not in model.heads:
         head = recipe.head
         kind = _HEAD_TYPES[head.type or data.task]
@@ -118,10 +136,24 @@ def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
         num_labels = head.num_labels or (1 if kind == "regression" else len(labels) or 2)
         label2id = {label: i for i, label in enumerate(labels)} if labels else None
         model.add_head(name, HeadConfig(kind, num_labels, head.layers, head.activation, label2id, dropout_prob=head.dropout))
-    model.train_adapter(name)
-    if below:
-        model.set_active_adapters(Stack(*below, name))  # run them all, train only `name`
+    setup = setup_of(recipe, members)
+    if isinstance(setup, Fuse):
+        model.train_adapter_fusion(setup)  # the members stay frozen; the fusion layers and the head train
+    else:
+        model.train_adapter(name)
+        model.set_active_adapters(setup)  # run the stacked members too, train only `name`
+        if recipe.adapter.freeze:
+            for p in model._adapter_state.adapter_parameters(name).values():
+                p.requires_grad_(False)
     return model, tokenizer
+
+
+def save_trained(model: AdapterModel, folder: Path, recipe: Recipe) -> None:
+    """Write what a run trained: its adapter and head, or its fusion and head (never the members)."""
+    if recipe.composition is not None and recipe.composition.type == "fuse":
+        model.save_adapter_fusion(folder, recipe.adapter.name, with_head=True)
+    else:
+        model.save_adapter(folder, recipe.adapter.name)
 
 
 @dataclass
@@ -139,15 +171,19 @@ class RunState:
 
 def _with_absolute_paths(recipe: Recipe) -> Recipe:
     """The recipe as saved in the run folder: local paths made absolute, so ``adapter eval`` and
-    ``adapter predict`` work from any directory."""
+    ``adapter predict`` work from any directory; adapters downloaded by Hub id pinned to the
+    commit they came from (``org/name@<sha>``), so they load the same files again."""
     saved = copy.deepcopy(recipe)
     for section, key in (("data", "train_file"), ("data", "validation_file"), ("data", "test_file"),
                          ("data", "name"), ("model", "name_or_path"), ("adapter", "load")):
         value = getattr(getattr(saved, section), key)
         if value and Path(value).exists():
             setattr(getattr(saved, section), key, str(Path(value).resolve()))
+    if saved.adapter.load:
+        saved.adapter.load = pinned(saved.adapter.load)
     if saved.composition is not None:
-        saved.composition.adapters = [str(Path(a).resolve()) if Path(a).exists() else a for a in saved.composition.adapters]
+        saved.composition.adapters = [str(Path(a).resolve()) if Path(a).exists() else pinned(a)
+                                      for a in saved.composition.adapters]
     return saved
 
 
@@ -345,8 +381,27 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     if not resume and (ckpt_dir / "latest.json").exists():
         raise AdapterCliError(f"{out} already holds a run; use --resume to continue it or choose another output_dir")
     data = preflight(recipe).data  # the recipe's files, model folder and metric, before anything loads
+    console = console or Console()
     with run_lock(out):
-        return _train(recipe, data, resume, console or Console())
+        final = _train(recipe, data, resume, console)
+        if recipe.composition is not None and recipe.composition.type == "fuse":
+            console.print(fusion_table(fusion_attention_report(out)))
+            console.print(f"fusion attention written to {out / 'fusion_attention.png'} and fusion_attention.json")
+    return final
+
+
+def fusion_table(report: dict[str, Any]) -> Table:
+    """`fusion_attention_report` as a table: one row per fusion layer, one column per member."""
+    table = Table(title=f"fusion '{report['fusion']}': mean attention per member ({report['split']}, "
+                        f"{report['examples']} examples)")
+    table.add_column("layer")
+    for member in report["members"]:
+        table.add_column(member, justify="right")
+    for place in report["places"]:
+        cells = ["—" if math.isnan(place["weights"][m]) else f"{place['weights'][m]:.3f}" for m in report["members"]]
+        table.add_row(f"{place['layer']} {place['site']}", *cells)
+    table.add_row("mean", *[f"{report['mean'][m]:.3f}" for m in report["members"]], style="bold")
+    return table
 
 
 def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> dict[str, float]:
@@ -383,6 +438,8 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     eval_every = cfg.eval_steps or steps_per_epoch
     kill_at = int(os.environ.get(_CRASH_ENV, "0"))
+    fused = recipe.composition is not None and recipe.composition.type == "fuse" and \
+        accelerator.unwrap_model(model).get_fusion_regularization_loss() is not None
     best_dir = out / "best"
 
     def log_entry(entry: dict[str, Any]) -> None:
@@ -400,7 +457,7 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
         better = cfg.greater_is_better if cfg.metric_for_best else False
         if progress.best_metric is None or (value > progress.best_metric if better else value < progress.best_metric):
             progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
-            model.save_adapter(best_dir, name)
+            save_trained(accelerator.unwrap_model(model), best_dir, recipe)
         else:
             progress.evals_without_improvement += 1
         return metrics
@@ -423,7 +480,10 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
                 for indices in group:
                     batch = {k: v.to(device) for k, v in _collate(collator, train_split, indices).items()}
                     with accelerator.autocast():
-                        loss = model(**batch).loss / len(group)
+                        loss = model(**batch).loss
+                        if fused:  # AdapterFusion keeps its value matrices near the identity
+                            loss = loss + accelerator.unwrap_model(model).get_fusion_regularization_loss()
+                        loss = loss / len(group)
                     accelerator.backward(loss)
                     running.append(loss.item() * len(group))
                     seen += len(indices)
@@ -465,7 +525,7 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
         shutil.rmtree(adapter_dir, ignore_errors=True)
         shutil.copytree(best_dir, adapter_dir)
     else:
-        unwrapped.save_adapter(adapter_dir, name)
+        save_trained(unwrapped, adapter_dir, recipe)
     _plot(progress.history, out / "curves.png", cfg.metric_for_best)
     table = Table(title=f"{name}: final evaluation ({len(eval_split)} examples, step {progress.step})")
     table.add_column("metric")
@@ -475,8 +535,59 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
     if cfg.metric_for_best:
         table.add_row(f"best {cfg.metric_for_best} (step {progress.best_step})", f"{progress.best_metric:.4f}")
     console.print(table)
-    console.print(f"adapter written to {adapter_dir}")
+    fused = recipe.composition is not None and recipe.composition.type == "fuse"
+    console.print(f"{'fusion and head' if fused else 'adapter'} written to {adapter_dir}")
     return final
+
+
+def fusion_attention_report(run_dir: str | Path, split: str = "validation") -> dict[str, Any]:
+    """The mean attention each fusion layer of a fusion run gives each member adapter on ``split``;
+    written to ``fusion_attention.json`` and drawn as a heatmap in ``fusion_attention.png``."""
+    run = Path(run_dir)
+    recipe, model, tokenizer, name = load_run(run)
+    if not model._adapter_state.fusions:
+        raise AdapterCliError(f"{run}: not a fusion run (its recipe has no composition of type fuse)")
+    data = load_data(recipe.data, seed=recipe.train.seed)
+    tokenized = tokenize_dataset(data.splits, tokenizer, data.task, recipe.train.max_seq_length)
+    collator = make_collator(tokenizer, data.task, seed=recipe.train.seed)
+    with model.record_fusion_attention() as recorder:
+        evaluate(model, tokenized[split], collator, data.task, data.label_names,
+                 recipe.train.eval_batch_size or recipe.train.batch_size, model.device)
+    attention = recorder.result()[name]
+    report = {**attention.as_dict(), "split": split, "examples": len(tokenized[split]),
+              "mean": dict(zip(attention.members, torch.nanmean(attention.weights, 0).tolist(), strict=True))}
+    write_json(run / "fusion_attention.json", report)
+    _plot_fusion(report, run / "fusion_attention.png")
+    return report
+
+
+def _plot_fusion(report: dict[str, Any], path: Path) -> None:
+    """Heatmap: one row per fusion layer, one column per member adapter, the mean attention in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    members = report["members"]
+    rows = [[place["weights"][m] for m in members] for place in report["places"]]
+    labels = [f"layer {p['layer']}" + (f" {p['site']}" if p["site"] != "output" else "") for p in report["places"]]
+    weights = np.array(rows + [[report["mean"][m] for m in members]])
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(members), 1.2 + 0.42 * len(weights)))
+    image = ax.imshow(weights, cmap="viridis", vmin=0, vmax=max(float(np.nanmax(weights)), 1e-6), aspect="auto")
+    ax.set_xticks(range(len(members)), members, rotation=30, ha="right")
+    ax.set_yticks(range(len(weights)), [*labels, "mean"])
+    ax.axhline(len(rows) - 0.5, color="white", linewidth=2)
+    for (i, j), value in np.ndenumerate(weights):
+        ax.text(j, i, "—" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8,
+                color="black" if value > 0.6 * np.nanmax(weights) else "white")
+    ax.set_title(f"AdapterFusion '{report['fusion']}': mean attention per member\n"
+                 f"({report['split']}, {report['examples']} examples, {report['tokens']:,} tokens)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def load_run(run_dir: str | Path) -> tuple[Recipe, AdapterModel, Any, str]:
@@ -486,9 +597,13 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, AdapterModel, Any, str]:
         raise AdapterCliError(f"{run}: not a finished run folder (needs recipe.yaml and adapter/)")
     recipe = load_recipe(run / "recipe.yaml")
     model, tokenizer = load_model(recipe)
-    below = frozen_below(model, recipe)
-    name = model.load_adapter(run / "adapter")
-    model.set_active_adapters(Stack(*below, name))
+    comp = recipe.composition
+    members = load_members(model, recipe) if comp is not None and comp.type in ("stack", "fuse") else []
+    if comp is not None and comp.type == "fuse":
+        name = model.load_adapter_fusion(run / "adapter", load_as=recipe.adapter.name, with_head=True)
+    else:
+        name = model.load_adapter(run / "adapter")
+    model.set_active_adapters(setup_of(recipe, members))
     model.eval()
     return recipe, model, tokenizer, name
 

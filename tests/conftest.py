@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
 from adaptercli.assets import resolve_model_path
@@ -110,3 +111,36 @@ def write_glue_copy(root: Path, train, validation) -> Path:
     train.to_parquet(root / "mrpc/train-00000-of-00001.parquet")
     validation.to_parquet(root / "mrpc/validation-00000-of-00001.parquet")
     return root
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory) -> Path:
+    """120 rows, "great movie number i" -> pos and "awful movie number i" -> neg: a task that a
+    working training loop learns in a few dozen steps."""
+    folder = tmp_path_factory.mktemp("sentiment")
+    rows = ["text,label"] + [f"{w} movie number {i},{lab}" for i in range(60)
+                             for w, lab in (("great", "pos"), ("awful", "neg"))]
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    return folder / "train.csv"
+
+
+def write_recipe(folder: Path, model: Path | str, train_file: Path, *, method: str = "seq_bn",
+                 config: dict | None = None, name: str = "tiny", data: dict | None = None,
+                 composition: dict | None = None, **train: object) -> Path:
+    """``folder/recipe.yaml`` for a short CPU run writing to ``folder/run``; ``train`` overrides the
+    train section's settings."""
+    settings = {"max_steps": 12, "save_steps": 4, "batch_size": 8, "eval_steps": 6, "logging_steps": 2,
+                "learning_rate": 1e-3, "max_seq_length": 16, **train}
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "adapter": {"name": name, "method": method, "config": config or {}},
+        "data": {"train_file": str(train_file), "label_column": "label", **(data or {})},
+        "train": settings,
+        "output_dir": str(folder / "run"),
+    }
+    if composition is not None:
+        recipe["composition"] = composition
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

@@ -62,7 +62,7 @@ output_dir: out
 """)
     result = subprocess.run([sys.executable, "-m", "adaptercli.cli", "train", str(recipe)], capture_output=True,
                             text=True, env=ENV, cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 1  # the README's promise for user mistakes
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "Traceback" not in result.stderr + result.stdout
     assert len(lines) == 3, lines
@@ -70,12 +70,23 @@ output_dir: out
     assert any(line.startswith("error: train.batch_size") for line in lines)
     assert any(line.startswith("error: data.train_file") and "no/such/file.csv" in line for line in lines)
 
+    debug = subprocess.run([sys.executable, "-m", "adaptercli.cli", "--debug", "train", str(recipe)],
+                           capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert debug.returncode != 0
+    assert "Traceback (most recent call last)" in debug.stderr and "RecipeError" in debug.stderr
+
 
 def test_unreachable_hub_model_says_so(tmp_path: Path, tiny_data: Path) -> None:
+    # A fresh process with HF_HUB_OFFLINE=1 in its environment (the Hub libraries read it at
+    # import, so setting it later has no effect) and an empty cache: the Hub is unreachable here
+    # whether or not this machine has a network.
     recipe = tiny_recipe(tmp_path, Path("bert-base-uncased"), tiny_data)
-    result = runner.invoke(app, ["train", str(recipe)], env=ENV)
-    assert result.exit_code == 1
-    assert "Hugging Face Hub could not be reached" in result.output and "Traceback" not in result.output
+    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    result = subprocess.run([sys.executable, "-m", "adaptercli.cli", "train", str(recipe)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Hugging Face Hub could not be reached" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_quickstart_smoke_writes_only_a_small_adapter(tmp_path: Path) -> None:
@@ -104,7 +115,10 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path, tiny_bert_d
     killed = subprocess.run(cmd + [str(crashed)], env={**ENV, "ADAPTERCLI_TEST_KILL_AT_STEP": "6"}, capture_output=True)
     assert killed.returncode == -9  # SIGKILL, after the step-4 checkpoint and mid-way to step 8
     assert not (crashed_dir / "run/adapter").exists()
-    resumed = subprocess.run(cmd + [str(crashed), "--resume"], env=ENV, capture_output=True, text=True)
+    # The resumed run would be killed again at step 4 if it started over; from the step-4
+    # checkpoint its first step is 5, so it runs to the end.
+    resumed = subprocess.run(cmd + [str(crashed), "--resume"], env={**ENV, "ADAPTERCLI_TEST_KILL_AT_STEP": "4"},
+                             capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
 
     a = load_file(straight_dir / "run/adapter/adapter.safetensors")
@@ -181,6 +195,6 @@ def test_stack_composition_trains_only_the_top_adapter(tmp_path: Path, tiny_bert
     result = runner.invoke(app, ["predict", str(upper_dir / "run"), "great movie", "--json"], env=ENV)
     assert result.exit_code == 0, result.output
     bad = tiny_recipe(upper_dir, tiny_bert_dir, tiny_data)
-    bad.write_text(bad.read_text().replace("data:", f"composition:\n  type: fuse\n  adapters: [{lower_adapter}]\ndata:"))
+    bad.write_text(bad.read_text().replace("data:", f"composition:\n  type: split\n  adapters: [{lower_adapter}]\ndata:"))
     result = runner.invoke(app, ["train", str(bad), f"output_dir={tmp_path / 'bad'}"], env=ENV)
-    assert result.exit_code == 1 and "only stack" in result.output
+    assert result.exit_code == 1 and "a recipe trains stack, fuse, average" in result.output

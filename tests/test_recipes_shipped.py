@@ -58,9 +58,34 @@ def glue_copy(tmp_path_factory) -> Path:
     return write_glue_copy(tmp_path_factory.mktemp("glue"), frame, frame.iloc[:8])
 
 
+@pytest.fixture(scope="module")
+def tiny_members(tmp_path_factory, tiny_bert_dir: Path) -> list[str]:
+    """Two seq_bn runs on the tiny BERT: composition members for the fusion recipes, whose real
+    members (`make fusion-demo`) take minutes to train."""
+    root = tmp_path_factory.mktemp("members")
+    runs = []
+    for name, source in (("first", "sms_spam"), ("second", "trec")):
+        result = runner.invoke(app, ["train", "fusion_source_seq_bn", f"model.name_or_path={tiny_bert_dir}",
+                                     f"data.source={source}", f"adapter.name={name}", f"output_dir={root / name}",
+                                     *SMOKE], env=ENV)
+        assert result.exit_code == 0, result.output
+        runs.append(str(root / name))
+    return runs
+
+
+def _local_members(name: str, tiny_bert_dir: Path, tiny_members: list[str]) -> list[str]:
+    """Overrides that point a recipe's local composition members (run folders that `make
+    fusion-demo` creates) at tiny trained ones; none for recipes without them."""
+    recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    if recipe.composition is None or not any(m.startswith("runs/") for m in recipe.composition.adapters):
+        return []
+    members = [tiny_members[i % len(tiny_members)] for i in range(len(recipe.composition.adapters))]
+    return [f"composition.adapters=[{','.join(members)}]", f"model.name_or_path={tiny_bert_dir}"]
+
+
 @pytest.mark.parametrize("name", RECIPES)
-def test_shipped_recipe_validates(name: str) -> None:
-    result = runner.invoke(app, ["validate", name], env=ENV)
+def test_shipped_recipe_validates(name: str, tiny_bert_dir: Path, tiny_members: list[str]) -> None:
+    result = runner.invoke(app, ["validate", name, *_local_members(name, tiny_bert_dir, tiny_members)], env=ENV)
     assert result.exit_code == 0, result.output
     assert "recipe is valid" in result.output
     text = (ROOT / "recipes" / f"{name}.yaml").read_text()
@@ -81,7 +106,7 @@ def _smoke_train(name: str, out: Path, extra: list[str]) -> list[dict]:
     result = runner.invoke(app, ["train", name, f"output_dir={out}", *SMOKE, *extra], env=ENV)
     assert result.exit_code == 0, result.output
     files = sorted(p.name for p in (out / "adapter").iterdir())
-    assert "adapter.safetensors" in files and "head_config.json" in files
+    assert {"adapter.safetensors", "adapter_fusion.safetensors"} & set(files) and "head_config.json" in files
     assert all(f.endswith((".safetensors", ".json")) for f in files), files
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [entry for entry in history if entry.get("eval")]
@@ -90,9 +115,9 @@ def _smoke_train(name: str, out: Path, extra: list[str]) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", _smoke_recipes())
-def test_offline_recipe_smoke_trains(name: str, tmp_path: Path, tiny_bert_dir: Path) -> None:
+def test_offline_recipe_smoke_trains(name: str, tmp_path: Path, tiny_bert_dir: Path, tiny_members: list[str]) -> None:
     model = [] if name in ON_REAL_MINILM else [f"model.name_or_path={tiny_bert_dir}"]
-    evals = _smoke_train(name, tmp_path / "run", model)
+    evals = _smoke_train(name, tmp_path / "run", model + _local_members(name, tiny_bert_dir, tiny_members))
     recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     for key in {TASK_METRIC[recipe.data.task], recipe.train.metric_for_best or "loss"}:
         assert isinstance(evals[-1][key], float), (key, evals[-1])

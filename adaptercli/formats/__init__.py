@@ -15,12 +15,13 @@ import torch
 
 from ..methods import LoRAConfig
 from . import adapterhub, native, peft
-from .common import AdapterFileError, LoadedAdapter, read_json
+from .common import AdapterFileError, LoadedAdapter, LoadedFusion, read_json
+from .fusion import read_fusion, write_fusion
 
 if TYPE_CHECKING:
     from ..model import ModelAdaptersMixin
 
-__all__ = ["AdapterFileError", "load_adapter", "save_adapter"]
+__all__ = ["AdapterFileError", "load_adapter", "load_adapter_fusion", "save_adapter", "save_adapter_fusion"]
 
 
 def _resolve_folder(path: Path) -> Path:
@@ -29,20 +30,10 @@ def _resolve_folder(path: Path) -> Path:
     if path.exists():
         raise AdapterFileError(f"{path}: expected an adapter folder, found a file")
     text = str(path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        # A Hub repository id (user/name): download it. Offline machines get a clear message.
-        try:
-            from huggingface_hub import snapshot_download
+    from ..hub import download_adapter, is_repo_id
 
-            from ..hub import hub_access
-
-            with hub_access():
-                return Path(snapshot_download(text))
-        except Exception as exc:
-            raise AdapterFileError(
-                f"adapter '{text}' is not a local folder and could not be fetched from the Hugging Face Hub "
-                f"({type(exc).__name__}); pass the path of a downloaded adapter folder instead"
-            ) from None
+    if is_repo_id(text):  # a Hub repository id (org/name[@revision]): download it (fails fast offline)
+        return download_adapter(text)
     raise AdapterFileError(f"{path}: adapter folder not found")
 
 
@@ -80,6 +71,7 @@ def load_adapter(model: ModelAdaptersMixin, path: Path, load_as: str | None, wit
         raise AdapterFileError(f"{path}: adapter was saved for a {loaded.model_type} model; this model is {state.model_type}")
     weights = _rename(loaded.weights, loaded.saved_name, name, "adapters|loras|prefix_tunings|invertible_adapters")
     model.add_adapter(name, loaded.config)
+    state.adapters[name].base_model = loaded.model_name
     try:
         _copy_into(state.adapter_parameters(name), weights, path, "adapter")
         if with_head and (loaded.head_weights or loaded.head_config):
@@ -107,7 +99,7 @@ def _copy_into(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.T
             param.copy_(value.to(param.dtype))
 
 
-def _load_head(model: ModelAdaptersMixin, loaded: LoadedAdapter, name: str, path: Path) -> None:
+def _load_head(model: ModelAdaptersMixin, loaded: LoadedAdapter | LoadedFusion, name: str, path: Path) -> None:
     heads = getattr(model, "heads", None)
     if loaded.head_is_static or heads is None:
         if heads is not None and loaded.head_is_static:
@@ -155,3 +147,46 @@ def save_adapter(model: ModelAdaptersMixin, folder: Path, name: str, with_head: 
             head_meta["static"] = True
         head = (head_meta, dict(head_params))
     native.write(folder, meta, dict(weights), head)
+
+
+def load_adapter_fusion(model: ModelAdaptersMixin, path: Path, load_as: str | None, with_head: bool) -> str:
+    """Read an AdapterFusion folder (ours or AdapterHub's), check it fits, add it; its members
+    must already be on the model."""
+    state = model._adapter_state
+    loaded = read_fusion(_resolve_folder(path), with_head)
+    if loaded.hidden_size and loaded.hidden_size != state.hidden_size:
+        raise AdapterFileError(
+            f"{path}: fusion was saved for a {loaded.model_type} model with hidden size {loaded.hidden_size}; "
+            f"this {state.model_type} model has hidden size {state.hidden_size}")
+    if loaded.model_type and loaded.model_type != state.model_type:
+        raise AdapterFileError(f"{path}: fusion was saved for a {loaded.model_type} model; this model is {state.model_type}")
+    name = load_as or loaded.saved_name
+    model.add_adapter_fusion(loaded.members, config=loaded.config, name=name)
+    try:
+        weights = _rename(loaded.weights, loaded.saved_name, name, "adapter_fusion_layer")
+        _copy_into(state.fusion_parameters(name), weights, path, "fusion")
+        if with_head and (loaded.head_weights or loaded.head_config):
+            _load_head(model, loaded, load_as or loaded.head_name or name, path)
+    except Exception:
+        model.delete_adapter_fusion(name)  # never leave a half-loaded fusion behind
+        raise
+    return name
+
+
+def save_adapter_fusion(model: ModelAdaptersMixin, folder: Path, name: str, with_head: bool | str) -> None:
+    state = model._adapter_state
+    record = state.fusion(name)
+    meta = {"name": name, "adapter_names": record.members, "config": record.config.to_dict(),
+            "model_type": state.model_type, "hidden_size": state.hidden_size, "num_layers": state.num_layers,
+            "model_name": str(getattr(model.config, "_name_or_path", "") or ""),
+            "model_class": type(model).__name__.removesuffix("WithAdapters")}
+    head = None
+    if with_head:
+        head_name = with_head if isinstance(with_head, str) else name
+        heads = getattr(model, "heads", None)
+        if heads is None or head_name not in heads:
+            raise AdapterFileError(f"no head named '{head_name}' to save with fusion '{name}' "
+                                   f"(heads: {', '.join(heads or []) or 'none'})")
+        head = ({"name": head_name, "model_type": state.model_type, "hidden_size": state.hidden_size,
+                 "config": heads[head_name].config.to_dict()}, dict(model._head_parameters(head_name)))
+    write_fusion(folder, meta, dict(state.fusion_parameters(name)), head)

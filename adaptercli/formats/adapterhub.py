@@ -14,9 +14,20 @@ from typing import Any
 
 import torch
 
+from ..architectures import architecture_for
 from ..heads import HeadConfig
 from ..methods import resolve_config
-from .common import AdapterFileError, LoadedAdapter, read_json, read_weights
+from .common import (
+    AdapterFileError,
+    LoadedAdapter,
+    LoadedFusion,
+    _atomic,
+    read_json,
+    read_weights,
+    write_json,
+    write_weights,
+)
+from .task_heads import backbone_class, base_model_prefix
 
 WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
 HEAD_WEIGHTS = ("model_head.safetensors", "head.safetensors", "pytorch_model_head.bin")
@@ -64,11 +75,118 @@ def read(folder: Path, meta: dict[str, Any], with_head: bool) -> LoadedAdapter:
         raise AdapterFileError(f"{folder / 'adapter_config.json'}: missing 'config' or 'name'")
     config = resolve_config(dict(meta["config"]))
     loaded = LoadedAdapter(config, convert_keys(read_weights(folder, *WEIGHTS)), meta["name"],
-                           meta.get("model_type"), meta.get("hidden_size"))
-    if with_head and (folder / "head_config.json").exists():
+                           meta.get("model_type"), meta.get("hidden_size"), model_name=meta.get("model_name") or None)
+    if with_head:
+        read_head(folder, loaded, meta["name"])
+    return loaded
+
+
+def read_head(folder: Path, loaded: LoadedAdapter | LoadedFusion, default_name: str) -> None:
+    """Fill ``loaded``'s head fields from ``head_config.json`` + the head weights, if present."""
+    if (folder / "head_config.json").exists():
         head_meta = read_json(folder / "head_config.json")
         loaded.head_config = HeadConfig.from_dict(head_meta["config"])
-        loaded.head_name = head_meta.get("name", meta["name"])
+        loaded.head_name = head_meta.get("name", default_name)
         loaded.head_weights = {_strip_model_prefix(k) if not k.startswith("heads.") else k: v
                                for k, v in read_weights(folder, *HEAD_WEIGHTS).items()}
-    return loaded
+
+
+# -- writing: a folder that `adapters` 1.x `load_adapter` reads ------------------------------------
+
+WRITTEN_VERSION = "adapters.1.3.0"
+# The head config keys `adapters` passes to each head class; our regression head is its
+# classification head with one label.
+_HEAD_FIELDS = {
+    "classification": ("num_labels", "layers", "activation_function", "label2id", "use_pooler", "bias", "dropout_prob"),
+    "multilabel_classification": ("num_labels", "layers", "activation_function", "label2id", "use_pooler", "bias",
+                                  "dropout_prob"),
+    "tagging": ("num_labels", "layers", "activation_function", "label2id", "dropout_prob"),
+}
+
+
+def _config_dict(loaded: LoadedAdapter) -> dict[str, Any]:
+    config = loaded.config.to_dict()
+    if loaded.config.family == "lora":
+        extras = {k: config.pop(k) for k in ("target_modules", "use_rslora")}
+        if extras["target_modules"] or extras["use_rslora"]:
+            used = "target_modules" if extras["target_modules"] else "use_rslora"
+            raise AdapterFileError(f"adapter '{loaded.saved_name}' uses {used}, which AdapterHub's LoRA does not have "
+                                   "(export it --to peft or native)")
+        if "o" in loaded.config.attn_matrices and loaded.config.selfattn_lora:
+            raise AdapterFileError(f"adapter '{loaded.saved_name}' has LoRA on the attention output ('o' in "
+                                   "attn_matrices), which AdapterHub 1.3.0 does not place (export it --to peft or native)")
+        config["architecture"] = "lora"
+    elif loaded.config.family == "prefix_tuning":
+        config["architecture"] = "prefix_tuning"
+    return config
+
+
+def _head_config(head: HeadConfig) -> dict[str, Any] | str:
+    """AdapterHub's ``head_config.json`` ``config`` for our head, or why there is none."""
+    kind = "classification" if head.head_type == "regression" else head.head_type
+    if kind not in _HEAD_FIELDS:
+        return f"{head.head_type} heads are laid out differently in AdapterHub"
+    if kind == "tagging" and not head.bias:
+        return "AdapterHub's tagging head always has a bias"
+    values = head.to_dict()
+    return {"head_type": kind, **{k: values[k] for k in _HEAD_FIELDS[kind]}}
+
+
+def _adapter_keys(loaded: LoadedAdapter, prefix: str, num_layers: int | None) -> dict[str, torch.Tensor]:
+    """Our backbone-relative keys as `adapters` names them (``prefix``: the model's, e.g. ``bert.``).
+    Its prefix-tuning pool appears at the top and again under every layer's attention; its
+    ``adapter_norm_before`` is the same module as ``adapter_down.0``."""
+    out: dict[str, torch.Tensor] = {}
+    leave_out = set(getattr(loaded.config, "leave_out", []) or [])
+    for key, value in loaded.weights.items():
+        match = re.match(r"^prefix_tunings\.([^.]+)\.(.+)$", key)
+        if match:
+            name, rest = match.groups()
+            out[f"{prefix}prefix_tuning.prefix_tunings.{name}.self_prefix.{rest}"] = value
+            arch = architecture_for(loaded.model_type or "", what="AdapterHub prefix-tuning export")
+            for layer in range(num_layers or 0):
+                if layer not in leave_out:
+                    out[f"{prefix}{arch.layers}.{layer}.{arch.attention}.prefix_tuning.pool.prefix_tunings.{name}."
+                        f"self_prefix.{rest}"] = value.clone()
+            continue
+        out[prefix + key] = value
+        if getattr(loaded.config, "ln_before", False) and ".adapter_down.0." in key:
+            out[prefix + key.replace(".adapter_down.0.", ".adapter_norm_before.")] = value.clone()
+    return out
+
+
+def _write_tensors(folder: Path, safetensors_name: str, pickle_name: str, weights: dict[str, torch.Tensor]) -> None:
+    """safetensors, plus the plain tensor dictionary `adapters` reads by default (it loads it with
+    ``torch.load(weights_only=True)``: tensors only, no code)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    write_weights(folder / safetensors_name, tensors)
+    _atomic(folder / pickle_name, lambda tmp: torch.save(tensors, tmp))
+
+
+def write(folder: Path, loaded: LoadedAdapter, base_model: str | None, num_layers: int | None,
+          with_head: bool = True) -> list[str]:
+    """Write an adapter read from one of our folders as an AdapterHub ``adapters`` 1.x folder
+    (``AutoAdapterModel.load_adapter(folder)`` loads it, head included); returns notes on what was
+    left out. ``base_model``: the base model's Hub id (None: unknown)."""
+    notes: list[str] = []
+    head = None
+    if with_head and loaded.head_is_static:
+        notes.append("head not included: it is a transformers task model's own head, not an AdapterHub head")
+    elif with_head and loaded.head_config is not None:
+        head = _head_config(loaded.head_config)
+        if isinstance(head, str):
+            notes.append(f"head not included: {head}")
+            head = None
+    model_type = loaded.model_type or ""
+    backbone = backbone_class(model_type).__name__  # e.g. BertModel; with a head, AdapterHub's BertAdapterModel
+    prefix = base_model_prefix(model_type) + "." if head is not None else ""
+    meta = {"hidden_size": loaded.hidden_size, "model_name": base_model, "model_type": loaded.model_type,
+            "model_class": backbone.removesuffix("Model") + "AdapterModel" if head is not None else backbone,
+            "name": loaded.saved_name, "version": WRITTEN_VERSION}
+    config = _config_dict(loaded)  # before any file: a refusal leaves nothing behind
+    _write_tensors(folder, "adapter.safetensors", "pytorch_adapter.bin", _adapter_keys(loaded, prefix, num_layers))
+    if head is not None:
+        _write_tensors(folder, "model_head.safetensors", "pytorch_model_head.bin", loaded.head_weights)
+        write_json(folder / "head_config.json", {**meta, "config": head})
+    write_json(folder / "adapter_config.json", {**meta, "config": config})
+    return notes

@@ -35,6 +35,24 @@ class LoadedAdapter:
     head_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     head_is_static: bool = False  # weights of a transformers task model's own head (e.g. `classifier`)
     head_name: str | None = None
+    model_name: str | None = None  # the base model it was trained on, as its file records it
+
+
+@dataclasses.dataclass
+class LoadedFusion:
+    """An AdapterFusion read from disk: its members, config (a dict), backbone-relative weights
+    (``...adapter_fusion_layer.<saved_name>...``) and, optionally, a head saved beside it."""
+
+    saved_name: str
+    members: list[str]
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    model_type: str | None = None
+    hidden_size: int | None = None
+    head_config: HeadConfig | None = None
+    head_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    head_is_static: bool = False
+    head_name: str | None = None
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -1,6 +1,14 @@
-"""PEFT LoRA folders: ``adapter_config.json`` (``peft_type: LORA``) + ``adapter_model.safetensors``
-with keys ``base_model.model.<module path>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r].
-Classifier heads saved through ``modules_to_save`` appear as ``base_model.model.classifier.weight``.
+"""PEFT folders: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+* LoRA (``peft_type: LORA``): keys ``base_model.model.<module path>.lora_A.weight`` [r, in] /
+  ``lora_B.weight`` [out, r]; scaling ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+* IA3 (``peft_type: IA3``): ``base_model.model.<module path>.ia3_l`` [out, 1] multiplies the
+  layer's output, bias included (our IA3's ``alpha * lora_B``); ``feedforward_modules`` scale
+  their input instead, which our IA3 never does.
+
+A head is saved through ``modules_to_save`` as the task model's own modules
+(``base_model.model.classifier.weight``), in a folder for ``AutoModelForSequenceClassification``
+(see `task_heads`) whose backbone keys carry its prefix (``base_model.model.bert.encoder...``).
 """
 
 from __future__ import annotations
@@ -10,11 +18,14 @@ from typing import Any
 
 import torch
 
+from ..architectures import architecture_for
 from ..methods import LoRAConfig
+from . import task_heads
 from .common import AdapterFileError, LoadedAdapter, read_weights, write_json, write_weights
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _ROOT = "base_model.model."
+_IA3 = ".ia3_l"
 
 
 def is_peft(meta: dict[str, Any]) -> bool:
@@ -22,8 +33,9 @@ def is_peft(meta: dict[str, Any]) -> bool:
 
 
 def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdapter:
-    if meta["peft_type"] != "LORA":
-        raise AdapterFileError(f"{folder}: PEFT '{meta['peft_type']}' adapters are not supported (only LORA)")
+    kind = meta["peft_type"]
+    if kind not in ("LORA", "IA3"):
+        raise AdapterFileError(f"{folder}: PEFT '{kind}' adapters are not supported (only LORA and IA3)")
     for key in ("use_dora", "layer_replication"):
         if meta.get(key):
             raise AdapterFileError(f"{folder}: PEFT LoRA with {key} is not supported")
@@ -31,44 +43,122 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
         raise AdapterFileError(f"{folder}: PEFT rank_pattern / alpha_pattern are not supported")
     raw = read_weights(folder, WEIGHTS, "adapter_model.bin")
     weights, head, modules = {}, {}, []
+    feedforward = meta.get("feedforward_modules") or []
     for key, value in raw.items():
         path = key.removeprefix(_ROOT)
         if path.startswith(backbone_prefix + "."):
             path = path[len(backbone_prefix) + 1 :]
-        for part in ("lora_A", "lora_B"):
-            suffix = f".{part}.weight"
+        for suffix, ours in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (_IA3, "lora_B")):
             if path.endswith(suffix):
                 module = path[: -len(suffix)]
-                weights[f"{module}.loras.peft.{part}"] = value
+                if suffix == _IA3 and any(module == f or module.endswith("." + f) for f in feedforward):
+                    raise AdapterFileError(f"{folder}: PEFT IA3 feedforward_modules ({module}) scale the layer's "
+                                           "input; only output scaling is supported")
+                weights[f"{module}.loras.peft.{ours}"] = value.reshape(-1, 1) if suffix == _IA3 else value
                 if module not in modules:
                     modules.append(module)
                 break
         else:
             head[key.removeprefix(_ROOT)] = value
-    config = LoRAConfig(
-        r=int(meta["r"]), alpha=float(meta.get("lora_alpha", 8)), dropout=float(meta.get("lora_dropout", 0.0)),
-        use_rslora=bool(meta.get("use_rslora", False)), target_modules=modules, init_weights="lora",
-    )
-    loaded = LoadedAdapter(config, weights, "peft", None, None)
+    if kind == "IA3":
+        config = LoRAConfig(r=1, alpha=1, composition_mode="scale", init_weights="ia3", target_modules=modules)
+    else:
+        config = LoRAConfig(
+            r=int(meta["r"]), alpha=float(meta.get("lora_alpha", 8)), dropout=float(meta.get("lora_dropout", 0.0)),
+            use_rslora=bool(meta.get("use_rslora", False)), target_modules=modules, init_weights="lora",
+        )
+    loaded = LoadedAdapter(config, weights, "peft", None, None, model_name=meta.get("base_model_name_or_path") or None)
     if head:
         loaded.head_weights, loaded.head_is_static = head, True
     return loaded
 
 
-def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], root_prefix: str) -> None:
-    """``weights``: ``<module path>.loras.<name>.lora_A`` keys (backbone-relative)."""
+def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], root_prefix: str,
+          head: tuple[dict[str, torch.Tensor], task_heads.TaskHead] | None = None) -> None:
+    """``weights``: ``<module path>.loras.<name>.lora_A|lora_B`` keys (backbone-relative); ``meta``:
+    r, alpha, dropout, use_rslora, fan_in_fan_out, model_name (the base model's Hub id or None),
+    and ``ia3: True`` for IA3 (``lora_B`` already multiplied by alpha, [out, 1]); ``head``: weights
+    keyed by the task model's module paths, and that task model."""
     out, modules = {}, set()
     for key, value in weights.items():
         module, _, rest = key.partition(".loras.")
         part = rest.rsplit(".", 1)[-1]
-        out[f"{_ROOT}{root_prefix}{module}.{part}.weight"] = value
+        out[f"{_ROOT}{root_prefix}{module}{_IA3 if meta.get('ia3') else f'.{part}.weight'}"] = value
         modules.add(root_prefix + module)
+    if head is not None:
+        out.update({_ROOT + k: v for k, v in head[0].items()})
+    common = {
+        "target_modules": sorted(modules), "fan_in_fan_out": meta["fan_in_fan_out"],
+        "base_model_name_or_path": meta["model_name"], "revision": None, "inference_mode": True,
+        "task_type": head[1].peft_task_type if head else None,
+        "modules_to_save": (head[1].modules_to_save or None) if head else None,
+    }
+    if meta.get("ia3"):
+        config = {"peft_type": "IA3", **common, "feedforward_modules": [], "init_ia3_weights": True}
+    else:
+        config = {
+            "peft_type": "LORA", **common, "r": meta["r"], "lora_alpha": meta["alpha"], "lora_dropout": meta["dropout"],
+            "use_rslora": meta["use_rslora"], "bias": "none", "init_lora_weights": True, "layers_to_transform": None,
+            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+        }
     write_weights(folder / WEIGHTS, out)
-    write_json(folder / CONFIG, {
-        "peft_type": "LORA", "r": meta["r"], "lora_alpha": meta["alpha"], "lora_dropout": meta["dropout"],
-        "use_rslora": meta["use_rslora"], "target_modules": sorted(modules), "bias": "none",
-        "fan_in_fan_out": meta["fan_in_fan_out"], "base_model_name_or_path": meta["model_name"],
-        "task_type": None, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-        "use_dora": False, "revision": None,
-    })
+    write_json(folder / CONFIG, config)
+
+
+def write_adapter(folder: Path, loaded: LoadedAdapter, base_model: str | None, with_head: bool = True,
+                  tied_embeddings: bool = True) -> tuple[list[str], task_heads.TaskHead | None]:
+    """Write an adapter read from one of our folders as a PEFT LoRA or IA3 folder (with its head
+    as ``modules_to_save`` where a transformers task model has the same head); returns notes on
+    what was left out, and the task model the folder goes with (None: the bare backbone)."""
+    config, model_type = loaded.config, loaded.model_type or ""
+    if not isinstance(config, LoRAConfig):
+        raise AdapterFileError(
+            f"adapter '{loaded.saved_name}' is {type(config).__name__.removesuffix('Config')}; PEFT folders hold LoRA "
+            "and IA3 adapters only (export it --to native, hub or adapterhub)")
+    arch = architecture_for(model_type, required=False)
+    fused = arch is not None and arch.fused_qkv and not config.target_modules
+    slots = [m in config.attn_matrices for m in ("q", "k", "v")] if fused else None
+    weights: dict[str, torch.Tensor] = {}
+    for key, value in loaded.weights.items():
+        module = key.partition(".loras.")[0]
+        on_fused = fused and module.endswith("." + arch.q)
+        if config.composition_mode == "scale":  # IA3: PEFT's ia3_l is our alpha * l over the full output
+            value = value.reshape(-1) * config.alpha
+            if on_fused and not all(slots):
+                parts, i, third = [], 0, value.shape[0] // sum(slots)
+                for on in slots:
+                    parts.append(value[i * third : (i + 1) * third] if on else value.new_ones(third))
+                    i += on
+                value = torch.cat(parts)
+            weights[key] = value.reshape(-1, 1)
+        elif on_fused:
+            raise AdapterFileError(
+                f"adapter '{loaded.saved_name}' is LoRA on {model_type}'s fused q/k/v layer; PEFT has no equivalent "
+                "(train it with target_modules, or export it --to native, hub or adapterhub)")
+        else:
+            weights[key] = value
+    notes, head, prefix = [], None, ""
+    if with_head and loaded.head_is_static:
+        notes.append("head not included: it is a transformers task model's own head; save it with that model")
+    elif with_head and loaded.head_config is not None:
+        layout = task_heads.task_head(model_type, loaded.head_config, tied_embeddings)
+        if isinstance(layout, str):
+            notes.append(f"head not included: PEFT saves a head only as a transformers task model's module, and {layout}")
+        else:
+            head = (map_head(loaded.head_weights, layout), layout)
+            prefix = task_heads.base_model_prefix(model_type) + "."
+    meta = {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "use_rslora": config.use_rslora,
+            "fan_in_fan_out": model_type == "gpt2", "model_name": base_model, "ia3": config.composition_mode == "scale"}
+    write(folder, weights, meta, prefix, head)
+    return notes, head[1] if head else None
+
+
+def map_head(head_weights: dict[str, torch.Tensor], layout: task_heads.TaskHead) -> dict[str, torch.Tensor]:
+    """``heads.<name>.<i>.weight`` -> ``<task model module>.weight`` (tied weights have no key)."""
+    out = {}
+    for key, value in head_weights.items():
+        index, param = key.split(".")[2:4]
+        if int(index) not in layout.modules:
+            raise AdapterFileError(f"head weight {key} has no place in {layout.auto_class}")
+        out[f"{layout.modules[int(index)]}.{param}"] = value
+    return out

@@ -20,6 +20,7 @@ from ..schema import check_section
 from ..schema import did_you_mean as _did_you_mean
 
 if TYPE_CHECKING:
+    from ..composition import CompositionBlock
     from ..model import AdapterState
 
 
@@ -107,10 +108,20 @@ class MethodFamily:
 
     containers: ClassVar[tuple[str, ...]] = ()
 
-    def activate(self, state: AdapterState, names: list[str]) -> list[RemovableHandle]:
-        """Install the forward hooks that run ``names`` (in order); return their handles. Only
-        active adapters get hooks, so inactive ones cost nothing per forward."""
+    # The composition blocks this family can run (see composition.check_support).
+    blocks: ClassVar[tuple[str, ...]] = ("Stack",)
+
+    def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
+        """Install the forward hooks that run this family's adapters in ``setup`` (None: none) and
+        return their handles. Only places with an active adapter get a hook, so inactive adapters
+        cost nothing per forward."""
         raise NotImplementedError
+
+    def active_names(self, state: AdapterState, setup: CompositionBlock | None) -> list[str]:
+        """The adapters of this family in ``setup``, in order of first appearance."""
+        if setup is None:
+            return []
+        return [n for n in setup.flatten() if n in state.adapters and state.adapters[n].config.family == self.name]
 
     def merge(self, state: AdapterState, name: str) -> None:
         raise ConfigError(f"adapters of the '{self.name}' family cannot be merged into the weights")

@@ -18,6 +18,7 @@ on the unmodified model, at the places the architecture table names.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -28,8 +29,10 @@ from torch.utils.hooks import RemovableHandle
 from transformers.activations import ACT2FN, get_activation
 
 from ..architectures import Site, get_module, transformer_layers
+from ..composition import CompositionBlock, CompositionError, Fuse, is_plain_stack, row_groups, run
 from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
+from .fusion import FusionConfig, FusionLayer
 
 if TYPE_CHECKING:
     from ..model import AdapterState
@@ -155,12 +158,14 @@ class BottleneckAdapter(nn.Module):
                 nn.init.trunc_normal_(linear.weight, std=1e-2, a=-0.02, b=0.02)
                 linear.bias.zero_()
 
-    def _delta(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.dropout(self.adapter_up(self.adapter_down(x)) * self.scaling)
+    def _delta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's contribution and its scaled up-projection (what AdapterFusion attends over)."""
+        up = self.adapter_up(self.adapter_down(x)) * self.scaling
+        out = self.dropout(up)
         if self.gate is not None:
             gate = torch.sigmoid(self.gate(x)).mean(dim=1, keepdim=True)  # [B, 1, 1]
             out = out * gate
-        return out
+        return out, up
 
     # The three steps below mirror AdapterHub's pre_forward / forward / post_forward.
     def pre_forward(self, h: torch.Tensor, r: torch.Tensor, norm: Callable | None,
@@ -179,17 +184,25 @@ class BottleneckAdapter(nn.Module):
             residual = h
         return h, residual
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        out = self._delta(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, return_up: bool = False):
+        out, up = self._delta(x)
         if self.config.is_parallel:
-            return self.adapter_norm_after(out) if self.adapter_norm_after is not None else out
-        if self.config.adapter_residual_before_ln:
-            out = out + residual
-        if self.adapter_norm_after is not None:
-            out = self.adapter_norm_after(out)
-        if not self.config.adapter_residual_before_ln:
-            out = out + residual
-        return out
+            out = self.adapter_norm_after(out) if self.adapter_norm_after is not None else out
+        else:
+            if self.config.adapter_residual_before_ln:
+                out = out + residual
+            if self.adapter_norm_after is not None:
+                out = self.adapter_norm_after(out)
+            if not self.config.adapter_residual_before_ln:
+                out = out + residual
+        return (out, up) if return_up else out
+
+    def fusion_query(self, h: torch.Tensor, x: torch.Tensor, r: torch.Tensor, before_ln: bool) -> torch.Tensor:
+        """What a fusion layer queries with when this adapter is the fusion's last member: the
+        adapter input (or the sub-layer output before the norm); a parallel adapter's residual."""
+        if self.config.is_parallel:
+            return r
+        return h if before_ln else x
 
     def post_forward(self, out: torch.Tensor, h_in: torch.Tensor, r: torch.Tensor, norm: Callable | None) -> torch.Tensor:
         if self.config.is_parallel:
@@ -217,6 +230,112 @@ def run_site(adapters: list[BottleneckAdapter], h: torch.Tensor, r: torch.Tensor
         x, residual = adapter.pre_forward(h, r, norm, normed if i == 0 else None)
         h = adapter(x, residual)
     return adapters[-1].post_forward(h, h_in, r, norm).to(dtype)
+
+
+@dataclasses.dataclass
+class _SiteState:
+    """What a composition passes between adapters at one site (AdapterHub's BottleneckState).
+
+    h: the sub-layer output as the next adapter sees it [B, T, H]; r: the residual stream;
+    h_in: the unadapted sub-layer output (parallel adapters add to it); normed: the model's own
+    ``norm(h + r)`` while h is untouched; up: the last adapter's up-projection (for Fuse);
+    last: per row, the adapter whose post_forward finishes it (None: the layer's own residual/norm).
+    """
+
+    h: torch.Tensor
+    r: torch.Tensor
+    h_in: torch.Tensor
+    normed: torch.Tensor | None
+    up: torch.Tensor | None
+    last: list[BottleneckAdapter | None]
+
+
+def _cat(parts: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
+    return None if any(p is None for p in parts) else torch.cat(parts, dim=dim)  # type: ignore[arg-type]
+
+
+def _last_per_row(states: list[_SiteState]) -> list[BottleneckAdapter | None]:
+    """Per row, the last adapter any of ``states`` applied."""
+    rows = zip(*(s.last for s in states), strict=True)
+    return [next((a for a in reversed(row) if a is not None), None) for row in rows]
+
+
+class SiteComposer:
+    """Runs any composition block at one bottleneck site (see ``composition.run``)."""
+
+    def __init__(self, adapters: nn.ModuleDict, fusions: nn.ModuleDict | None, norm: Callable | None,
+                 on_attention: Callable[[str, list[str], torch.Tensor], None] | None = None):
+        self.adapters, self.fusions, self.norm, self.on_attention = adapters, fusions, norm, on_attention
+
+    def has(self, name: str) -> bool:
+        return name in self.adapters
+
+    def single(self, name: str, s: _SiteState) -> _SiteState:
+        adapter = self.adapters[name]
+        x, residual = adapter.pre_forward(s.h, s.r, self.norm, s.normed)
+        out, up = adapter(x, residual, return_up=True)
+        return _SiteState(out, s.r, s.h_in, None, up, [adapter] * out.shape[0])
+
+    def size(self, s: _SiteState, dim: int) -> int:
+        return s.h.shape[dim]
+
+    def take(self, s: _SiteState, dim: int, index: slice) -> _SiteState:
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index] if dim == 0 else t[:, index]
+
+        return _SiteState(cut(s.h), cut(s.r), cut(s.h_in), cut(s.normed), cut(s.up),  # type: ignore[arg-type]
+                          s.last[index] if dim == 0 else s.last)
+
+    def join(self, states: list[_SiteState], dim: int) -> _SiteState:
+        last = [a for s in states for a in s.last] if dim == 0 else _last_per_row(states)
+        return _SiteState(*(_cat([getattr(s, f) for s in states], dim) for f in ("h", "r", "h_in", "normed", "up")),
+                          last)  # type: ignore[arg-type]
+
+    def average(self, base: _SiteState, states: list[_SiteState], weights: list[float]) -> _SiteState:
+        h = sum(w * s.h for w, s in zip(weights, states, strict=True))
+        return _SiteState(h, base.r, base.h_in, None, None, _last_per_row(states))  # type: ignore[arg-type]
+
+    def fuse(self, block: Fuse, s: _SiteState, members: list[_SiteState]) -> _SiteState:
+        fusion = self.fusions[block.name] if self.fusions is not None and block.name in self.fusions else None
+        present = [n for n in block.flatten() if n in self.adapters]
+        if fusion is None:
+            raise CompositionError(f"no fusion layer '{block.name}' where its members sit; add it with "
+                                   f"add_adapter_fusion(Fuse({', '.join(map(repr, block.flatten()))}))")
+        last = self.adapters[present[-1]]  # AdapterHub: the last member's config shapes the query
+        x, residual = last.pre_forward(s.h, s.r, self.norm, s.normed)
+        query = last.fusion_query(s.h, x, s.r, fusion.config.query_before_ln)
+        ups = torch.stack([m.up for m in members], dim=2)  # type: ignore[misc]
+        out, probs = fusion(query, ups, residual)
+        if self.on_attention is not None:  # the members that took part, named as in the fusion
+            took_part = [c if isinstance(c, str) else c.last() for c in block.children
+                         if any(n in self.adapters for n in ([c] if isinstance(c, str) else c.flatten()))]
+            self.on_attention(block.name, took_part, probs)
+        return _SiteState(out, s.r, s.h_in, None, None, [last] * out.shape[0])
+
+
+def compose_site(block: CompositionBlock, composer: SiteComposer, h: torch.Tensor, r: torch.Tensor,
+                 norm: Callable | None, normed: torch.Tensor | None = None) -> torch.Tensor:
+    """``run_site`` for any composition block: run it, then finish each run of rows with the
+    post_forward of the adapter that acted last on them (rows no adapter touched get the
+    layer's own ``norm(h + r)``)."""
+    dtype = h.dtype
+    weight_dtype = next(iter(composer.adapters.values())).adapter_up.weight.dtype
+    if dtype != weight_dtype:
+        h, r = h.to(weight_dtype), r.to(weight_dtype)
+    if normed is not None and normed.dtype != h.dtype:
+        normed = None
+    s = run(block, _SiteState(h, r, h, normed, None, [None] * h.shape[0]), composer)
+    parts, start = [], 0
+    for end in range(1, len(s.last) + 1):
+        if end == len(s.last) or s.last[end] is not s.last[start]:
+            rows = slice(start, end)
+            adapter, out, h_in, r_rows = s.last[start], s.h[rows], s.h_in[rows], s.r[rows]
+            if adapter is not None:
+                parts.append(adapter.post_forward(out, h_in, r_rows, norm))
+            else:
+                parts.append(out + r_rows if norm is None else norm(out + r_rows))
+            start = end
+    return torch.cat(parts).to(dtype) if len(parts) > 1 else parts[0].to(dtype)
 
 
 class NICECoupling(nn.Module):
@@ -277,7 +396,9 @@ class _Capture:
         self.r = self.h = None
 
 
-def _hook_site(layer: nn.Module, site: Site, adapters: list[BottleneckAdapter]) -> list[RemovableHandle]:
+def _hook_site(layer: nn.Module, site: Site, compute: Callable[..., torch.Tensor]) -> list[RemovableHandle]:
+    """Hooks that replace the sub-layer's ``norm(h + r)`` (or ``h + r``) by ``compute(h, r, norm,
+    normed)``: ``run_site`` for a stack of adapters, ``compose_site`` for any block."""
     capture = _Capture()
 
     def grab_residual(module, args, kwargs):
@@ -289,7 +410,7 @@ def _hook_site(layer: nn.Module, site: Site, adapters: list[BottleneckAdapter]) 
         # Pre-LN: the layer computes ``h + r`` itself, so hand it ``y - r``.
         def adapt_output(module, args, output):
             r, capture.r = capture.r, None
-            y = run_site(adapters, _first(output), r, None)
+            y = compute(_first(output), r, None)
             return _replace_first(output, y - r)
 
         handles.append(output_module.register_forward_hook(adapt_output))
@@ -304,7 +425,7 @@ def _hook_site(layer: nn.Module, site: Site, adapters: list[BottleneckAdapter]) 
         def adapt_norm(module, args, output):
             h, r = capture.h, capture.r
             capture.h = capture.r = None
-            return run_site(adapters, h, r, norm_module.forward, normed=output)
+            return compute(h, r, norm_module.forward, output)
 
         handles.append(output_module.register_forward_hook(grab_output))
         handles.append(norm_module.register_forward_hook(adapt_norm))
@@ -313,6 +434,7 @@ def _hook_site(layer: nn.Module, site: Site, adapters: list[BottleneckAdapter]) 
 
 class BottleneckFamily(MethodFamily):
     name = "bottleneck"
+    blocks = ("Stack", "Fuse", "Parallel", "BatchSplit", "Average", "Split")
     config_class = BnConfig
     containers = ("adapters", "invertible_adapters")
 
@@ -344,25 +466,91 @@ class BottleneckFamily(MethodFamily):
             factor = config.inv_adapter_reduction_factor or 2
             state.backbone.invertible_adapters[name] = NICECoupling(state.hidden_size, factor, config.non_linearity)
 
-    def activate(self, state: AdapterState, names: list[str]) -> list[RemovableHandle]:
-        handles: list[RemovableHandle] = []
-        layers = transformer_layers(state.backbone, state.arch)
-        for layer in layers:
-            for site in (state.arch.attn_site, state.arch.ffn_site):
+    def _places(self, state: AdapterState):
+        """(layer index, layer, site name, site, host module) for every site that hosts adapters."""
+        for i, layer in enumerate(transformer_layers(state.backbone, state.arch)):
+            for site_name, site in (("attention", state.arch.attn_site), ("output", state.arch.ffn_site)):
                 try:
-                    container = get_module(layer, site.host).adapters
+                    host = get_module(layer, site.host)
                 except AttributeError:
                     continue
-                adapters = [container[n] for n in names if n in container]
-                if adapters:
-                    handles += _hook_site(layer, site, adapters)
-        # AdapterHub runs the invertible adapter of the first active adapter only.
+                yield i, layer, site_name, site, host
+
+    def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
+        names = self.active_names(state, setup)
+        if not names:
+            return []
+        handles: list[RemovableHandle] = []
+        for i, layer, site_name, site, host in self._places(state):
+            container = getattr(host, "adapters", None)
+            if container is None or not any(n in container for n in names):
+                continue
+            if is_plain_stack(setup):
+                compute = functools.partial(run_site, [container[n] for n in names if n in container])
+            else:
+                record = functools.partial(state.on_fusion_attention, layer=i, site=site_name)
+                fusions = getattr(host, "adapter_fusion_layer", None)
+                compute = functools.partial(_compose, setup, container, fusions, record)
+            handles += _hook_site(layer, site, compute)
         inv = getattr(state.backbone, "invertible_adapters", {})
-        if names and names[0] in inv:
-            coupling = inv[names[0]]
+        if any(n in inv for n in names):
             embeddings = get_module(state.backbone, state.arch.embeddings)
-            handles.append(embeddings.register_forward_hook(lambda m, a, out: _replace_first(out, coupling(_first(out)))))
+            handles.append(embeddings.register_forward_hook(functools.partial(_invertible, setup, inv)))
         return handles
+
+    # -- AdapterFusion layers ------------------------------------------------------------------------
+    def fusion_sites(self, state: AdapterState, members: list[BnConfig], member_names: list[str]) -> list[Site]:
+        """The sites every member sits at (AdapterHub places a fusion layer where all agree)."""
+        wanted = []
+        for site, flag in ((state.arch.attn_site, "mh_adapter"), (state.arch.ffn_site, "output_adapter")):
+            values = [getattr(c, flag) for c in members]
+            if any(values) and not all(values):
+                which = ", ".join(f"'{n}'" for n, v in zip(member_names, values, strict=True) if v)
+                raise CompositionError(
+                    f"Fuse needs its members at the same places: only {which} of {member_names} set {flag}")
+            if all(values):
+                wanted.append(site)
+        return wanted
+
+    def add_fusion(self, state: AdapterState, name: str, members: list[str], config: FusionConfig) -> None:
+        configs = [state.adapters[n].config for n in members]
+        dropout = config.dropout_prob
+        if dropout is None:
+            dropout = float(getattr(state.model.config, "attention_probs_dropout_prob", 0.0) or 0.0)
+        sites = self.fusion_sites(state, configs, members)  # type: ignore[arg-type]
+        for layer in transformer_layers(state.backbone, state.arch):
+            for site in sites:
+                self._container(layer, site)  # creates the host where no member has an adapter (leave_out)
+                host = get_module(layer, site.host)
+                if not hasattr(host, "adapter_fusion_layer"):
+                    host.add_module("adapter_fusion_layer", nn.ModuleDict())
+                host.adapter_fusion_layer[name] = FusionLayer(config, state.hidden_size, dropout)
+
+    def delete_fusion(self, state: AdapterState, name: str) -> None:
+        for module in list(state.backbone.modules()):
+            holder = getattr(module, "adapter_fusion_layer", None)
+            if isinstance(holder, nn.ModuleDict) and name in holder:
+                del holder[name]
+
+    def fusion_layers(self, state: AdapterState, name: str | None = None) -> list[FusionLayer]:
+        return [layer for module in state.backbone.modules()
+                for key, layer in getattr(module, "adapter_fusion_layer", {}).items() if name in (None, key)]
+
+
+def _compose(setup: CompositionBlock, adapters: nn.ModuleDict, fusions: nn.ModuleDict | None, record: Callable,
+             h: torch.Tensor, r: torch.Tensor, norm: Callable | None, normed: torch.Tensor | None = None) -> torch.Tensor:
+    return compose_site(setup, SiteComposer(adapters, fusions, norm, record), h, r, norm, normed)
+
+
+def _invertible(setup: CompositionBlock, inv: nn.ModuleDict, module: nn.Module, args: Any, output: Any) -> Any:
+    """The invertible adapter of the first adapter of each group of rows (AdapterHub: of the
+    first active adapter; a Parallel/BatchSplit at the start gives each group its own)."""
+    hidden = _first(output)
+    parts = []
+    for rows, node in row_groups(setup, hidden.shape[0], end="first"):
+        first = node if isinstance(node, str) else node.first()
+        parts.append(inv[first](hidden[rows]) if first in inv else hidden[rows])
+    return _replace_first(output, parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
 PRESETS: dict[str, dict[str, Any]] = {

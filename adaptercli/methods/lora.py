@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from ..architectures import get_module, transformer_layers
+from ..composition import CompositionBlock, is_plain_stack, run
 from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
 
@@ -196,6 +197,49 @@ def _hook(loras: list[LoRA]):
     return hook
 
 
+class LayerComposer:
+    """Runs any composition block on one adapted linear layer (see ``composition.run``). The state
+    is the pair (layer input x, current output y); an adapter maps y to ``lora.apply(x, y)``, so a
+    Stack adds LoRA deltas (and multiplies IA3 scales) one after the other."""
+
+    def __init__(self, loras: nn.ModuleDict, skip: set[str]):
+        self.loras, self.skip = loras, skip
+
+    def has(self, name: str) -> bool:
+        return name in self.loras and name not in self.skip
+
+    def single(self, name: str, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = state
+        return x, self.loras[name].apply(x, y)
+
+    def size(self, state: tuple[torch.Tensor, torch.Tensor], dim: int) -> int:
+        return state[1].shape[dim]
+
+    def take(self, state, dim: int, index: slice):
+        return tuple(t[index] if dim == 0 else t[:, index] for t in state)
+
+    def join(self, states, dim: int):
+        return tuple(torch.cat(parts, dim=dim) for parts in zip(*states, strict=True))
+
+    def average(self, base, states, weights: list[float]):
+        """``y + sum_i w_i (y_i - y)``: the weighted sum of the children's deltas (with weights
+        summing to 1, the weighted average of the adapted outputs; for IA3, of the scales)."""
+        x, y = base
+        return x, y + sum(w * (s[1] - y) for w, s in zip(weights, states, strict=True))
+
+    def fuse(self, block, state, members):
+        raise AssertionError("Fuse is refused for LoRA before any forward pass")  # check_support
+
+
+def _compose_hook(setup: CompositionBlock, loras: nn.ModuleDict, skip: set[str]):
+    composer = LayerComposer(loras, skip)
+
+    def hook(module, args, out):
+        return run(setup, (args[0], out), composer)[1]
+
+    return hook
+
+
 def module_names(model: nn.Module) -> list[str]:
     """Names of the layers LoRA can adapt, for error messages."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
@@ -207,6 +251,7 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 class LoRAFamily(MethodFamily):
     name = "lora"
+    blocks = ("Stack", "Parallel", "BatchSplit", "Average", "Split")
     config_class = LoRAConfig
     containers = ("loras",)
 
@@ -253,13 +298,36 @@ class LoRAFamily(MethodFamily):
             if isinstance(loras, nn.ModuleDict) and (name is None or name in loras):
                 yield module, loras
 
-    def activate(self, state: AdapterState, names: list[str]) -> list[RemovableHandle]:
+    def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
+        names = [n for n in self.active_names(state, setup) if n not in state.merged]  # merged: in the weights
         handles = []
         for module, loras in self._layers_with(state):
-            active = [loras[n] for n in names if n in loras and n not in state.merged]
-            if active:
-                handles.append(module.register_forward_hook(_hook(active)))
+            active = [n for n in names if n in loras]
+            if not active:
+                continue
+            if is_plain_stack(setup):
+                handles.append(module.register_forward_hook(_hook([loras[n] for n in active])))
+            else:
+                handles.append(module.register_forward_hook(_compose_hook(setup, loras, set(state.merged))))
         return handles
+
+    @torch.no_grad()
+    def average_svd(self, state: AdapterState, name: str, sources: list[str], weights: list[float], rank: int) -> None:
+        """Set LoRA ``name`` (rank ``rank``) to the best rank-``rank`` approximation of the weighted
+        sum of the sources' deltas ``scaling * B A`` (its own scaling included, so an adapter with
+        a different r or alpha gets the same delta)."""
+        for _, loras in self._layers_with(state, name):
+            target = loras[name]
+            if target.slots or target.scale_mode:
+                kind = "IA3" if target.scale_mode else "fused q/k/v (GPT-2 c_attn)"
+                raise ConfigError(f"lora_delta_w_svd cannot factor {kind} adapters; use combine_strategy='linear'")
+            delta = sum(w * loras[s].weight_delta().float() for s, w in zip(sources, weights, strict=True))
+            u, singular, vh = torch.linalg.svd(delta, full_matrices=False)
+            k = min(rank, singular.shape[0])
+            target.lora_A.zero_()
+            target.lora_B.zero_()
+            target.lora_A[:k] = vh[:k].to(target.lora_A.dtype)
+            target.lora_B[:, :k] = (u[:, :k] * singular[:k] / target.scaling).to(target.lora_B.dtype)
 
     @torch.no_grad()
     def _apply_weight(self, state: AdapterState, name: str, undo: bool) -> None:

@@ -27,6 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask,
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..architectures import get_module, transformer_layers
+from ..composition import CompositionBlock, is_plain_stack, run
 from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
 from .bottleneck import ACTIVATIONS, _activation
@@ -95,31 +96,96 @@ class PrefixPool(nn.Module):
         return kv[0], kv[1]
 
 
-class _LayerPrefix:
-    """What an attention module needs to join its prefixes (plain object, not a submodule)."""
+class _RowPrefixes:
+    """Composer (see ``composition.run``) whose state is (start, stop, groups): which prefixes each
+    run of rows ``[a, b)`` joins, as ``(a, b, pools)``. A Stack joins prefixes; Parallel and
+    BatchSplit give rows their own."""
 
-    def __init__(self, pools: list[PrefixPool], layer: int):
-        self.pools, self.layer = pools, layer
+    def __init__(self, pools: dict[str, PrefixPool]):
+        self.pools = pools
+
+    def has(self, name: str) -> bool:
+        return name in self.pools
+
+    def single(self, name: str, state):
+        start, stop, groups = state
+        return start, stop, [(a, b, [*pools, self.pools[name]]) for a, b, pools in groups]
+
+    def size(self, state, dim: int) -> int:
+        return state[1] - state[0]
+
+    def take(self, state, dim: int, index: slice):
+        start, _, groups = state
+        lo, hi = start + index.start, start + index.stop
+        return lo, hi, [(max(a, lo), min(b, hi), pools) for a, b, pools in groups if max(a, lo) < min(b, hi)]
+
+    def join(self, states, dim: int):
+        return states[0][0], states[-1][1], [g for s in states for g in s[2]]
+
+    def average(self, base, states, weights):
+        raise AssertionError("Average is refused for prefix tuning before any forward pass")  # check_support
+
+    fuse = average
+
+
+class _LayerPrefix:
+    """What an attention module needs to join its prefixes (plain object, not a submodule):
+    the same pools for every row (a Stack), or a composition that gives groups of rows their own."""
+
+    def __init__(self, layer: int, pools: list[PrefixPool], setup: CompositionBlock | None = None,
+                 by_name: dict[str, PrefixPool] | None = None):
+        self.layer, self.pools, self.setup, self.by_name = layer, pools, setup, by_name
+
+    def _kv(self, pools: list[PrefixPool], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The joined key/value prefix of ``pools`` (the first one first), each [heads, P, dim]."""
+        kvs = [pool.layer_kv(self.layer) for pool in pools]
+        return torch.cat([k for k, _ in kvs], dim=1).to(dtype), torch.cat([v for _, v in kvs], dim=1).to(dtype)
 
     def join(self, query, key, value, mask, causal: bool):
         batch = key.shape[0]
-        keys, values = [key], [value]
-        for pool in reversed(self.pools):  # the first active prefix ends up first
-            pk, pv = pool.layer_kv(self.layer)
-            keys.insert(0, pk.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1))
-            values.insert(0, pv.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1))
-        n_prefix = sum(k.shape[2] for k in keys[:-1])
+        groups = [(0, batch, self.pools)]
+        if self.setup is not None:
+            groups = run(self.setup, (0, batch, [(0, batch, [])]), _RowPrefixes(self.by_name or {}))[2]
+        if len(groups) == 1 and not groups[0][2]:
+            return key, value, mask
         q_len, k_len = query.shape[2], key.shape[2]
         if mask is None and causal and q_len > 1:
             # SDPA would have used is_causal, which aligns the triangle top-left: wrong once the
             # prefix widens the keys. Build the causal mask explicitly (bool, True = attend).
             positions = torch.arange(k_len, device=key.device)
             mask = (positions[None, :] <= positions[-q_len:, None])[None, None]
+        if mask is not None and mask.shape[-1] > k_len:
+            mask = mask[..., -k_len:]
+        if len(groups) == 1:  # every row joins the same prefixes
+            pk, pv = self._kv(groups[0][2], key.dtype)
+            n_prefix = pk.shape[1]
+            pk, pv = (t.unsqueeze(0).expand(batch, -1, -1, -1) for t in (pk, pv))
+            valid = None
+        else:  # rows join different prefixes: left-pad each group's to the longest and mask the padding
+            kvs = [self._kv(pools, key.dtype) if pools else None for _, _, pools in groups]
+            n_prefix = max(kv[0].shape[1] if kv else 0 for kv in kvs)
+            keys, values, valid_rows = [], [], []
+            for (a, b, _), kv in zip(groups, kvs, strict=True):
+                length = kv[0].shape[1] if kv else 0
+                pad = key.new_zeros(b - a, key.shape[1], n_prefix - length, key.shape[3])
+                keys.append(torch.cat([pad, kv[0].expand(b - a, -1, -1, -1)], dim=2) if kv else pad)
+                values.append(torch.cat([pad, kv[1].expand(b - a, -1, -1, -1)], dim=2) if kv else pad)
+                valid_rows.append(torch.arange(n_prefix, device=key.device).expand(b - a, -1) >= n_prefix - length)
+            pk, pv, valid = torch.cat(keys), torch.cat(values), torch.cat(valid_rows)  # valid [B, P]
+            if mask is None:
+                mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=key.device)
         if mask is not None:
-            mask = mask[..., -k_len:] if mask.shape[-1] > k_len else mask
-            pad = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)((*mask.shape[:-1], n_prefix))
+            if valid is None:
+                pad = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)((*mask.shape[:-1], n_prefix))
+            else:
+                mask = mask.expand(batch, -1, -1, -1)
+                shape = (batch, mask.shape[1], mask.shape[2], n_prefix)
+                pad = valid[:, None, None, :].expand(shape)
+                if mask.dtype != torch.bool:
+                    pad = torch.zeros(shape, dtype=mask.dtype, device=mask.device).masked_fill(
+                        ~pad, torch.finfo(mask.dtype).min)
             mask = torch.cat([pad, mask], dim=-1)
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2), mask
+        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
 
 
 def _with_prefix(inner: str):
@@ -148,6 +214,7 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIXED["sdpa"], sdpa_mask)
 
 class PrefixTuningFamily(MethodFamily):
     name = "prefix_tuning"
+    blocks = ("Stack", "Parallel", "BatchSplit")
     config_class = PrefixTuningConfig
     containers = ("prefix_tunings",)
 
@@ -159,9 +226,9 @@ class PrefixTuningFamily(MethodFamily):
             state.num_layers, state.num_kv_heads, state.head_dim, state.hidden_size, config
         )
 
-    def activate(self, state: AdapterState, names: list[str]) -> list[RemovableHandle]:
+    def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
         pools_by_name = getattr(state.backbone, "prefix_tunings", {})
-        active = [n for n in names if n in pools_by_name]
+        active = [n for n in self.active_names(state, setup) if n in pools_by_name]
         config = state.model.config
         base = getattr(state, "_base_attn", None) or config._attn_implementation
         if not active:
@@ -183,10 +250,13 @@ class PrefixTuningFamily(MethodFamily):
 
         handles = [state.backbone.register_forward_pre_hook(clear_prefixes)]
         for i, layer in enumerate(transformer_layers(state.backbone, state.arch)):
-            pools = [pools_by_name[n] for n in active if i not in state.adapters[n].config.leave_out]
-            if pools:
+            here = {n: pools_by_name[n] for n in active if i not in state.adapters[n].config.leave_out}
+            if here:
                 attention = get_module(layer, state.arch.attention)
-                attention._adaptercli_prefix = _LayerPrefix(pools, i)
+                if is_plain_stack(setup):
+                    attention._adaptercli_prefix = _LayerPrefix(i, list(here.values()))
+                else:
+                    attention._adaptercli_prefix = _LayerPrefix(i, [], setup, here)
                 handles.append(_Unset(attention))
         return handles
 

@@ -1,0 +1,396 @@
+"""Sharing a trained adapter: what a run says about it, and exporting it for other libraries.
+
+`open_source` reads a run folder (``recipe.yaml`` + ``adapter/``; a fusion run too) or a bare
+adapter folder into a :class:`Source`: the folder, and the card that describes it (base model by
+its Hub id, task, data set, method, head, the run's evaluation, the recipe). `export` writes it:
+
+* ``native``: our folder plus a model card (``README.md``);
+* ``hub``: the same, pushed to a Hugging Face Hub repository (`hub.push_folder`);
+* ``peft``: a LoRA / IA3 folder for ``peft.PeftModel.from_pretrained`` (head as ``modules_to_save``);
+* ``adapterhub``: a folder for AdapterHub ``adapters`` 1.x ``load_adapter``, head included;
+* ``merged``: the base model with the LoRA / IA3 adapter merged into its weights, as a plain
+  transformers model (``save_pretrained``) with its tokenizer.
+
+Every folder target refuses a ``dest`` that holds files (unless ``force``) and never writes into
+the run's own ``adapter/``, ``best/`` or ``checkpoints/``; nothing is written outside ``dest``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .assets import OFFLINE_MODEL_HUB_IDS, OFFLINE_MODELS, packaged_path
+from .errors import AdapterCliError
+from .formats import adapterhub, card, peft, read_adapter, task_heads
+from .formats.common import LoadedAdapter, LoadedFusion, read_json, write_json
+from .formats.fusion import CONFIG as FUSION_CONFIG
+from .formats.fusion import read_fusion
+from .hub import Pushed, is_repo_id, push_folder, split_revision
+
+TARGETS = ("native", "hub", "peft", "adapterhub", "merged")
+DEFAULT_LICENSE = "apache-2.0"
+# What the offline and common Hub data sets are about, for AdapterHub-style ids (task/dataset@org).
+SHARING_TASKS = {
+    "rotten_tomatoes": "sentiment", "vader_movies": "sentiment", "vader_movies_binary": "sentiment",
+    "vader_amazon": "sentiment", "vader_tweets": "sentiment", "vader_nyt": "sentiment", "sms_spam": "spam",
+    "trec": "question-type", "trec_fine": "question-type", "ner_tweets": "ner", "sst2": "sentiment",
+    "imdb": "sentiment", "mrpc": "paraphrase", "qqp": "paraphrase", "rte": "nli", "mnli": "nli", "qnli": "nli",
+    "cola": "acceptability", "stsb": "sts",
+}
+_OWN = ("adapter", "best", "checkpoints")
+
+
+@dataclasses.dataclass
+class Source:
+    """What gets exported. folder: the adapter (or fusion) folder; run: its run folder, if any;
+    members: a fusion's member folders by the names the fusion uses; card: what it is."""
+
+    folder: Path
+    run: Path | None
+    card: card.AdapterCard
+    members: dict[str, Path] = dataclasses.field(default_factory=dict)
+    num_layers: int | None = None
+    base_config_source: tuple[str, dict[str, Any]] | None = None  # where the base model's config is
+
+
+@dataclasses.dataclass
+class ExportResult:
+    dest: str
+    files: list[tuple[str, int]]  # relative path, size in bytes
+    notes: list[str]
+    pushed: Pushed | None = None
+
+
+# -- describing ---------------------------------------------------------------------------------
+
+def base_model_id(name: str | None) -> str | None:
+    """The Hub id a base model goes by: an offline short name's (``minilm`` ->
+    sentence-transformers/all-MiniLM-L6-v2), the one an installed offline model's folder stands
+    for, a Hub id as it is; None for any other local folder."""
+    if not name:
+        return None
+    if name in OFFLINE_MODEL_HUB_IDS:
+        return OFFLINE_MODEL_HUB_IDS[name]
+    path = Path(name).expanduser()
+    for short, asset in OFFLINE_MODELS.items():
+        try:
+            installed = packaged_path(asset)
+        except AdapterCliError:
+            continue
+        if path.exists() and path.resolve() in (installed.resolve(), installed.resolve().parent):
+            return OFFLINE_MODEL_HUB_IDS.get(short)
+    if path.exists() or name.startswith((".", "/", "~")):
+        return None
+    return name if is_repo_id(name) or re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) else None
+
+
+def _dataset_of(recipe) -> tuple[str | None, list[str]]:
+    """(short name, Hub data set ids) of a recipe's data."""
+    data = recipe.data
+    if data.source == "hub" and data.name:
+        short = data.subset or data.name.rstrip("/").split("/")[-1]
+        return short, ([] if Path(data.name).exists() else [data.name])
+    if data.source and data.source not in ("csv", "tsv", "json", "jsonl", "parquet", "conll"):
+        return data.source, []
+    if data.train_file:
+        path = Path(data.train_file)
+        stem = path.name.split(".")[0]
+        return (path.parent.name if stem in ("train", "data") and path.parent.name else stem), []
+    return None, []
+
+
+def _run_metrics(run: Path, recipe) -> tuple[dict[str, float], int | None]:
+    """The evaluation of the checkpoint in ``adapter/``: the best one by ``metric_for_best`` (as
+    training picks it), else the last."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return {}, None
+    evals = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    evals = [e for e in evals if e.get("eval")]
+    if not evals:
+        return {}, None
+    chosen = evals[-1]
+    key = recipe.train.metric_for_best
+    if key and all(key in e for e in evals):
+        best = (max if recipe.train.greater_is_better else min)(e[key] for e in evals)
+        chosen = next(e for e in evals if e[key] == best)  # the first of equals, as training keeps it
+    metrics = {k: float(v) for k, v in chosen.items() if k not in ("step", "eval", "epoch") and isinstance(v, int | float)}
+    return metrics, chosen.get("step")
+
+
+def _portable_recipe(recipe, base_id: str | None) -> str:
+    """The recipe as YAML with the base model by its Hub id and local files by their names."""
+    from .recipe import recipe_to_yaml
+
+    shown = copy.deepcopy(recipe)
+    if base_id:
+        shown.model.name_or_path = base_id
+    elif Path(shown.model.name_or_path).exists():
+        shown.model.name_or_path = Path(shown.model.name_or_path).name
+    for key in ("train_file", "validation_file", "test_file"):
+        value = getattr(shown.data, key)
+        if value:
+            setattr(shown.data, key, Path(value).name)
+    if shown.data.name and Path(shown.data.name).exists():
+        shown.data.name = Path(shown.data.name).name
+    if shown.adapter.load and Path(shown.adapter.load).exists():
+        shown.adapter.load = Path(shown.adapter.load).name
+    if shown.composition is not None:
+        shown.composition.adapters = [a if is_repo_id(a) else Path(a).name for a in shown.composition.adapters]
+    shown.output_dir = Path(shown.output_dir).name
+    return recipe_to_yaml(shown)
+
+
+def _parameters(loaded: LoadedAdapter | LoadedFusion) -> int:
+    return sum(v.numel() for v in loaded.weights.values())
+
+
+def open_source(path: str | Path, *, base_model: str | None = None, task: str | None = None,
+                dataset: str | None = None, license: str | None = DEFAULT_LICENSE) -> Source:
+    """Read a run folder or an adapter (or fusion) folder and describe it for a card."""
+    path = Path(path)
+    run = path if (path / "recipe.yaml").is_file() and (path / "adapter").is_dir() else None
+    folder = path / "adapter" if run else path
+    is_fusion = (folder / FUSION_CONFIG).is_file()
+    if not is_fusion and not (folder / "adapter_config.json").is_file():
+        raise AdapterCliError(f"{path}: not a run folder (recipe.yaml + adapter/) nor an adapter folder "
+                              "(adapter_config.json)")
+    recipe = None
+    if run:
+        from .recipe import load_recipe
+
+        recipe = load_recipe(run / "recipe.yaml")
+    meta = read_json(folder / (FUSION_CONFIG if is_fusion else "adapter_config.json"))
+    loaded: LoadedAdapter | LoadedFusion = read_fusion(folder) if is_fusion else read_adapter(folder)
+    recorded = recipe.model.name_or_path if recipe else meta.get("model_name")
+    base_id = base_model or base_model_id(recorded)
+    short, hub_datasets = _dataset_of(recipe) if recipe else (None, [])
+    dataset = dataset or short
+    task_type = recipe.data.task if recipe else None
+    head = loaded.head_config
+    about = card.AdapterCard(
+        name=recipe.adapter.name if recipe else loaded.saved_name,
+        method="fusion" if is_fusion else str(meta.get("method") or _method(loaded)),
+        config=dict(loaded.config) if is_fusion else loaded.config.to_dict(),
+        model_type=loaded.model_type, hidden_size=loaded.hidden_size, base_model=base_id,
+        kind="fusion" if is_fusion else "adapter", task=task or SHARING_TASKS.get(dataset or "") or task_type,
+        task_type=task_type or _task_of_head(head), dataset=dataset, datasets=hub_datasets,
+        labels=[head.id2label[i] for i in sorted(head.id2label)] if head is not None and head.id2label else None,
+        head_type=head.head_type if head is not None else None, parameters=_parameters(loaded), license=license,
+        recipe=_portable_recipe(recipe, base_id) if recipe else None,
+        members=list(loaded.members) if is_fusion else [])
+    if run:
+        about.metrics, about.step = _run_metrics(run, recipe)
+    source = Source(folder, run, about, num_layers=meta.get("num_layers"))
+    if recipe is not None:
+        source.base_config_source = (recipe.model.name_or_path, {"revision": recipe.model.revision,
+                                                                  "gguf_file": recipe.model.gguf_file})
+    if is_fusion:
+        source.members = _member_folders(recipe, loaded.members) if recipe else {}
+    return source
+
+
+def _method(loaded: LoadedAdapter) -> str:
+    from .methods import method_name
+
+    return method_name(loaded.config)
+
+
+def _task_of_head(head) -> str | None:
+    if head is None:
+        return None
+    return {"classification": "classification", "multilabel_classification": "multilabel", "regression": "regression",
+            "tagging": "tagging", "question_answering": "qa", "masked_lm": "mlm", "causal_lm": "causal_lm"}.get(
+        head.head_type)
+
+
+def _member_folders(recipe, names: list[str]) -> dict[str, Path]:
+    """A fusion run's members as folders (Hub ids downloaded), by the names the fusion uses."""
+    from .checks import member_folder
+    from .index import locate_adapter
+
+    sources = recipe.composition.adapters if recipe.composition else []
+    return {name: locate_adapter(member_folder(src)) for name, src in zip(names, sources, strict=False)}
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def check_dest(source: Source, dest: Path, force: bool) -> None:
+    """Never write into a run's own folders; never mix an export into a folder that holds files."""
+    target = dest.resolve()
+    if source.run is not None:
+        for own in _OWN:
+            folder = (source.run / own).resolve()
+            if target == folder or folder in target.parents:
+                raise AdapterCliError(f"--dest: {dest} is inside the run's own {own}/ folder; export somewhere else")
+        if target == source.run.resolve():
+            raise AdapterCliError(f"--dest: {dest} is the run folder itself; export somewhere else")
+    folder = source.folder.resolve()
+    if target == folder or folder in target.parents:
+        raise AdapterCliError(f"--dest: {dest} is inside the adapter folder being exported; export somewhere else")
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not force):
+        raise AdapterCliError(f"--dest: {dest} already holds files; choose an empty folder or pass --force")
+
+
+def _copy_adapter_files(folder: Path, dest: Path, base_id: str | None) -> None:
+    """The folder's files (not temporary ones), with the base model recorded by its Hub id."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in sorted(folder.iterdir()):
+        if item.is_file() and not item.name.startswith("."):
+            shutil.copyfile(item, dest / item.name)
+    for config in ("adapter_config.json", FUSION_CONFIG):
+        if (dest / config).is_file() and "model_name" in (meta := read_json(dest / config)):
+            write_json(dest / config, {**meta, "model_name": base_id})
+
+
+def _write_native(source: Source, dest: Path, about: card.AdapterCard) -> list[str]:
+    _copy_adapter_files(source.folder, dest, about.base_model)
+    notes = []
+    for name, folder in source.members.items():
+        _copy_adapter_files(folder, dest / "members" / name, about.base_model)
+    if about.kind == "fusion" and not source.members:
+        notes.append("the fused adapters are not included (no run recipe names them); share them beside it")
+    about.notes = notes
+    card.write(dest, about)
+    return notes
+
+
+def _tied_embeddings(source: Source) -> bool:
+    """Whether the base model's output embeddings are its input embeddings (a causal LM head)."""
+    if source.base_config_source is None:
+        return True
+    from transformers import AutoConfig
+
+    from .assets import resolve_model_path
+    from .hub import hub_access
+
+    name, kwargs = source.base_config_source
+    try:
+        with hub_access():
+            config = AutoConfig.from_pretrained(resolve_model_path(name), **{k: v for k, v in kwargs.items() if v})
+    except (OSError, ValueError):
+        return False
+    return bool(getattr(config.get_text_config(), "tie_word_embeddings", True))
+
+
+def _require_adapter(source: Source, target: str) -> LoadedAdapter:
+    if source.card.kind == "fusion":
+        raise AdapterCliError(f"--to {target}: {source.folder} is an AdapterFusion; fusions export --to native or hub")
+    return read_adapter(source.folder)
+
+
+def _write_merged(source: Source, dest: Path) -> tuple[list[str], str]:
+    """Merge the active LoRA / IA3 adapters into the base model's weights and save it (with the
+    head, where a transformers task model has the same one) and the tokenizer."""
+    import torch
+    import transformers
+
+    from .train import load_run
+
+    if source.run is None:
+        raise AdapterCliError("--to merged: give the run folder (its recipe names the base model and tokenizer)")
+    _require_adapter(source, "merged")
+    _, model, tokenizer, name = load_run(source.run)
+    state = model._adapter_state
+    active = model.active_adapters.flatten() if model.active_adapters else [name]
+    for adapter in active:
+        method = state.adapters[adapter].method
+        if state.adapters[adapter].config.family != "lora":
+            raise AdapterCliError(f"--to merged: adapter '{adapter}' is {method}; only LoRA and IA3 merge into the "
+                                  "weights (export it --to native, hub or adapterhub)")
+        model.merge_adapter(adapter)
+    backbone = model.base_model
+    adapter_keys = {k for a in state.adapters for k in state.adapter_parameters(a)}
+    weights = {k: v for k, v in backbone.state_dict().items() if k not in adapter_keys}
+    config = copy.deepcopy(backbone.config)
+    config._name_or_path = source.card.base_model or ""
+    notes: list[str] = []
+    head_config = model.heads[name].config if name in model.heads else None
+    layout = task_heads.task_head(state.model_type, head_config, bool(getattr(config, "tie_word_embeddings", True))) \
+        if head_config is not None else "there is no head"
+    if isinstance(layout, str):
+        notes.append(f"head not included (the folder is the bare {type(backbone).__name__}): {layout}")
+        target, prefix, auto_class = transformers.AutoModel.from_config(config), "", "AutoModel"
+    else:
+        for key, value in layout.config.items():
+            setattr(config, key, value)
+        auto_class = layout.auto_class
+        target = getattr(transformers, auto_class).from_config(config)
+        prefix = target.base_model_prefix + "."
+        weights = {prefix + k: v for k, v in weights.items()}
+        weights.update(peft.map_head({k: v.detach() for k, v in model._head_parameters(name).items()}, layout))
+    missing, unexpected = target.load_state_dict(weights, strict=False)
+    target.tie_weights()
+    untied = [k for k in missing if not _is_tied(target, k)]
+    if untied or unexpected:
+        raise AdapterCliError(f"--to merged: the merged weights do not fit {type(target).__name__} "
+                              f"(missing {untied[:3]}, unexpected {unexpected[:3]})")
+    target.to(next(backbone.parameters()).dtype).eval()
+    with torch.no_grad():
+        target.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return notes, auto_class
+
+
+def _is_tied(model, key: str) -> bool:
+    """A weight that was left out because it is the same tensor as another one (e.g. lm_head)."""
+    try:
+        param = model.get_parameter(key)
+    except AttributeError:
+        return False
+    return any(param is other for name, other in model.named_parameters(remove_duplicate=False) if name != key)
+
+
+def _listing(folder: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+
+
+def export(source: Source, to: str, dest: str, *, force: bool = False, private: bool = False,
+           revision: str | None = None, commit_message: str | None = None, dry_run: bool = False) -> ExportResult:
+    """Write ``source`` as ``to`` (one of `TARGETS`) to ``dest`` (a folder, or a Hub repo id for
+    ``hub``). ``dry_run`` (hub) lists what would be uploaded without pushing."""
+    if to not in TARGETS:
+        raise AdapterCliError(f"--to: '{to}' is not one of {', '.join(TARGETS)}")
+    if not dest:
+        raise AdapterCliError("--dest: give the Hub repository id, e.g. user/my-adapter" if to == "hub"
+                              else "--dest: give the folder to write")
+    about = dataclasses.replace(source.card, notes=[])
+    if to == "hub":
+        repo_id, at = split_revision(dest)
+        revision = revision or at
+        if not is_repo_id(repo_id):
+            raise AdapterCliError(f"--dest: '{dest}' is not a Hub repository id (user/name)")
+        about.format, about.location = "native", repo_id + (f"@{revision}" if revision else "")
+        with tempfile.TemporaryDirectory(prefix="adaptercli-push-") as tmp:
+            notes = _write_native(source, Path(tmp), about)
+            files = _listing(Path(tmp))
+            pushed = None if dry_run else push_folder(
+                Path(tmp), repo_id, private=private, revision=revision,
+                commit_message=commit_message or f"Upload {about.name} ({about.method}) with adaptercli")
+        return ExportResult(dest, files, notes, pushed)
+    folder = Path(dest)
+    check_dest(source, folder, force)
+    about.format, about.location = to, None
+    if to == "native":
+        notes = _write_native(source, folder, about)
+        return ExportResult(dest, _listing(folder), notes)
+    if to == "merged":
+        notes, about.auto_class = _write_merged(source, folder)
+    else:
+        loaded = _require_adapter(source, to)
+        if to == "peft":
+            tied = _tied_embeddings(source) if about.head_type == "causal_lm" else True
+            notes, layout = peft.write_adapter(folder, loaded, about.base_model, tied_embeddings=tied)
+            about.auto_class = layout.auto_class if layout is not None else "AutoModel"
+        else:
+            notes = adapterhub.write(folder, loaded, about.base_model, source.num_layers)
+    about.notes = notes
+    card.write(folder, about)
+    return ExportResult(dest, _listing(folder), notes)

@@ -1,0 +1,291 @@
+"""An adapter index: small YAML descriptors that say what each shared adapter is and where its
+files are, searchable by task, data set, base model and method (AdapterHub's index, kept as
+plain files).
+
+An index is a folder (a git checkout works as is), a git repository (``git+URL``, ``*.git`` or
+``file://...``: cloned into ``~/.cache/adaptercli/indexes``) or a Hub repository (``hf:org/name``,
+``hf:datasets/org/name``). Descriptors live at ``<task>/<dataset>/<org>/<model>_<method>.yaml``;
+one holds the id ``task/dataset@org``, the task, data set, base model (Hub id, type, hidden
+size), method and config, head, metrics, where the files are (a Hub repository at a commit, or a
+folder beside the descriptor) and the sha256 of every file. Ids resolve through the index
+(`locate_adapter`), and files whose sha256 differs from the descriptor's are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import AdapterCliError
+from .hub import HubError, download, download_adapter, is_repo_id, split_revision
+
+INDEX_ENV = "ADAPTERCLI_INDEX"
+_ID = re.compile(r"(?P<task>[\w.-]+)/(?P<dataset>[\w.-]+)@(?P<org>[\w.-]+)")
+_FILE_NAME = re.compile(r"[\w.-]+(/[\w.-]+)*")
+_ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors", "head_config.json", "head.safetensors",
+                  "adapter_fusion_config.json", "adapter_fusion.safetensors", "pytorch_adapter.bin",
+                  "pytorch_model_head.bin", "model_head.safetensors", "adapter_model.safetensors")
+
+
+class AdapterIndexError(AdapterCliError):
+    """A missing index, an unknown id, or files that do not match their descriptor."""
+
+
+@dataclasses.dataclass
+class Descriptor:
+    """One shared adapter, as its index file says (see the module docstring for the fields)."""
+
+    task: str
+    dataset: str
+    org: str
+    name: str
+    model: dict[str, Any]
+    method: str
+    config: dict[str, Any]
+    files: dict[str, Any]
+    head: dict[str, Any] | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    description: str = ""
+    added: str = ""
+    path: Path | None = None  # where the descriptor was read from
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}/{self.dataset}@{self.org}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"id": self.id, **dataclasses.asdict(self)}
+        data.pop("path")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> Descriptor:
+        fields = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        missing = [k for k in ("task", "dataset", "org", "name", "model", "method", "files") if k not in data]
+        if missing:
+            raise AdapterIndexError(f"{path}: not an adapter descriptor (missing {', '.join(missing)})")
+        return cls(**{k: v for k, v in data.items() if k in fields}, path=path)
+
+    @property
+    def location(self) -> str:
+        files = self.files
+        if files.get("repo"):
+            return f"{files['repo']}@{files['revision']}" if files.get("revision") else files["repo"]
+        return str(files.get("path", ""))
+
+
+# -- opening an index ---------------------------------------------------------------------------
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptercli" / "indexes"
+
+
+def open_index(spec: str | Path | None) -> Path:
+    """The local folder of an index: ``spec`` (or $ADAPTERCLI_INDEX) as a folder, a clone of a git
+    repository, or a Hub repository snapshot."""
+    spec = str(spec or os.environ.get(INDEX_ENV) or "")
+    if not spec:
+        raise AdapterIndexError(f"no adapter index: pass --index (a folder, a git URL or hf:org/name) or set {INDEX_ENV}")
+    if spec.startswith("hf:"):
+        repo, revision = split_revision(spec[3:])
+        kind = "model"
+        if repo.startswith("datasets/"):
+            kind, repo = "dataset", repo.removeprefix("datasets/")
+        return download(repo, revision, repo_type=kind, what="adapter index")[0]
+    if spec.startswith(("git+", "file://", "git@", "ssh://")) or spec.endswith(".git"):
+        return _clone(spec.removeprefix("git+"))
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise AdapterIndexError(f"adapter index folder not found: {spec}")
+    return folder
+
+
+def _clone(url: str) -> Path:
+    """A shallow clone, refreshed on each use; the cached copy when the remote cannot be reached."""
+    folder = _cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if (folder / ".git").is_dir():
+        subprocess.run(["git", "-C", str(folder), "pull", "--quiet", "--ff-only"], capture_output=True, check=False)
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["git", "clone", "--quiet", "--depth", "1", url, str(folder)], capture_output=True, text=True)
+    if result.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise AdapterIndexError(f"cannot clone the adapter index {url}: {result.stderr.strip().splitlines()[-1:]}")
+    return folder
+
+
+def descriptors(folder: Path) -> list[Descriptor]:
+    """Every descriptor in an index folder (files that are not descriptors are skipped)."""
+    found = []
+    for path in sorted(folder.rglob("*.yaml")):
+        if ".git" in path.parts:
+            continue
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            continue
+        if isinstance(data, dict) and "files" in data and "task" in data:
+            found.append(Descriptor.from_dict(data, path))
+    return found
+
+
+# -- adding, searching ---------------------------------------------------------------------------
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", text).strip("-") or "x"
+
+
+def add(index: Path, source, *, org: str = "local", repo: str | None = None, revision: str | None = None,
+        description: str = "", force: bool = False) -> tuple[Path, Descriptor]:
+    """Write a descriptor for ``source`` (an `export.Source`) into the index folder ``index``.
+    With ``repo``, its files are that Hub repository's at ``revision`` (pinned to the commit; its
+    weights must be byte-identical to ``source``'s); without, a native export (card included) is
+    kept beside the descriptor. Returns the descriptor's path and the descriptor."""
+    from .export import export
+
+    about = source.card
+    if about.kind == "fusion":
+        raise AdapterIndexError("an AdapterFusion cannot be indexed yet; index its members, and share the fusion "
+                                "with `adapter export --to hub`")
+    task, dataset, org = _slug(about.task or "task"), _slug(about.dataset or "data"), _slug(org)
+    model = about.base_model or about.model_type or "model"
+    stem = f"{_slug(model.replace('/', '--'))}_{about.method}"
+    folder = index / task / dataset / org
+    path = folder / f"{stem}.yaml"
+    if path.exists() and not force:
+        raise AdapterIndexError(f"{path} exists (an adapter for {task}/{dataset}@{org} on {model} with "
+                                f"{about.method}); pass --force to replace it")
+    if repo:
+        files_at, commit = download(repo, revision, allow_patterns=list(_ADAPTER_FILES))
+        for name in ("adapter.safetensors", "head.safetensors"):
+            local, remote = source.folder / name, files_at / name
+            if local.is_file() and (not remote.is_file() or sha256_of(local) != sha256_of(remote)):
+                raise AdapterIndexError(f"{repo}@{commit}: {name} differs from {source.folder}; push this adapter "
+                                        "first (adapter export --to hub)")
+        location: dict[str, Any] = {"repo": repo, "revision": commit}
+    else:
+        files_at = folder / stem
+        if files_at.exists():
+            shutil.rmtree(files_at)
+        export(source, "native", str(files_at))
+        location = {"path": stem}
+    names = sorted(p.name for p in files_at.iterdir() if p.is_file() and p.name in _ADAPTER_FILES)
+    files = {**location, "format": "adaptercli", "sha256": {n: sha256_of(files_at / n) for n in names}}
+    head = {"type": about.head_type, "labels": about.labels} if about.head_type else None
+    descriptor = Descriptor(
+        task=task, dataset=dataset, org=org, name=about.name,
+        model={"name": about.base_model, "type": about.model_type, "hidden_size": about.hidden_size},
+        method=about.method, config=about.config, files=files, head=head,
+        metrics={k: round(v, 6) for k, v in about.metrics.items()}, description=description,
+        added=datetime.date.today().isoformat())
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(descriptor.to_dict(), sort_keys=False, allow_unicode=True))
+    descriptor.path = path
+    return path, descriptor
+
+
+def search(found: list[Descriptor], *, task: str | None = None, dataset: str | None = None, model: str | None = None,
+           method: str | None = None) -> list[Descriptor]:
+    """Descriptors matching every filter given: task, data set and method exactly (ignoring case),
+    model by a part of its Hub id or its model type."""
+    def fits(d: Descriptor) -> bool:
+        names = [str(d.model.get("name") or ""), str(d.model.get("type") or "")]
+        return ((task is None or d.task.lower() == task.lower())
+                and (dataset is None or d.dataset.lower() == dataset.lower())
+                and (method is None or d.method.lower() == method.lower())
+                and (model is None or any(model.lower() in n.lower() for n in names)))
+
+    return [d for d in found if fits(d)]
+
+
+def find(found: list[Descriptor], adapter_id: str, *, model_type: str | None = None, hidden_size: int | None = None,
+         method: str | None = None) -> list[Descriptor]:
+    """The descriptors of ``task/dataset@org`` that fit a model (type, hidden size) and method."""
+    matches = [d for d in found if d.id == adapter_id]
+    if model_type:
+        matches = [d for d in matches if d.model.get("type") in (None, model_type)]
+    if hidden_size:
+        matches = [d for d in matches if d.model.get("hidden_size") in (None, hidden_size)]
+    if method:
+        matches = [d for d in matches if d.method == method]
+    return matches
+
+
+# -- fetching, verified -------------------------------------------------------------------------
+
+def fetch(descriptor: Descriptor, index: Path) -> Path:
+    """The folder holding a descriptor's files, each checked against its sha256."""
+    hashes: dict[str, str] = descriptor.files.get("sha256") or {}
+    if not hashes:
+        raise AdapterIndexError(f"{descriptor.id}: the descriptor lists no files with their sha256; refusing to load it")
+    for name in hashes:
+        if not _FILE_NAME.fullmatch(name) or ".." in name.split("/"):
+            raise AdapterIndexError(f"{descriptor.id}: file name {name!r} in the descriptor is not a plain relative name")
+    if descriptor.files.get("repo"):
+        repo, revision = descriptor.files["repo"], descriptor.files.get("revision")
+        folder = download(repo, revision, allow_patterns=sorted(hashes))[0]
+    else:
+        base = (descriptor.path or index).parent
+        folder = (base / str(descriptor.files.get("path", ""))).resolve()
+        if index.resolve() not in folder.parents:
+            raise AdapterIndexError(f"{descriptor.id}: files.path points outside the index; refusing it")
+    for name, expected in hashes.items():
+        path = folder / name
+        if not path.is_file():
+            raise AdapterIndexError(f"{descriptor.id}: {name} is missing from {descriptor.location}")
+        actual = sha256_of(path)
+        if actual != expected:
+            raise AdapterIndexError(f"{descriptor.id}: {name} has sha256 {actual[:16]}..., the index records "
+                              f"{str(expected)[:16]}...; refusing to load it")
+    return folder
+
+
+def locate_adapter(source: str | Path, revision: str | None = None, *, index: str | Path | None = None,
+                   model_type: str | None = None, hidden_size: int | None = None) -> Path:
+    """The local folder an adapter name stands for: a folder as it is; ``task/dataset@org``
+    through the index (``index`` or $ADAPTERCLI_INDEX), its files checked; ``org/name`` or
+    ``org/name@revision`` downloaded from the Hub (``revision`` pins it too)."""
+    path = Path(source).expanduser()
+    text = str(source)
+    if path.exists() or not is_repo_id(text):
+        return path
+    index = index or os.environ.get(INDEX_ENV)
+    if index and _ID.fullmatch(text):
+        folder = open_index(index)
+        listed = descriptors(folder)
+        matches = find(listed, text, model_type=model_type, hidden_size=hidden_size)
+        if not matches and find(listed, text):
+            others = ", ".join(sorted({f"{d.model.get('type')} (hidden size {d.model.get('hidden_size')})"
+                                       for d in find(listed, text)}))
+            raise AdapterIndexError(f"{text}: the index has it for {others}, not for this {model_type} model "
+                                    f"(hidden size {hidden_size})")
+        if len(matches) > 1:
+            choices = "; ".join(f"{d.model.get('name') or d.model.get('type')} {d.method}" for d in matches)
+            raise AdapterIndexError(f"{text}: {len(matches)} adapters in the index fit this model ({choices}); "
+                              "pick one with `adapter hub show` and load its folder or repository")
+        if matches:
+            return fetch(matches[0], folder)
+    try:
+        return download_adapter(text, revision)
+    except HubError as error:
+        if _ID.fullmatch(text) and not index:
+            raise HubError(f"{error} (for an AdapterHub-style id task/dataset@org, pass index= or set "
+                           f"{INDEX_ENV})") from None
+        raise
