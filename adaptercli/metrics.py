@@ -125,6 +125,7 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "tagging": ("precision", "recall", "f1", "accuracy"),
     "mlm": ("accuracy",),
     "causal_lm": ("accuracy",),
+    "instruct": ("accuracy",),  # of the answer tokens (the prompt is not scored)
 }
 """The metrics `compute_metrics` reports for each task (evaluation adds ``loss``)."""
 
@@ -200,9 +201,9 @@ def compute_metrics(
             **entity_scores(predicted_tags, actual_tags),
             "accuracy": accuracy(predicted[scored], labels[scored]),
         }
-    if task in ("mlm", "causal_lm"):
+    if task in ("mlm", "causal_lm", "instruct"):
         predicted = _class_ids(predictions)
-        if task == "causal_lm":
+        if task in ("causal_lm", "instruct"):
             predicted, labels = predicted[:, :-1], labels[:, 1:]
         scored = labels != IGNORE_INDEX
         return {"accuracy": accuracy(predicted[scored], labels[scored])}

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from . import composition
-from .architectures import Architecture, architecture_for
+from .architectures import Architecture, architecture_for, transformer_layers
 from .errors import AdapterCliError
 from .heads import HeadConfig, PredictionHead
 from .methods import FAMILIES, LoRAConfig, MethodConfig, family_of, method_name, resolve_config
@@ -54,7 +54,8 @@ class FusionRecord:
 
 # Fusion layers count as adapter weights (not backbone) in summaries; a fusion name never equals
 # an adapter name, so an adapter's own pattern does not reach them.
-_ADAPTER_KEY = r"(^|\.)(adapters|loras|prefix_tunings|invertible_adapters|adapter_fusion_layer)\.{name}\."
+_ADAPTER_KEY = (r"(^|\.)(adapters|loras|prefix_tunings|prefix_gates|invertible_adapters|adapter_fusion_layer|"
+                r"shared_parameters|refts|prompt_tunings)\.{name}\.")
 _FUSION_KEY = r"(^|\.)adapter_fusion_layer\.{name}\."
 # Inputs of a backbone forward that carry the batch on dim 0 (replicated for Parallel).
 _BATCH_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
@@ -71,6 +72,8 @@ class AdapterState:
         self.arch: Architecture | None = architecture_for(self.model_type, required=False)
         self.hidden_size: int = getattr(config, "hidden_size", None) or config.dim
         self.num_layers: int = getattr(config, "num_hidden_layers", None) or config.n_layers
+        if self.arch is not None:  # the layers that hold adapters (ALBERT: its shared layers, once each)
+            self.num_layers = len(transformer_layers(self.backbone, self.arch))
         heads = getattr(config, "num_attention_heads", None) or config.n_heads
         self.num_kv_heads: int = getattr(config, "num_key_value_heads", None) or heads
         self.head_dim: int = getattr(config, "head_dim", None) or self.hidden_size // heads
@@ -211,6 +214,7 @@ class ModelAdaptersMixin:
         method_config = resolve_config(config)
         with torch.device(next(self.parameters()).device):  # adapters live beside the weights they change
             family_of(method_config).add(state, name, method_config)
+        self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.adapters[name] = AdapterRecord(name, method_config)
         if set_active:
             self.set_active_adapters(name)
@@ -257,11 +261,25 @@ class ModelAdaptersMixin:
         self.freeze_model(True)
         state = self._adapter_state
         for name in block.flatten():
-            for p in state.adapter_parameters(name).values():
-                p.requires_grad_(True)
+            frozen = family_of(state.adapters[name].config).frozen_parameters(state, name)  # e.g. VeRA's shared matrices
+            for key, p in state.adapter_parameters(name).items():
+                p.requires_grad_(key not in frozen)
             for p in self._head_parameters(name).values():
                 p.requires_grad_(True)
         self.train()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer layer's activations, adapters included, in the backward pass
+        instead of keeping them: less memory for ~30% more compute. Non-reentrant checkpointing,
+        so gradients reach the adapters of a frozen model (no input needs ``requires_grad``)."""
+        backbone = self._adapter_state.backbone
+        if not getattr(backbone, "supports_gradient_checkpointing", False):
+            raise AdapterError(f"{type(backbone).__name__} does not support gradient checkpointing")
+        enable = getattr(backbone, "activation_checkpointing_enable", None)  # transformers >= 5.23
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- AdapterFusion ----------------------------------------------------------------------------
     def add_adapter_fusion(self, adapter_names: composition.Fuse | list[str] | str,
@@ -619,9 +637,14 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         return next(self.parameters()).device
 
     @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The backbone's layer classes: what FSDP wraps (and shards) one by one."""
+        return getattr(self.base_model, "_no_split_modules", None)
+
+    @property
     def is_causal(self) -> bool:
-        return self._adapter_state.model_type in ("gpt2", "llama", "mistral", "qwen2") or bool(
-            getattr(self.config, "is_decoder", False))
+        arch = self._adapter_state.arch
+        return bool(arch is not None and arch.causal or getattr(self.config, "is_decoder", False))
 
     def add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False, set_active: bool = True) -> None:
         if name in self.heads and not overwrite_ok:
@@ -691,6 +714,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]
+        attention_mask, labels = _with_prompt_positions(hidden, attention_mask, labels)
         active = self._adapter_state.active
         groups = composition.row_groups(active, hidden.shape[0]) if active is not None and head is None else []
         if len(groups) <= 1:
@@ -715,6 +739,19 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
             results.append(AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden[rows]))
         losses = [r.loss for r in results]
         return MultiHeadOutput(results, sum(losses) if all(loss is not None for loss in losses) else None)
+
+
+def _with_prompt_positions(hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                           labels: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Prompt tuning puts its positions before the input: widen the mask (attended) and the token
+    labels (ignored) to the backbone's output, as AdapterHub's heads do."""
+    extra = hidden.shape[1] - (attention_mask.shape[1] if attention_mask is not None else hidden.shape[1])
+    if extra <= 0:
+        return attention_mask, labels
+    mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], extra), attention_mask], dim=1)
+    if labels is not None and labels.dim() == 2 and labels.shape[1] == attention_mask.shape[1]:
+        labels = torch.cat([labels.new_full((labels.shape[0], extra), -100), labels], dim=1)
+    return mask, labels
 
 
 @dataclasses.dataclass

@@ -36,9 +36,10 @@ from adaptercli.assets import OFFLINE_DATASETS
 from adaptercli.errors import RecipeError
 from adaptercli.schema import INVALID, check_section, dataclass_in, did_you_mean, join, spec
 
-TASKS = ("classification", "multilabel", "regression", "tagging", "mlm", "causal_lm")
+TASKS = ("classification", "multilabel", "regression", "tagging", "mlm", "causal_lm", "instruct")
 HEAD_TYPES = ("classification", "multilabel", "regression", "tagging", "qa", "mlm", "causal_lm")
 COMPOSITION_TYPES = ("stack", "fuse", "parallel", "average", "split", "batch_split")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll")
 # Compression suffixes that the readers undo transparently, so `x.csv.gz` is a csv file.
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
@@ -69,6 +70,8 @@ class ModelConfig:
         attn_implementation: e.g. ``eager``, ``sdpa``; None lets transformers choose.
         dtype: weights dtype; None keeps the checkpoint's.
         gguf_file: name of a GGUF file inside ``name_or_path`` to dequantize and load.
+        quantization: ``4bit`` (NF4, double quantization: QLoRA) or ``8bit`` loads the frozen base
+            with bitsandbytes; adapters and head stay in full precision.
     """
 
     name_or_path: str = MISSING
@@ -77,6 +80,7 @@ class ModelConfig:
     attn_implementation: str | None = None
     dtype: str | None = spec(None, choices=("auto", "float32", "float16", "bfloat16"))
     gguf_file: str | None = None
+    quantization: str | None = spec(None, choices=("4bit", "8bit"))
 
 
 @dataclass
@@ -155,6 +159,11 @@ class DataConfig:
         max_train_samples: keep at most this many training examples (seeded sample).
         max_eval_samples: keep at most this many validation and test examples (seeded sample).
         task: one of `TASKS`; None means the offline data set's task, else classification.
+            ``instruct`` trains a causal LM on conversations (a ``messages`` column, or prompt and
+            response columns) rendered with the tokenizer's chat template, with the loss on the
+            answers only.
+        prompt_column: for ``instruct``, the column with the prompt; None tries common names.
+        response_column: for ``instruct``, the column with the answer; None tries common names.
     """
 
     source: str | None = None
@@ -172,6 +181,8 @@ class DataConfig:
     max_train_samples: int | None = spec(None, ge=1)
     max_eval_samples: int | None = spec(None, ge=1)
     task: str | None = spec(None, choices=TASKS)
+    prompt_column: str | None = None
+    response_column: str | None = None
 
 
 @dataclass
@@ -184,6 +195,11 @@ class TrainConfig:
         metric_for_best: metric that selects the best checkpoint, e.g. ``accuracy``; None uses
             the evaluation loss (lower is better).
         early_stopping_patience: stop after this many evaluations without improvement.
+        batch_size: the global batch: under ``accelerate launch`` each process takes its share.
+        gradient_checkpointing: recompute each layer's activations in the backward pass instead
+            of keeping them (less memory, ~30% more compute).
+        report_to: experiment trackers that also receive the metrics (through Accelerate):
+            tensorboard, wandb, mlflow, trackio; ``metrics.jsonl`` is always written.
         The other fields mean what they mean in `transformers.TrainingArguments`.
     """
 
@@ -208,6 +224,8 @@ class TrainConfig:
     greater_is_better: bool = True
     early_stopping_patience: int | None = spec(None, ge=1)
     max_seq_length: int = spec(128, ge=1)
+    gradient_checkpointing: bool = False
+    report_to: list[str] = spec(factory=list, choices=TRACKERS)
 
 
 @dataclass
@@ -448,8 +466,9 @@ def _check_semantics(recipe: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"data.task: data set {source} is for {offline_task}, got {task!r}")
 
     head = recipe.setdefault("head", {})
-    head_type = head.setdefault("type", task)
-    if INVALID not in (task, head_type) and head_type != task:
+    wanted_head = "causal_lm" if task == "instruct" else task  # instruction tuning trains a causal-LM head
+    head_type = head.setdefault("type", wanted_head)
+    if INVALID not in (task, head_type) and head_type != wanted_head:
         problems.append(f"head.type: {head_type!r} does not match data.task {task!r}")
 
     if recipe.get("train", {}).get("max_steps") == 0:
@@ -461,6 +480,10 @@ def _check_semantics(recipe: dict[str, Any], problems: list[str]) -> None:
     if adapter.get("freeze") is True and not adapter.get("load"):
         problems.append("adapter.freeze: only a loaded adapter can be frozen; set adapter.load")
 
+
+FULL_FINETUNING = "full"
+"""``adapter.method: full`` trains every weight of the model and no adapter: the baseline that
+reproduction jobs compare the adapter methods with."""
 
 # What a recipe's composition trains, and the block arguments each type takes (``composition.kwargs``).
 TRAINED_COMPOSITIONS: dict[str, tuple[str, ...]] = {
@@ -500,6 +523,10 @@ def _check_method_config(adapter: dict[str, Any], problems: list[str]) -> None:
 
     method, config = adapter.get("method", AdapterConfig.method), adapter.get("config", {})
     if adapter.get("load") or INVALID in (method, config):
+        return
+    if method == FULL_FINETUNING:
+        if config:
+            problems.append("adapter.config: full fine-tuning has no adapter config; remove it")
         return
     try:
         entry = get_method(method)

@@ -23,39 +23,51 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+import torch.nn as nn
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    gather_object,
+)
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoTokenizer, get_scheduler
 
 from .assets import resolve_model_path
 from .checks import member_folder, preflight
 from .composition import Fuse, Stack
-from .data import LoadedData, load_data, make_collator, tokenize_dataset
+from .data import LoadedData, chat_text, load_data, make_collator, tokenize_dataset
 from .errors import AdapterCliError
 from .formats.common import read_json, write_json, write_weights
 from .heads import HeadConfig
 from .hub import hub_access, pinned
-from .metrics import compute_metrics
+from .metrics import IGNORE_INDEX, compute_metrics
 from .model import AdapterModel, AutoAdapterModel
-from .recipe import Recipe, load_recipe, recipe_to_yaml
+from .recipe import FULL_FINETUNING, Recipe, load_recipe, recipe_to_yaml
 
 # recipe head types -> AdapterHub head types
 _HEAD_TYPES = {"classification": "classification", "multilabel": "multilabel_classification",
                "regression": "regression", "tagging": "tagging", "qa": "question_answering",
-               "mlm": "masked_lm", "causal_lm": "causal_lm"}
+               "mlm": "masked_lm", "causal_lm": "causal_lm", "instruct": "causal_lm"}
+TOKEN_TASKS = ("tagging", "mlm", "causal_lm", "instruct")  # a label per token; the others, one per example
 _CRASH_ENV = "ADAPTERCLI_TEST_KILL_AT_STEP"  # tests: SIGKILL the run right after this step
 
 
 def load_model(recipe: Recipe) -> tuple[AdapterModel, Any]:
-    """The recipe's backbone (frozen later by ``train_adapter``) and tokenizer."""
+    """The recipe's backbone (frozen later by ``train_adapter``) and tokenizer. With
+    ``model.quantization`` the backbone's linear layers are loaded in 4 or 8 bits by bitsandbytes
+    (QLoRA); everything else, adapters and heads included, stays in full precision."""
     m = recipe.model
     path = resolve_model_path(m.name_or_path)
     kwargs: dict[str, Any] = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
@@ -68,15 +80,41 @@ def load_model(recipe: Recipe) -> tuple[AdapterModel, Any]:
                 kwargs["attn_implementation"] = m.attn_implementation
             if m.dtype:
                 kwargs["dtype"] = m.dtype if m.dtype == "auto" else getattr(torch, m.dtype)
+            if m.quantization:
+                kwargs["quantization_config"] = quantization_config(m.quantization)
+                kwargs.setdefault("dtype", torch.float32)  # norms, embeddings: kept in full precision
+                kwargs["device_map"] = {"": PartialState().device}  # this process's device
             model = AutoAdapterModel.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
         local = Path(path).exists()
         hint = "" if local else (" — it is not a local folder and the Hugging Face Hub could not be reached; "
                                  "set model.name_or_path to a downloaded model folder (or `minilm`, installed offline)")
-        raise AdapterCliError(f"model.name_or_path: cannot load '{m.name_or_path}'{hint} ({str(exc).splitlines()[0][:200]})") from None
+        key = "model.quantization" if m.quantization and local else "model.name_or_path"
+        raise AdapterCliError(f"{key}: cannot load '{m.name_or_path}'{hint} ({str(exc).splitlines()[0][:200]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def quantization_config(kind: str) -> Any:
+    """bitsandbytes settings for ``model.quantization``: ``4bit`` is QLoRA's NF4 with double
+    quantization, computing in bf16 on GPUs that have it (fp16 on older ones, fp32 on the CPU);
+    ``8bit`` is LLM.int8()."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise AdapterCliError("model.quantization: needs bitsandbytes; install it with "
+                              "pip install 'adaptercli[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if torch.cuda.is_available():
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        compute = torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def attach_adapter(model: AdapterModel, recipe: Recipe) -> str:
@@ -127,7 +165,7 @@ def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
             model.delete_adapter(member)
     elif comp is not None and comp.type == "fuse":
         model.add_adapter_fusion(setup_of(recipe, members), comp.kwargs.get("config", "dynamic"))
-    else:
+    elif recipe.adapter.method != FULL_FINETUNING:
         attach_adapter(model, recipe)
     if name not in model.heads:
         head = recipe.head
@@ -137,7 +175,11 @@ def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
         label2id = {label: i for i, label in enumerate(labels)} if labels else None
         model.add_head(name, HeadConfig(kind, num_labels, head.layers, head.activation, label2id, dropout_prob=head.dropout))
     setup = setup_of(recipe, members)
-    if isinstance(setup, Fuse):
+    if recipe.adapter.method == FULL_FINETUNING:  # the baseline: every weight trains, no adapter
+        model.freeze_model(False)
+        model.active_head = name
+        model.train()
+    elif isinstance(setup, Fuse):
         model.train_adapter_fusion(setup)  # the members stay frozen; the fusion layers and the head train
     else:
         model.train_adapter(name)
@@ -149,8 +191,13 @@ def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
 
 
 def save_trained(model: AdapterModel, folder: Path, recipe: Recipe) -> None:
-    """Write what a run trained: its adapter and head, or its fusion and head (never the members)."""
-    if recipe.composition is not None and recipe.composition.type == "fuse":
+    """Write what a run trained: its adapter and head, or its fusion and head (never the members).
+    A full fine-tuning baseline writes all its weights to ``model.safetensors`` (for the record: the
+    run-folder commands serve adapter runs)."""
+    if recipe.adapter.method == FULL_FINETUNING:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_weights(folder / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
+    elif recipe.composition is not None and recipe.composition.type == "fuse":
         model.save_adapter_fusion(folder, recipe.adapter.name, with_head=True)
     else:
         model.save_adapter(folder, recipe.adapter.name)
@@ -203,34 +250,63 @@ def _collate(collator: Callable, split, indices: list[int]) -> dict[str, torch.T
 
 
 def evaluate(model: AdapterModel, split, collator: Callable, task: str, label_names: list[str] | None,
-             batch_size: int, device: torch.device) -> dict[str, float]:
-    """Loss and task metrics of ``model`` on a tokenized split."""
+             batch_size: int, device: torch.device, accelerator: Accelerator | None = None) -> dict[str, float]:
+    """Loss and task metrics of ``model`` on a tokenized split. Under several processes each takes
+    its share of every batch and the results are gathered, so every process returns the metrics a
+    single process computes (every process must call it)."""
+    world = accelerator.num_processes if accelerator is not None else 1
     model.eval()
-    losses, predictions, labels = [], [], []
+    results = []  # per batch: (rows, loss, loss units, predictions, labels) of this process's share
     with torch.no_grad():
         for start in range(0, len(split), batch_size):
-            batch = {k: v.to(device) for k, v in _collate(collator, split, list(range(start, min(start + batch_size, len(split))))).items()}
+            full = _collate(collator, split, list(range(start, min(start + batch_size, len(split)))))
+            rows, real = _share(len(full["input_ids"]), accelerator)
+            batch = {k: v[rows].to(device) for k, v in full.items()}
             out = model(**batch)
-            losses.append(out.loss.item() * len(batch["input_ids"]))
+            if not real:
+                continue  # ran only to keep the processes' collective operations in step
             logits = out.logits.float()
-            if task in ("tagging", "mlm", "causal_lm"):
+            if task in TOKEN_TASKS:
                 logits = logits.argmax(-1)  # keep ids only: full-vocabulary logits would not fit
-            predictions.append(logits.cpu().numpy())
-            labels.append(batch["labels"].cpu().numpy())
+            results.append((start, len(full["input_ids"]), out.loss.item(), _loss_units(batch["labels"], task),
+                            logits.cpu().numpy(), batch["labels"].cpu().numpy()))
     model.train()
-    if task in ("tagging", "mlm", "causal_lm"):  # pad token-level batches to one length
+    if world > 1:  # every process gets every share; within a batch, shares are in process order
+        results = sorted(gather_object(results), key=lambda r: r[0])
+    shares: dict[int, tuple[int, list[tuple[float, int]]]] = {}  # batch start -> (rows, [(loss, units)])
+    predictions, labels = [], []
+    for start, rows, loss, units, predicted, gold in results:
+        shares.setdefault(start, (rows, []))[1].append((loss, units))
+        predictions.append(predicted)
+        labels.append(gold)
+    if task in TOKEN_TASKS:  # pad token-level batches to one length
         width = max(p.shape[1] for p in predictions)
         predictions = [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-100) for p in predictions]
         labels = [np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=-100) for y in labels]
     metrics = compute_metrics(task, np.concatenate(predictions), np.concatenate(labels), label_names)
-    metrics["loss"] = float(sum(losses) / len(split))
+    # the mean over examples of each batch's loss (a token-level batch's: over its scored tokens)
+    metrics["loss"] = float(sum(rows * _batch_loss(parts) for rows, parts in shares.values()) / len(split))
     return metrics
 
 
-def _save_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler, progress: RunState, name: str) -> None:
+def _batch_loss(shares: list[tuple[float, int]]) -> float:
+    """A batch's loss from its processes' shares: their losses weighted by their loss units."""
+    if len(shares) == 1:
+        return shares[0][0]
+    return sum(loss * units for loss, units in shares) / max(sum(units for _, units in shares), 1)
+
+
+def _save_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler, progress: RunState, name: str,
+                     write: bool = True) -> None:
     """Write ``checkpoints/step-N`` via a temporary folder and a rename, then point ``latest`` at
-    it: a run killed at any moment leaves the previous checkpoint intact."""
+    it: a run killed at any moment leaves the previous checkpoint intact. Weights and optimizer
+    state are saved whole (never one process's shard), so a run resumes on any number of
+    processes. Under several processes every one calls this (gathering a sharded optimizer state
+    is collective) and only the main one writes (``write``)."""
     final = folder / f"step-{progress.step}"
+    state = _full_optimizer_state(optimizer)
+    if not write:
+        return
     if final.exists():  # the same step saved before (a resumed run ending where it was cut): same state
         write_json(folder / "latest.json", {"checkpoint": final.name, "step": progress.step})
         return
@@ -239,7 +315,6 @@ def _save_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler, pr
     tmp.mkdir(parents=True)
     trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
     write_weights(tmp / "trainable.safetensors", trainable)
-    state = optimizer.state_dict()
     tensors = {f"{i}.{key}": value for i, s in state["state"].items() for key, value in s.items() if torch.is_tensor(value)}
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -255,14 +330,37 @@ def _save_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler, pr
     write_json(folder / "latest.json", {"checkpoint": final.name, "step": progress.step})
 
 
+def _full_optimizer_state(optimizer) -> dict[str, Any]:
+    """The optimizer's state dict with every tensor whole: FSDP2 shards the state like the weights
+    (DTensors, gathered here, collectively). DeepSpeed keeps its state inside its engine: none is
+    saved, and a resumed run starts the optimizer's moments afresh."""
+    if _is_deepspeed(optimizer):
+        return {"state": {}, "param_groups": []}
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    return state
+
+
+def _is_deepspeed(optimizer) -> bool:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer it prepares
+    return type(inner).__module__.split(".")[0] == "deepspeed" or "deepspeed" in type(inner).__module__
+
+
 def _load_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler) -> RunState:
     """Restore the latest checkpoint; a damaged one is reported (and how to go on), not a traceback."""
+    path, meta = _restore_weights(folder, model)
+    return _restore_training_state(folder, path, meta, optimizer, scheduler)
+
+
+def _restore_weights(folder: Path, model: AdapterModel) -> tuple[Path, dict[str, Any]]:
+    """Load the latest checkpoint's trained weights into the (not yet distributed) model; returns
+    the checkpoint's folder and its state.json."""
     path = folder
     try:
         path = folder / read_json(folder / "latest.json")["checkpoint"]
         meta = read_json(path / "state.json")
         weights = load_file(path / "trainable.safetensors")
-        tensors = load_file(path / "optimizer.safetensors")
         params = dict(model.named_parameters())
         missing = sorted(set(weights) - set(params))
         if missing:
@@ -270,18 +368,29 @@ def _load_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler) ->
         with torch.no_grad():
             for key, value in weights.items():
                 params[key].copy_(value)
+    except (AdapterCliError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        _unrestorable(folder, path, exc)
+    return path, meta
+
+
+def _restore_training_state(folder: Path, path: Path, meta: dict[str, Any], optimizer, scheduler) -> RunState:
+    """Restore optimizer, scheduler, progress and random generators from a checkpoint (after the
+    optimizer was prepared: FSDP2's sharded state is cut from the saved whole tensors)."""
+    try:
+        tensors = load_file(path / "optimizer.safetensors")
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             index, _, name = key.partition(".")
             if index != "rng":
                 state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if meta["param_groups"] and not _is_deepspeed(optimizer):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            state = {i: {k: _like(v, params[i]) for k, v in s.items()} for i, s in state.items()}
+            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         scheduler.load_state_dict(meta["scheduler"])
         progress = RunState(**meta["progress"])
-    except (AdapterCliError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise AdapterCliError(f"--resume: cannot restore the checkpoint {path} ({detail}); delete it (and "
-                              f"{folder / 'latest.json'}) to resume from an earlier one, or train without --resume") from None
+    except (AdapterCliError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+        _unrestorable(folder, path, exc)
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
@@ -293,6 +402,20 @@ def _load_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler) ->
         kind, keys, *rest = meta["rng"]["numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     return progress
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A saved whole optimizer tensor laid out like its parameter: cut into this process's shard
+    when FSDP2 shards the parameter (scalars such as Adam's step stay as they are)."""
+    if isinstance(param, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value
+
+
+def _unrestorable(folder: Path, path: Path, exc: Exception) -> NoReturn:
+    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    raise AdapterCliError(f"--resume: cannot restore the checkpoint {path} ({detail}); delete it (and "
+                          f"{folder / 'latest.json'}) to resume from an earlier one, or train without --resume") from None
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -372,8 +495,120 @@ def _lock_holder(lock: Path) -> int | None:
     return pid if pid != os.getpid() else None
 
 
+# --- several processes: accelerate launch ----------------------------------------------------------
+# Every process runs the same loop over the same global batches (the order is a function of the seed
+# and epoch); each takes a contiguous share of every batch. DDP averages the processes' gradients, so
+# each share's mean loss is weighted by its part of the batch's loss units (examples, or scored tokens
+# for token-level tasks): the step then equals one process's step on the whole batch. Only the main
+# process writes files, prints and reports to trackers; FSDP2 and DeepSpeed ZeRO-3 weights are
+# gathered whole before anything is saved.
+
+
+def _accelerator(recipe: Recipe) -> Accelerator:
+    """One Accelerator per run: mixed precision, trackers, and the launch's processes (if any)."""
+    cfg, out = recipe.train, Path(recipe.output_dir)
+    mixed = cfg.mixed_precision if torch.cuda.is_available() or cfg.mixed_precision == "bf16" else "no"
+    accelerator = Accelerator(
+        mixed_precision=mixed, log_with=list(cfg.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "trackers")),
+        # full fine-tuning leaves weights without a gradient (BERT's pooler); adapters and heads use all theirs
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.adapter.method == FULL_FINETUNING)])
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise AdapterCliError("FSDP: adaptercli trains with FSDP2; set fsdp_version: 2 in the accelerate config "
+                              "(see configs/accelerate/fsdp.yaml)")
+    if kind == DistributedType.DEEPSPEED and cfg.gradient_accumulation_steps > 1:
+        raise AdapterCliError("train.gradient_accumulation_steps: not supported under DeepSpeed yet; raise "
+                              "train.batch_size instead (each process takes batch_size / processes examples)")
+    return accelerator
+
+
+@contextlib.contextmanager
+def _main_process_lock(accelerator: Accelerator, out: Path) -> Iterator[None]:
+    """`run_lock`, held by the main process; every process learns whether it was taken."""
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(run_lock(out))
+            except AdapterCliError as exc:
+                problem = str(exc)
+        if accelerator.num_processes > 1:
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise AdapterCliError(problem)
+        yield
+
+
+def _share(rows: int, accelerator: Accelerator | None) -> tuple[slice, bool]:
+    """This process's rows of a batch: a contiguous slice, and whether it holds any. A process
+    whose share is empty runs row 0 anyway (its loss multiplied by 0), so that every process runs
+    the same forward and backward passes and their collective operations stay in step."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return slice(0, rows), True
+    per = math.ceil(rows / accelerator.num_processes)
+    start = min(accelerator.process_index * per, rows)
+    stop = min(start + per, rows)
+    return (slice(start, stop), True) if start < stop else (slice(0, 1), False)
+
+
+def _loss_units(labels: torch.Tensor, task: str) -> int:
+    """How many terms a batch's mean loss averages: its scored tokens for token-level tasks (a
+    causal LM scores each position's next token), else its examples."""
+    if task not in TOKEN_TASKS:
+        return labels.shape[0]
+    if task in ("causal_lm", "instruct"):
+        labels = labels[:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+@contextlib.contextmanager
+def _full_weights(accelerator: Accelerator, model: Any) -> Iterator[AdapterModel]:
+    """The unwrapped model, its trainable weights whole on the main process while inside, to save
+    them. FSDP2 and DeepSpeed ZeRO-3 keep only a shard of each weight on each process: they are
+    gathered here (collectively: every process enters), so a saved adapter is never a shard."""
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+            yield unwrapped
+        return
+    whole = [(n, p.full_tensor()) for n, p in trainable if isinstance(p, DTensor)]  # FSDP2
+    swapped = []
+    if accelerator.is_main_process:
+        for name, value in whole:
+            owner, _, leaf = name.rpartition(".")
+            module = unwrapped.get_submodule(owner)
+            swapped.append((module, leaf, module._parameters[leaf]))
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=True)
+    try:
+        yield unwrapped
+    finally:
+        for module, leaf, sharded in swapped:
+            module._parameters[leaf] = sharded
+
+
+def _tracker_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as flat ``section.key`` values that every tracker accepts (lists and None as text)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value if isinstance(value, bool | int | float | str) else str(value)
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(recipe)))
+    return flat
+
+
 def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, float]:
-    """Train the recipe's adapter; returns the final evaluation metrics."""
+    """Train the recipe's adapter; returns the final evaluation metrics. Under ``accelerate launch``
+    every process runs this, each on its share of every batch; only the main one writes and prints."""
     out = Path(recipe.output_dir)
     ckpt_dir = out / "checkpoints"
     if resume and not (ckpt_dir / "latest.json").exists():
@@ -381,10 +616,13 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     if not resume and (ckpt_dir / "latest.json").exists():
         raise AdapterCliError(f"{out} already holds a run; use --resume to continue it or choose another output_dir")
     data = preflight(recipe).data  # the recipe's files, model folder and metric, before anything loads
+    accelerator = _accelerator(recipe)
     console = console or Console()
-    with run_lock(out):
-        final = _train(recipe, data, resume, console)
-        if recipe.composition is not None and recipe.composition.type == "fuse":
+    if not accelerator.is_main_process:
+        console = Console(quiet=True)
+    with _main_process_lock(accelerator, out):
+        final = _train(recipe, data, resume, console, accelerator)
+        if accelerator.is_main_process and recipe.composition is not None and recipe.composition.type == "fuse":
             console.print(fusion_table(fusion_attention_report(out)))
             console.print(f"fusion attention written to {out / 'fusion_attention.png'} and fusion_attention.json")
     return final
@@ -404,18 +642,19 @@ def fusion_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> dict[str, float]:
+def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, accelerator: Accelerator) -> dict[str, float]:
     cfg = recipe.train
     out = Path(recipe.output_dir)
     ckpt_dir = out / "checkpoints"
+    main, processes = accelerator.is_main_process, accelerator.num_processes
 
-    # 1. model, optimizer (the data was loaded by the checks)
+    # 1. model, optimizer (the data was loaded by the checks); a resumed run's weights
     torch.manual_seed(cfg.seed)
     model, tokenizer = prepare_model(recipe, data)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     tokenized = tokenize_dataset(data.splits, tokenizer, data.task, cfg.max_seq_length)
     train_split, eval_split = tokenized["train"], tokenized["validation"]
-    mixed = cfg.mixed_precision if torch.cuda.is_available() or cfg.mixed_precision == "bf16" else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     batches_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
@@ -423,17 +662,27 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    if resume:  # whole weights go in before FSDP or DeepSpeed cut them into shards
+        checkpoint, saved = _restore_weights(ckpt_dir, model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # it needs a batch size and does the clipping
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=math.ceil(cfg.batch_size / processes), gradient_clipping=cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaces them by sharded ones
     device = accelerator.device
     name = recipe.adapter.name
 
     # 2. a fresh run folder, or the state of the latest checkpoint
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(recipe_to_yaml(_with_absolute_paths(recipe)))
-    progress = _load_checkpoint(ckpt_dir, model, optimizer, scheduler) if resume else RunState()
-    with open(out / "metrics.jsonl", "w") as log:  # rewritten from the checkpoint's history on resume
-        for entry in progress.history:
-            log.write(json.dumps(entry) + "\n")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe_to_yaml(_with_absolute_paths(recipe)))
+    progress = _restore_training_state(ckpt_dir, checkpoint, saved, optimizer, scheduler) if resume else RunState()
+    if main:
+        with open(out / "metrics.jsonl", "w") as log:  # rewritten from the checkpoint's history on resume
+            for entry in progress.history:
+                log.write(json.dumps(entry) + "\n")
+    if cfg.report_to:
+        accelerator.init_trackers(name, config=_tracker_config(recipe))
     collator = make_collator(tokenizer, data.task, seed=cfg.seed)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     eval_every = cfg.eval_steps or steps_per_epoch
@@ -444,11 +693,19 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
 
     def log_entry(entry: dict[str, Any]) -> None:
         progress.history.append(entry)
-        with open(out / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(entry) + "\n")
+        if main:
+            with open(out / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(entry) + "\n")
+        kind = "eval" if entry.get("eval") else "train"
+        accelerator.log({f"{kind}/{k}": v for k, v in entry.items() if k not in ("step", "eval")}, step=entry["step"])
+
+    def save(folder: Path) -> None:  # every process gathers the weights, the main one writes them
+        with _full_weights(accelerator, model) as whole:
+            if main:
+                save_trained(whole, folder, recipe)
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(model, eval_split, collator, data.task, data.label_names, eval_bs, device)
+        metrics = evaluate(model, eval_split, collator, data.task, data.label_names, eval_bs, device, accelerator)
         log_entry({"step": progress.step, "eval": True, **metrics})
         key = cfg.metric_for_best or "loss"
         value = metrics.get(key)
@@ -457,7 +714,7 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
         better = cfg.greater_is_better if cfg.metric_for_best else False
         if progress.best_metric is None or (value > progress.best_metric if better else value < progress.best_metric):
             progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
-            save_trained(accelerator.unwrap_model(model), best_dir, recipe)
+            save(best_dir)
         else:
             progress.evals_without_improvement += 1
         return metrics
@@ -477,23 +734,32 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
                 step_started = time.perf_counter()
                 if data.task == "mlm":  # masking seeded by step, so a resumed run masks the same tokens
                     collator = make_collator(tokenizer, data.task, seed=cfg.seed + progress.step)
-                for indices in group:
-                    batch = {k: v.to(device) for k, v in _collate(collator, train_split, indices).items()}
-                    with accelerator.autocast():
-                        loss = model(**batch).loss
-                        if fused:  # AdapterFusion keeps its value matrices near the identity
-                            loss = loss + accelerator.unwrap_model(model).get_fusion_regularization_loss()
-                        loss = loss / len(group)
-                    accelerator.backward(loss)
-                    running.append(loss.item() * len(group))
+                step_loss = torch.zeros((), device=device)
+                for i, indices in enumerate(group):
+                    whole = _collate(collator, train_split, indices)  # the global batch; this process's share:
+                    rows, real = _share(len(indices), accelerator)
+                    batch = {k: v[rows].to(device) for k, v in whole.items()}
+                    last = i == len(group) - 1  # processes exchange gradients once per step
+                    with accelerator.no_sync(model) if processes > 1 and not last else contextlib.nullcontext():
+                        with accelerator.autocast():
+                            loss = model(**batch).loss
+                            if processes > 1:  # this share's part of the batch's mean (DDP averages shares)
+                                units = _loss_units(batch["labels"], data.task) if real else 0
+                                loss = loss * (processes * units / max(_loss_units(whole["labels"], data.task), 1))
+                            if fused:  # AdapterFusion keeps its value matrices near the identity
+                                loss = loss + accelerator.unwrap_model(model).get_fusion_regularization_loss()
+                            loss = loss / len(group)
+                        accelerator.backward(loss)
+                    step_loss += loss.detach()
                     seen += len(indices)
                 if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(model.parameters() if accelerator.is_fsdp2 else trainable, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress.batch_in_epoch += len(group)
                 progress.step += 1
+                running.append((accelerator.reduce(step_loss, "mean") if processes > 1 else step_loss).item())
                 train_seconds += time.perf_counter() - step_started
                 rate = seen / train_seconds
                 lr = scheduler.get_last_lr()[0]
@@ -509,8 +775,10 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
                         console.print(f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
                         stop = True
                 if progress.step % cfg.save_steps == 0 or stop:
-                    _save_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, scheduler, progress, name)
-                    _prune(ckpt_dir, cfg.save_total_limit)
+                    with _full_weights(accelerator, model) as whole_model:
+                        _save_checkpoint(ckpt_dir, whole_model, optimizer, scheduler, progress, name, write=main)
+                    if main:
+                        _prune(ckpt_dir, cfg.save_total_limit)
                 if kill_at and progress.step == kill_at:
                     os.kill(os.getpid(), 9)
             if not stop:
@@ -519,13 +787,18 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
 
     # 4. final evaluation, the adapter folder, the curves
     final = run_eval()
-    unwrapped = accelerator.unwrap_model(model)
     adapter_dir = out / "adapter"
-    if cfg.metric_for_best and best_dir.exists():
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        shutil.copytree(best_dir, adapter_dir)
+    if cfg.metric_for_best and progress.best_step is not None:  # the best evaluation's weights, saved in best/
+        if main:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            shutil.copytree(best_dir, adapter_dir)
     else:
-        save_trained(unwrapped, adapter_dir, recipe)
+        save(adapter_dir)
+    for tracker in accelerator.trackers:  # only the main process has them
+        tracker.finish()
+    accelerator.wait_for_everyone()
+    if not main:
+        return final
     _plot(progress.history, out / "curves.png", cfg.metric_for_best)
     table = Table(title=f"{name}: final evaluation ({len(eval_split)} examples, step {progress.step})")
     table.add_column("metric")
@@ -536,7 +809,8 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console) -> 
         table.add_row(f"best {cfg.metric_for_best} (step {progress.best_step})", f"{progress.best_metric:.4f}")
     console.print(table)
     fused = recipe.composition is not None and recipe.composition.type == "fuse"
-    console.print(f"{'fusion and head' if fused else 'adapter'} written to {adapter_dir}")
+    what = "fusion and head" if fused else "adapter"
+    console.print(f"{what} written to {adapter_dir}" + (f" ({processes} processes)" if processes > 1 else ""))
     return final
 
 
@@ -596,6 +870,9 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, AdapterModel, Any, str]:
     if not (run / "recipe.yaml").exists() or not (run / "adapter").exists():
         raise AdapterCliError(f"{run}: not a finished run folder (needs recipe.yaml and adapter/)")
     recipe = load_recipe(run / "recipe.yaml")
+    if recipe.adapter.method == FULL_FINETUNING:
+        raise AdapterCliError(f"{run}: a full fine-tuning baseline; its evaluations are in metrics.jsonl "
+                              "(eval, predict, summary and export serve adapter runs)")
     model, tokenizer = load_model(recipe)
     comp = recipe.composition
     members = load_members(model, recipe) if comp is not None and comp.type in ("stack", "fuse") else []
@@ -643,3 +920,42 @@ def predict(run_dir: str | Path, texts: list[str]) -> list[dict[str, Any]]:
             best = int(probs.argmax())
             results.append({"text": text, "label": id2label.get(best, str(best)), "probability": probs[best].item()})
     return results
+
+
+def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+             seed: int = 0) -> list[str]:
+    """Continue each prompt with a causal-LM run's adapter: an instruction-tuned run (``data.task:
+    instruct``) reads the prompt as a user turn of the tokenizer's chat template and answers it;
+    a ``causal_lm`` run continues the text. Greedy unless ``temperature`` > 0; stops at the end of
+    the answer (the tokenizer's end-of-sequence or end-of-turn token) or after ``max_new_tokens``."""
+    recipe, model, tokenizer, name = load_run(run_dir)
+    kind = model.heads[name].config.head_type if name in model.heads else None
+    if kind != "causal_lm":
+        raise AdapterCliError(f"generate needs a causal-LM run (data.task instruct or causal_lm); this run's head is '{kind}'")
+    chat = recipe.data.task == "instruct"
+    stop = {tokenizer.eos_token_id, *_as_list(getattr(model.config, "eos_token_id", None))} - {None}
+    stop |= {i for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>") if (i := tokenizer.convert_tokens_to_ids(t))
+             not in (None, tokenizer.unk_token_id)}
+    generator = torch.Generator().manual_seed(seed)
+    answers = []
+    for prompt in prompts:
+        text = chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
+        ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(model.device)
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(max_new_tokens):  # no KV cache: short answers from small models, exactly the trained path
+                logits = model(input_ids=ids).logits[0, -1].float()
+                if temperature > 0:
+                    token = int(torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=generator))
+                else:
+                    token = int(logits.argmax())
+                if token in stop:
+                    break
+                new.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return answers
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]

@@ -3,7 +3,7 @@
 Two halves, one file:
 
 * ``--make DIR`` (run by the project's own ``.venv/bin/python``): on the tiny reference models in
-  ``tests/fixtures/models/``, add each case's adapter and head with adaptercli, move every weight
+  ``tests/fixtures/models/`` and the real all-MiniLM-L6-v2 (the installed ``minilm``), add each case's adapter and head with adaptercli, move every weight
   away from its initial value, save it, export it with `adaptercli.export` to a PEFT folder and an
   AdapterHub folder (or record why that export refuses it), and save the inputs, our output with
   the adapter active and the bare model's output.
@@ -63,6 +63,8 @@ CASES = {
     "bert_prefix_tuning": ("bert", "prefix_tuning[prefix_length=5,bottleneck_size=16]", None),
     "llama_prefix_tuning": ("llama", "prefix_tuning[prefix_length=5,bottleneck_size=16]", None),
     "gpt2_seq_bn": ("gpt2", "seq_bn", None),
+    "minilm_lora_cls": ("minilm", "lora[r=8,alpha=16]", {**CLS2, "num_labels": 2}),  # the real all-MiniLM-L6-v2
+    "minilm_seq_bn_cls": ("minilm", "seq_bn", {**CLS2, "num_labels": 2}),
 }
 
 
@@ -89,6 +91,7 @@ def make(folder: Path) -> None:
     from transformers import AutoModel
 
     import adaptercli
+    from adaptercli.assets import resolve_model_path
     from adaptercli.export import export, open_source
     from adaptercli.heads import HeadConfig
 
@@ -96,7 +99,8 @@ def make(folder: Path) -> None:
     manifest = []
     for case, (arch, config, head) in CASES.items():
         torch.manual_seed(0)
-        model = adaptercli.AdapterModel(AutoModel.from_pretrained(MODELS / arch, attn_implementation="eager")).eval()
+        model_dir = Path(resolve_model_path("minilm")) if arch == "minilm" else MODELS / arch
+        model = adaptercli.AdapterModel(AutoModel.from_pretrained(model_dir, attn_implementation="eager")).eval()
         model.add_adapter(case, config)
         if head:
             labels = {f"label_{i}": i for i in range(head["num_labels"])} if head["type"] != "regression" else None
@@ -116,8 +120,9 @@ def make(folder: Path) -> None:
             bare = model.heads[case].predict(bare, io["attention_mask"], None)[1] if head else bare
         torch.save({**io, "expected": expected, "bare": bare}, folder / f"{case}.pt")
         model.save_adapter(folder / case / "native", case)
-        source = open_source(folder / case / "native", base_model=f"tests/fixtures/models/{arch}")
-        entry = {"case": case, "model_dir": str(MODELS / arch), "model_type": arch, "config": config, "head": head}
+        source = open_source(folder / case / "native", base_model=None if arch == "minilm" else f"tests/fixtures/models/{arch}")
+        entry = {"case": case, "model_dir": str(model_dir), "model_type": model.config.model_type, "config": config,
+                 "head": head}
         for target in ("peft", "adapterhub"):
             try:
                 export(source, target, str(folder / case / target))

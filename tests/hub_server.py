@@ -95,13 +95,17 @@ class HubServer:
             f'mirrors-path = ["{self.mirrors}"]\nmirror-netloc = "127.0.0.1:{self.port}"\n'
             f'mirror-lfs-netloc = "127.0.0.1:{self.port}"\nmetadata-cache-ttl = 0\n'
             "[accessibility]\noffline = true\n")
-        log = open(self.root / "olah.log", "w")  # noqa: SIM115 - closed with the process
+        self._log = open(self.root / "olah.log", "w")  # closed in stop()
         self._olah = subprocess.Popen([str(self.olah_bin), "-c", str(self.root / "olah.toml")], cwd=self.root,
-                                      stdout=log, stderr=subprocess.STDOUT)
+                                      stdout=self._log, stderr=subprocess.STDOUT)
         handler = type("Handler", (_Handler,), {"hub": self})
         self._http = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
-        _wait_for_port(self.olah_port, 30)
+        try:
+            _wait_for_port(self.olah_port, 30)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"olah did not start: {(self.root / 'olah.log').read_text()[-2000:]}") from None
         return self
 
     def stop(self) -> None:
@@ -114,6 +118,7 @@ class HubServer:
                 self._olah.wait(10)
             except subprocess.TimeoutExpired:
                 self._olah.kill()
+            self._log.close()
 
     def __enter__(self) -> HubServer:
         return self.start()

@@ -19,6 +19,7 @@ from adaptercli.assets import (
     OFFLINE_DATASETS,
     OfflineDataset,
     PackagedFile,
+    offline_dataset_path,
     packaged_path,
     resolve_model_path,
 )
@@ -219,31 +220,53 @@ def test_read_conll_handles_docstart_extra_columns_and_no_trailing_blank(tmp_pat
     assert loaded.splits["train"]["label"] == [[1, 0], [2, 3]]
 
 
-@pytest.mark.parametrize(
-    ("name", "rows", "label_names"),
-    [
-        ("rotten_tomatoes", 12808, ["rotten", "fresh"]),
-        ("sms_spam", 4837, ["ham", "spam"]),
-        ("trec", 5382, ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]),
-        ("vader_movies", 10605, None),
-        ("vader_movies_binary", 10568, ["negative", "positive"]),
-        ("ner_tweets", 2394, None),
-    ],
-)
-def test_offline_data_sets(name: str, rows: int, label_names: list[str] | None) -> None:
+# name, examples, label names (or how many there are; None for regression)
+OFFLINE_CASES = [
+    ("rotten_tomatoes", 12808, ["rotten", "fresh"]),
+    ("sms_spam", 4837, ["ham", "spam"]),
+    ("trec", 5382, ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]),
+    ("trec_fine", 5382, 50),  # the same questions, with the fine "COARSE:fine" labels
+    ("trec_instruct", 5382, None),  # the same questions as prompts, their answer type as the response
+    ("vader_movies", 10605, None),
+    ("vader_movies_binary", 10568, ["negative", "positive"]),  # vader_movies without the 37 ratings of 0
+    ("vader_amazon", 3546, None),
+    ("vader_tweets", 4200, None),
+    ("vader_nyt", 5183, None),
+    ("ner_tweets", 2394, 21),
+]
+
+
+@pytest.mark.parametrize(("name", "rows", "label_names"), OFFLINE_CASES)
+def test_offline_data_sets(name: str, rows: int, label_names: list[str] | int | None) -> None:
     loaded = load_data(DataConfig(source=name))
     assert loaded.task == OFFLINE_DATASETS[name].task
     assert sum(len(split) for split in loaded.splits.values()) == rows
     assert len(loaded.splits["validation"]) == pytest.approx(rows * 0.1, abs=1)
-    if label_names is not None:
+    if isinstance(label_names, int):
+        assert len(loaded.label_names) == label_names
+    else:
         assert loaded.label_names == label_names
+    train = loaded.splits["train"]
+    if name == "trec_fine":
+        coarse = load_data(DataConfig(source="trec")).splits["train"]
+        assert train["text"] == coarse["text"]  # same seeded split of the same questions
+        assert all(":" in label for label in loaded.label_names)
+        assert [loaded.label_names[i].split(":")[0] for i in train["label"][:200]] == [
+            coarse.features["label"].names[i] for i in coarse["label"][:200]
+        ]
     if name == "ner_tweets":
-        assert loaded.label_names[0] == "O" and len(loaded.label_names) == 21
-        assert isinstance(loaded.splits["train"][0]["text"], list)
+        assert loaded.label_names[0] == "O"
+        assert isinstance(train[0]["text"], list) and len(train[0]["text"]) == len(train[0]["label"])
+    if loaded.task == "regression":  # each text keeps the mean rating the raw file gives it
+        raw = pd.read_csv(offline_dataset_path(name))
+        ratings = raw.groupby("text")["sentiment"].apply(set)  # a few texts occur twice, rated apart
+        assert all(row["label"] in ratings[row["text"]] for row in train.select(range(300)))
+        assert -4 <= min(train["label"]) < 0 < max(train["label"]) <= 4
 
 
-def test_every_offline_data_set_has_a_reader() -> None:
+def test_every_offline_data_set_is_tested() -> None:
     assert set(data._OFFLINE_READERS) == set(OFFLINE_DATASETS)
+    assert [case[0] for case in OFFLINE_CASES] == list(OFFLINE_DATASETS)
 
 
 def test_offline_data_set_for_language_modelling_has_no_labels() -> None:

@@ -130,3 +130,35 @@ def test_pickles_are_read_weights_only(tmp_path: Path) -> None:
     model = adaptercli.init(tiny_model("bert"))
     with pytest.raises(AdapterFileError, match="cannot read weights"):
         model.load_adapter(folder)
+
+
+class Interrupted(Exception):
+    """Stands in for the process dying in the middle of a write."""
+
+
+def test_an_interrupted_write_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adaptercli.formats import common
+
+    weights, config = tmp_path / "adapter.safetensors", tmp_path / "adapter_config.json"
+    common.write_weights(weights, {"w": torch.ones(3)})
+    common.write_json(config, {"r": 8})
+
+    def save_half(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise Interrupted
+
+    def dump_half(data, handle, **kwargs):
+        handle.write('{"r": ')
+        raise Interrupted
+
+    monkeypatch.setattr(common, "save_file", save_half)
+    monkeypatch.setattr(common.json, "dump", dump_half)
+    with pytest.raises(Interrupted):
+        common.write_weights(weights, {"w": torch.zeros(3)})
+    with pytest.raises(Interrupted):
+        common.write_json(config, {"r": 16})
+    monkeypatch.undo()
+
+    assert torch.equal(load_file(weights)["w"], torch.ones(3))
+    assert json.loads(config.read_text()) == {"r": 8}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]

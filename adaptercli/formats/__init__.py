@@ -69,7 +69,8 @@ def load_adapter(model: ModelAdaptersMixin, path: Path, load_as: str | None, wit
         )
     if loaded.model_type and loaded.model_type != state.model_type:
         raise AdapterFileError(f"{path}: adapter was saved for a {loaded.model_type} model; this model is {state.model_type}")
-    weights = _rename(loaded.weights, loaded.saved_name, name, "adapters|loras|prefix_tunings|invertible_adapters")
+    weights = _rename(loaded.weights, loaded.saved_name, name,
+                      "adapters|loras|prefix_tunings|prefix_gates|invertible_adapters|shared_parameters|refts|prompt_tunings")
     model.add_adapter(name, loaded.config)
     state.adapters[name].base_model = loaded.model_name
     try:

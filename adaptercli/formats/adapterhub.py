@@ -46,7 +46,8 @@ def _strip_model_prefix(key: str) -> str:
     """Drop a leading model prefix (``bert.``, ``roberta.``, ``transformer.``, ``model.`` ...):
     adapter keys inside a backbone start with a backbone attribute we know."""
     head, _, rest = key.partition(".")
-    if rest and head not in ("encoder", "embeddings", "transformer", "h", "layers", "invertible_adapters", "prefix_tuning"):
+    if rest and head not in ("encoder", "embeddings", "transformer", "h", "layers", "invertible_adapters", "prefix_tuning",
+                             "shared_parameters", "prompt_tuning"):
         return rest
     if head == "transformer" and rest.startswith(("h.", "prefix_tuning", "invertible_adapters")):
         return rest  # GPT-2's AdapterModel prefix; DistilBERT's `transformer.layer` stays

@@ -94,12 +94,21 @@ def _usage(card: AdapterCard) -> str:
     where = card.location or "path/to/this/folder"
     base = card.base_model or "path/to/the/base/model"
     if card.format == "native" and card.kind == "fusion":
-        members = "\n".join(f'model.load_adapter("{where}/members/{m}", with_head=False)' for m in card.members)
-        return (f'import adaptercli\n\nmodel = adaptercli.AutoAdapterModel.from_pretrained("{base}")\n{members}\n'
-                f'model.load_adapter_fusion("{where}", set_active=True)')
+        lines = ["import adaptercli"]
+        if card.location:  # a Hub repository: the members are subfolders of its snapshot
+            repo, _, revision = card.location.partition("@")
+            lines += ["from huggingface_hub import snapshot_download", "",
+                      f'folder = snapshot_download("{repo}"{f", revision={revision!r}" if revision else ""})']
+            where = "{folder}"
+        lines += ["", f'model = adaptercli.AutoAdapterModel.from_pretrained("{base}")']
+        quote = 'f"' if card.location else '"'
+        lines += [f'model.load_adapter({quote}{where}/members/{m}", load_as="{m}", with_head=False)' for m in card.members]
+        fusion = "folder" if card.location else f'"{where}"'
+        lines += [f"model.load_adapter_fusion({fusion}, set_active=True)", "model.eval()"]
+        return "\n".join(lines)
     if card.format == "native":
         return (f'import adaptercli\n\nmodel = adaptercli.AutoAdapterModel.from_pretrained("{base}")\n'
-                f'model.load_adapter("{where}", set_active=True)')
+                f'model.load_adapter("{where}", set_active=True)\nmodel.eval()')
     if card.format == "peft":
         auto = card.auto_class or "AutoModel"
         labels = f", num_labels={len(card.labels)}" if card.labels and "Classification" in auto else ""
@@ -107,7 +116,7 @@ def _usage(card: AdapterCard) -> str:
                 f'base = {auto}.from_pretrained("{base}"{labels})\nmodel = PeftModel.from_pretrained(base, "{where}")')
     if card.format == "adapterhub":
         return (f'from adapters import AutoAdapterModel\n\nmodel = AutoAdapterModel.from_pretrained("{base}")\n'
-                f'model.load_adapter("{where}", set_active=True)')
+                f'model.load_adapter("{where}", set_active=True)\nmodel.eval()')
     auto = card.auto_class or "AutoModel"
     return (f'from transformers import {auto}, AutoTokenizer\n\n'
             f'model = {auto}.from_pretrained("{where}")\ntokenizer = AutoTokenizer.from_pretrained("{where}")')

@@ -12,12 +12,20 @@ from typing import Any
 
 import yaml
 
-from .base import ConfigError, MethodConfig, MethodFamily, did_you_mean
+from .base import ConfigError, MethodConfig, MethodFamily, did_you_mean, family_config
 from .bottleneck import PRESETS as _BN_PRESETS
 from .bottleneck import BnConfig, BottleneckFamily
 from .bottleneck import identify as _identify_bn
-from .lora import IA3_PRESET, LoRAConfig, LoRAFamily
+from .lora import IA3_PRESET, LoRAConfig
+from .lora_variants import LoRAVariantsFamily, is_vera
 from .prefix_tuning import PrefixTuningConfig, PrefixTuningFamily
+from .prompt_tuning import PromptTuningConfig, PromptTuningFamily
+from .reft import PRESETS as _REFT_PRESETS
+from .reft import ReftConfig, ReftFamily
+from .reft import identify as _identify_reft
+from .union import PRESETS as _UNION_PRESETS
+from .union import UnionConfig, UnionFamily
+from .union import identify as _identify_union
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,21 +38,36 @@ class Method:
         return self.family.config_class.from_dict({**self.defaults, **(overrides or {})}, method=self.name)
 
 
-FAMILIES: dict[str, MethodFamily] = {f.name: f for f in (BottleneckFamily(), LoRAFamily(), PrefixTuningFamily())}
+# Family order is activation order: prompt tuning's embeddings hook runs after the invertible adapter's.
+FAMILIES: dict[str, MethodFamily] = {f.name: f for f in (
+    BottleneckFamily(), LoRAVariantsFamily(), PrefixTuningFamily(), PromptTuningFamily(), ReftFamily())}
+FAMILIES["union"] = UnionFamily(FAMILIES)
+
+_VERA = {"vera_d": 0.1, "vera_b": 0.0, "init_weights": "vera"}
 
 METHODS: dict[str, Method] = {
     **{name: Method(name, FAMILIES["bottleneck"], preset) for name, preset in _BN_PRESETS.items()},
     "lora": Method("lora", FAMILIES["lora"], {}),
     "ia3": Method("ia3", FAMILIES["lora"], IA3_PRESET),
+    "dora": Method("dora", FAMILIES["lora"], {"use_dora": True}),
+    "vera": Method("vera", FAMILIES["lora"], _VERA),
+    "dvora": Method("dvora", FAMILIES["lora"], {**_VERA, "use_dora": True}),
     "prefix_tuning": Method("prefix_tuning", FAMILIES["prefix_tuning"], {}),
+    "prefix_tuning_flat": Method("prefix_tuning_flat", FAMILIES["prefix_tuning"], {"flat": True}),
+    "prompt_tuning": Method("prompt_tuning", FAMILIES["prompt_tuning"], {}),
+    **{name: Method(name, FAMILIES["reft"], preset) for name, preset in _REFT_PRESETS.items()},
+    **{name: Method(name, FAMILIES["union"], preset) for name, preset in _UNION_PRESETS.items()},
 }
 
 # Names AdapterHub accepts for the same presets.
-ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn", "pfeiffer+inv": "seq_bn_inv"}
+ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn", "pfeiffer+inv": "seq_bn_inv",
+           "scaled_parallel": "scaled_par_bn", "houlsby+inv": "double_seq_bn_inv"}
 
 
 def get_method(name: str) -> Method:
     name = ALIASES.get(name, name)
+    if name == "union":  # any union of members given in full (not a preset, so not listed)
+        return Method("union", FAMILIES["union"], {})
     if name not in METHODS:
         raise ConfigError(f"unknown adapter method '{name}'{did_you_mean(name, METHODS)}; known: {', '.join(METHODS)}")
     return METHODS[name]
@@ -59,8 +82,18 @@ def method_name(config: MethodConfig) -> str:
     if isinstance(config, BnConfig):
         return _identify_bn(config)
     if isinstance(config, LoRAConfig):
-        return "ia3" if config.composition_mode == "scale" else "lora"
-    return "prefix_tuning"
+        if config.composition_mode == "scale":
+            return "ia3"
+        if is_vera(config):
+            return "dvora" if config.use_dora else "vera"
+        return "dora" if config.use_dora else "lora"
+    if isinstance(config, ReftConfig):
+        return _identify_reft(config)
+    if isinstance(config, UnionConfig):
+        return _identify_union(config)
+    if isinstance(config, PromptTuningConfig):
+        return "prompt_tuning"
+    return "prefix_tuning_flat" if isinstance(config, PrefixTuningConfig) and config.flat else "prefix_tuning"
 
 
 def _parse_string(spec: str) -> tuple[str, dict[str, Any]]:
@@ -119,5 +152,6 @@ def resolve_config(config: str | dict | MethodConfig | None = None, **overrides:
 
 __all__ = [
     "ALIASES", "BnConfig", "ConfigError", "FAMILIES", "LoRAConfig", "METHODS", "Method", "MethodConfig",
-    "PrefixTuningConfig", "family_of", "get_method", "method_name", "resolve_config",
+    "PrefixTuningConfig", "PromptTuningConfig", "ReftConfig", "UnionConfig", "family_config", "family_of",
+    "get_method", "method_name", "resolve_config",
 ]

@@ -86,6 +86,14 @@ class MethodConfig:
         checked against their types, bounds and choices before this runs)."""
 
 
+def family_config(config: MethodConfig, family: str) -> MethodConfig | None:
+    """The part of ``config`` that belongs to ``family``: the config itself, or, for a union of
+    methods under one adapter name (MAM, UniPELT), its member of that family."""
+    if config.family == family:
+        return config
+    return next((c for c in getattr(config, "configs", ()) if c.family == family), None)
+
+
 class MethodFamily:
     """How one family of methods attaches to a model. Subclasses implement these hooks; each
     receives the model's :class:`~adaptercli.model.AdapterState` (backbone, architecture table
@@ -118,10 +126,16 @@ class MethodFamily:
         raise NotImplementedError
 
     def active_names(self, state: AdapterState, setup: CompositionBlock | None) -> list[str]:
-        """The adapters of this family in ``setup``, in order of first appearance."""
+        """The adapters of this family (or with a part of it) in ``setup``, in order of first appearance."""
         if setup is None:
             return []
-        return [n for n in setup.flatten() if n in state.adapters and state.adapters[n].config.family == self.name]
+        return [n for n in setup.flatten()
+                if n in state.adapters and family_config(state.adapters[n].config, self.name) is not None]
+
+    def frozen_parameters(self, state: AdapterState, name: str) -> set[str]:
+        """Keys (as in ``adapter_parameters``) of the adapter's tensors that are saved but never
+        trained (VeRA's shared random matrices, ReFT's orthogonal base)."""
+        return set()
 
     def merge(self, state: AdapterState, name: str) -> None:
         raise ConfigError(f"adapters of the '{self.name}' family cannot be merged into the weights")

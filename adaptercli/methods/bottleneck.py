@@ -1,5 +1,7 @@
-"""Bottleneck adapters: ``seq_bn`` (Pfeiffer), ``double_seq_bn`` (Houlsby), ``par_bn`` (parallel)
-and ``seq_bn_inv`` (Pfeiffer + an invertible NICE adapter on the embeddings).
+"""Bottleneck adapters: ``seq_bn`` (Pfeiffer), ``double_seq_bn`` (Houlsby), ``par_bn`` (parallel),
+``scaled_par_bn`` (a learned scaling), ``seq_bn_inv`` / ``double_seq_bn_inv`` (with an invertible
+NICE adapter on the embeddings) and ``compacter`` / ``compacter++`` (Houlsby / Pfeiffer placement
+with PHM projections, see ``phm.py``).
 
 A bottleneck adapter is ``f(x) = scaling * W_up act(W_down x + b_down) + b_up`` (shapes: x [B,T,H],
 W_down [d,H], W_up [H,d], d = H // reduction_factor), placed around a residual sub-layer of every
@@ -33,6 +35,7 @@ from ..composition import CompositionBlock, CompositionError, Fuse, is_plain_sta
 from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
 from .fusion import FusionConfig, FusionLayer
+from .phm import PHMLayer, shared_parameters
 
 if TYPE_CHECKING:
     from ..model import AdapterState
@@ -40,12 +43,8 @@ if TYPE_CHECKING:
 # Activation names a bottleneck (or prefix MLP) accepts: transformers' table plus AdapterHub's leakyrelu.
 ACTIVATIONS: tuple[str, ...] = tuple(sorted({*ACT2FN, "leakyrelu"}))
 
-_PHM_DEFAULTS: dict[str, Any] = {
-    "phm_layer": False, "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False,
-    "shared_phm_rule": True, "factorized_phm_rule": False, "phm_c_init": "normal",
-    "phm_init_range": 0.0001, "learn_phm": True, "hypercomplex_nonlinearity": "glorot-uniform",
-    "phm_rank": 1, "phm_bias": True, "stochastic_depth": 0.0, "cross_adapter": False,
-}
+# Fields AdapterHub writes whose only value we support is the default.
+_FOREIGN_DEFAULTS: dict[str, Any] = {"stochastic_depth": 0.0, "cross_adapter": False}
 
 
 @dataclasses.dataclass
@@ -64,10 +63,15 @@ class BnConfig(MethodConfig):
     scaling: a float, "learned" (one scalar) or "channel" (one per hidden unit).
     inv_adapter / inv_adapter_reduction_factor: "nice" adds an invertible adapter on the embeddings.
     leave_out: layer indices that get no adapter.
+    phm_layer: PHM projections instead of linear ones (Compacter); phm_dim: n of the hypercomplex
+        product; factorized_phm_W / phm_rank: W_i = W_left_i W_right_i of that rank;
+        shared_W_phm / shared_phm_rule: one W / one set of rules for every layer of the adapter;
+        factorized_phm_rule: rules as rank-1 products; phm_c_init / phm_init_range /
+        hypercomplex_nonlinearity: their initialisation; learn_phm: train the rules; phm_bias.
     """
 
     family: ClassVar[str] = "bottleneck"
-    foreign_defaults: ClassVar[dict[str, Any]] = _PHM_DEFAULTS
+    foreign_defaults: ClassVar[dict[str, Any]] = _FOREIGN_DEFAULTS
 
     mh_adapter: bool = False
     output_adapter: bool = True
@@ -88,6 +92,18 @@ class BnConfig(MethodConfig):
     inv_adapter_reduction_factor: float | None = spec(None, gt=0)
     leave_out: list[int] = spec(factory=list, ge=0)
     dropout: float = spec(0.0, ge=0, lt=1)
+    phm_layer: bool = False
+    phm_dim: int = spec(4, ge=1)
+    factorized_phm_W: bool = True
+    shared_W_phm: bool = False
+    shared_phm_rule: bool = True
+    factorized_phm_rule: bool = False
+    phm_c_init: str = spec("normal", choices=("normal", "uniform"))
+    phm_init_range: float = spec(0.0001, gt=0)
+    learn_phm: bool = True
+    hypercomplex_nonlinearity: str = spec("glorot-uniform", choices=("phm", "glorot-normal", "glorot-uniform", "normal"))
+    phm_rank: int = spec(1, ge=1)
+    phm_bias: bool = True
 
     def validate(self) -> None:
         if not (self.mh_adapter or self.output_adapter):
@@ -119,13 +135,18 @@ class BottleneckAdapter(nn.Module):
     """One bottleneck module: ``adapter_down`` = [LayerNorm?, Linear(H, d), act], ``adapter_up`` =
     Linear(d, H). Parameter names match AdapterHub's files."""
 
-    def __init__(self, hidden_size: int, width: int, config: BnConfig):
+    def __init__(self, hidden_size: int, width: int, config: BnConfig, shared: nn.ParameterDict | None = None):
         super().__init__()
         self.config = config
         down: list[nn.Module] = [nn.LayerNorm(hidden_size)] if config.ln_before else []
-        down += [nn.Linear(hidden_size, width), _activation(config.non_linearity)]
-        self.adapter_down = nn.Sequential(*down)
-        self.adapter_up = nn.Linear(width, hidden_size)
+        if config.phm_layer:  # Compacter: the projections are PHM layers (``shared``: the adapter's shared tensors)
+            down += [PHMLayer(hidden_size, width, "down", config, shared), _activation(config.non_linearity)]
+            self.adapter_down = nn.Sequential(*down)
+            self.adapter_up: nn.Module = PHMLayer(width, hidden_size, "up", config, shared)
+        else:
+            down += [nn.Linear(hidden_size, width), _activation(config.non_linearity)]
+            self.adapter_down = nn.Sequential(*down)
+            self.adapter_up = nn.Linear(width, hidden_size)
         if config.scaling == "learned":
             self.scaling = nn.Parameter(torch.ones(1))
         elif config.scaling == "channel":
@@ -135,7 +156,12 @@ class BottleneckAdapter(nn.Module):
         self.adapter_norm_after = nn.LayerNorm(hidden_size) if config.ln_after else None
         self.gate = nn.Linear(hidden_size, 1) if config.use_gating else None
         self.dropout = nn.Dropout(config.dropout)
+        self.hooked = False  # set at a "hooked" site: the model adds the residual and norm after us
         self.reset_parameters()
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return next(self.adapter_up.parameters()).dtype
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -145,9 +171,11 @@ class BottleneckAdapter(nn.Module):
             torch.manual_seed(self.config.init_weights_seed)
         if init == "bert":
             for linear in (down, up, self.gate):
-                if linear is not None:
+                if isinstance(linear, nn.Linear):  # PHM layers keep their own initialisation
                     linear.weight.normal_(0.0, 0.02)
                     linear.bias.zero_()
+        elif isinstance(down, PHMLayer):
+            pass
         elif init == "mam_adapter":
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
             down.bias.zero_()
@@ -176,7 +204,7 @@ class BottleneckAdapter(nn.Module):
             return r, r
         residual = h if cfg.residual_before_ln is True else None
         if cfg.original_ln_before:
-            summed = h + r
+            summed = h if r is None else h + r  # no residual: Phi's FFN, which shares the attention's
             if cfg.residual_before_ln == "post_add":
                 residual = summed
             h = summed if norm is None else normed if normed is not None else norm(summed)
@@ -207,7 +235,7 @@ class BottleneckAdapter(nn.Module):
     def post_forward(self, out: torch.Tensor, h_in: torch.Tensor, r: torch.Tensor, norm: Callable | None) -> torch.Tensor:
         if self.config.is_parallel:
             out = out + h_in
-        if self.config.original_ln_after:
+        if self.config.original_ln_after and not self.hooked:
             out = out + r
             if norm is not None:
                 out = norm(out)
@@ -220,9 +248,9 @@ def run_site(adapters: list[BottleneckAdapter], h: torch.Tensor, r: torch.Tensor
     ``norm(h + r)`` or ``h + r`` becomes). ``normed`` is the model's own ``norm(h + r)``, reused
     by the first adapter instead of normalising again."""
     dtype = h.dtype
-    weight_dtype = adapters[0].adapter_up.weight.dtype
+    weight_dtype = adapters[0].weight_dtype
     if dtype != weight_dtype:  # e.g. a bf16 backbone with fp32 adapters
-        h, r = h.to(weight_dtype), r.to(weight_dtype)
+        h, r = h.to(weight_dtype), None if r is None else r.to(weight_dtype)
     h_in = h
     if normed is not None and normed.dtype != h.dtype:
         normed = None
@@ -319,11 +347,14 @@ def compose_site(block: CompositionBlock, composer: SiteComposer, h: torch.Tenso
     post_forward of the adapter that acted last on them (rows no adapter touched get the
     layer's own ``norm(h + r)``)."""
     dtype = h.dtype
-    weight_dtype = next(iter(composer.adapters.values())).adapter_up.weight.dtype
+    some_adapter = next(iter(composer.adapters.values()))
+    weight_dtype = some_adapter.weight_dtype
     if dtype != weight_dtype:
-        h, r = h.to(weight_dtype), r.to(weight_dtype)
+        h, r = h.to(weight_dtype), None if r is None else r.to(weight_dtype)
     if normed is not None and normed.dtype != h.dtype:
         normed = None
+    if r is None:  # a site without its own residual: compose as if it were zero
+        r = torch.zeros_like(h)
     s = run(block, _SiteState(h, r, h, normed, None, [None] * h.shape[0]), composer)
     parts, start = [], 0
     for end in range(1, len(s.last) + 1):
@@ -332,6 +363,8 @@ def compose_site(block: CompositionBlock, composer: SiteComposer, h: torch.Tenso
             adapter, out, h_in, r_rows = s.last[start], s.h[rows], s.h_in[rows], s.r[rows]
             if adapter is not None:
                 parts.append(adapter.post_forward(out, h_in, r_rows, norm))
+            elif some_adapter.hooked:  # the model adds the residual itself
+                parts.append(out)
             else:
                 parts.append(out + r_rows if norm is None else norm(out + r_rows))
             start = end
@@ -388,7 +421,9 @@ def _replace_first(output: Any, value: torch.Tensor) -> Any:
 
 class _Capture:
     """Carries ``r`` (and ``h``) from the hook that sees it to the hook that uses it, within one
-    forward call of one layer."""
+    forward call of one layer. ``r`` is kept after use: gradient checkpointing runs a layer's
+    forward again without its own hooks, so a residual grabbed by a hook on the layer itself
+    (DistilBERT's attention input) must still be there."""
 
     __slots__ = ("r", "h")
 
@@ -404,12 +439,24 @@ def _hook_site(layer: nn.Module, site: Site, compute: Callable[..., torch.Tensor
     def grab_residual(module, args, kwargs):
         capture.r = _call_arg(args, kwargs, site.residual_arg)
 
-    handles = [get_module(layer, site.residual).register_forward_pre_hook(grab_residual, with_kwargs=True)]
+    handles = []
+    if site.residual is not None:
+        handles.append(get_module(layer, site.residual).register_forward_pre_hook(grab_residual, with_kwargs=True))
     output_module = get_module(layer, site.output)
-    if site.norm is None:
+    if site.hooked:
+        # The adapters' result replaces the projection's output; the model adds its residual and
+        # norms afterwards. ``norm`` only serves the adapters' own ``original_ln_before``.
+        norm = get_module(layer, site.norm).forward if site.norm else None
+
+        def adapt_hooked(module, args, output):
+            r = capture.r
+            return _replace_first(output, compute(_first(output), r, norm))
+
+        handles.append(output_module.register_forward_hook(adapt_hooked))
+    elif site.norm is None:
         # Pre-LN: the layer computes ``h + r`` itself, so hand it ``y - r``.
         def adapt_output(module, args, output):
-            r, capture.r = capture.r, None
+            r = capture.r
             y = compute(_first(output), r, None)
             return _replace_first(output, y - r)
 
@@ -424,7 +471,9 @@ def _hook_site(layer: nn.Module, site: Site, compute: Callable[..., torch.Tensor
 
         def adapt_norm(module, args, output):
             h, r = capture.h, capture.r
-            capture.h = capture.r = None
+            capture.h = None
+            if site.swap:
+                h, r = r, h
             return compute(h, r, norm_module.forward, output)
 
         handles.append(output_module.register_forward_hook(grab_output))
@@ -436,7 +485,7 @@ class BottleneckFamily(MethodFamily):
     name = "bottleneck"
     blocks = ("Stack", "Fuse", "Parallel", "BatchSplit", "Average", "Split")
     config_class = BnConfig
-    containers = ("adapters", "invertible_adapters")
+    containers = ("adapters", "invertible_adapters", "shared_parameters")
 
     def _sites(self, state: AdapterState, config: BnConfig) -> list[tuple[int, Site]]:
         wanted = [s for s, on in ((state.arch.attn_site, config.mh_adapter), (state.arch.ffn_site, config.output_adapter)) if on]
@@ -457,8 +506,15 @@ class BottleneckFamily(MethodFamily):
     def add(self, state: AdapterState, name: str, config: BnConfig) -> None:
         state.require_architecture("bottleneck adapters")
         layers = transformer_layers(state.backbone, state.arch)
+        shared = None
+        if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm):
+            if not hasattr(state.backbone, "shared_parameters"):
+                state.backbone.add_module("shared_parameters", nn.ModuleDict())
+            shared = shared_parameters(config, state.hidden_size, config.width(state.hidden_size, 0))
+            state.backbone.shared_parameters[name] = shared
         for i, site in self._sites(state, config):
-            adapter = BottleneckAdapter(state.hidden_size, config.width(state.hidden_size, i), config)
+            adapter = BottleneckAdapter(state.hidden_size, config.width(state.hidden_size, i), config, shared)
+            adapter.hooked = site.hooked
             self._container(layers[i], site)[name] = adapter
         if config.inv_adapter:
             if not hasattr(state.backbone, "invertible_adapters"):
@@ -553,23 +609,32 @@ def _invertible(setup: CompositionBlock, inv: nn.ModuleDict, module: nn.Module, 
     return _replace_first(output, parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
+_DOUBLE = {"mh_adapter": True, "non_linearity": "swish", "original_ln_before": False}
+_PARALLEL = {"original_ln_before": False, "reduction_factor": 2, "init_weights": "mam_adapter", "is_parallel": True,
+             "scaling": 4.0}
+_INV = {"inv_adapter": "nice", "inv_adapter_reduction_factor": 2}
+_PHM = {"phm_layer": True, "reduction_factor": 32, "non_linearity": "gelu"}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "seq_bn": {},
-    "double_seq_bn": {"mh_adapter": True, "non_linearity": "swish", "original_ln_before": False},
-    "par_bn": {
-        "original_ln_before": False, "reduction_factor": 2, "init_weights": "mam_adapter",
-        "is_parallel": True, "scaling": 4.0,
-    },
-    "seq_bn_inv": {"inv_adapter": "nice", "inv_adapter_reduction_factor": 2},
+    "double_seq_bn": _DOUBLE,
+    "par_bn": _PARALLEL,
+    "scaled_par_bn": {**_PARALLEL, "scaling": "learned"},
+    "seq_bn_inv": _INV,
+    "double_seq_bn_inv": {**_DOUBLE, **_INV},
+    "compacter": {**_DOUBLE, **_PHM},
+    "compacter++": _PHM,
 }
 
 
 def identify(config: BnConfig) -> str:
     """The preset name a bottleneck config is closest to (for display and native files)."""
+    if config.phm_layer:
+        return "compacter" if config.mh_adapter else "compacter++"
     if config.inv_adapter:
-        return "seq_bn_inv"
+        return "double_seq_bn_inv" if config.mh_adapter else "seq_bn_inv"
     if config.is_parallel:
-        return "par_bn"
+        return "scaled_par_bn" if config.scaling == "learned" else "par_bn"
     if config.mh_adapter:
         return "double_seq_bn"
     return "seq_bn"

@@ -46,12 +46,12 @@ class LoRAConfig(MethodConfig):
     target_modules: module names to adapt on any model (replaces the placement flags above).
     use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA, as in PEFT).
     leave_out: layer indices to skip.
+    use_dora / vera_d / vera_b / use_gating: the DoRA, VeRA and gated (UniPELT) variants, see
+        ``lora_variants.py`` ("vera" init: Kaiming-uniform shared matrices).
     """
 
     family: ClassVar[str] = "lora"
-    foreign_defaults: ClassVar[dict] = {
-        "use_gating": False, "vera_d": None, "vera_b": None, "dtype": None, "use_dora": False,
-    }
+    foreign_defaults: ClassVar[dict] = {"dtype": None}
 
     selfattn_lora: bool = True
     intermediate_lora: bool = False
@@ -62,10 +62,14 @@ class LoRAConfig(MethodConfig):
     dropout: float = spec(0.0, ge=0, lt=1)
     attn_matrices: list[str] = spec(factory=lambda: ["q", "v"], choices=("q", "k", "v", "o"))
     composition_mode: str = spec("add", choices=("add", "scale"))
-    init_weights: str = spec("lora", choices=("lora", "bert", "ia3"))
+    init_weights: str = spec("lora", choices=("lora", "bert", "ia3", "vera"))
     init_weights_seed: int | None = None
     target_modules: list[str] | None = None
     use_rslora: bool = False
+    use_dora: bool = False
+    vera_d: float | None = None
+    vera_b: float | None = None
+    use_gating: bool = False
 
     def validate(self) -> None:
         problems = []
@@ -73,6 +77,8 @@ class LoRAConfig(MethodConfig):
             problems.append(f"r: composition_mode 'scale' (IA3) needs r=1, got {self.r}")
         if self.composition_mode == "scale" and self.dropout > 0:
             problems.append(f"dropout: composition_mode 'scale' (IA3) does not support dropout, got {self.dropout}")
+        if self.composition_mode == "scale" and (self.use_dora or self.vera_d is not None or self.vera_b is not None):
+            problems.append("composition_mode: DoRA and VeRA need 'add', not 'scale' (IA3)")
         if problems:
             raise ConfigError(problems)
 

@@ -3,8 +3,8 @@
 A shared pool computes, from a learned embedding of ``prefix_length`` positions, the keys and
 values of every layer: ``kv = W2 tanh(W1 wte + b1) + b2`` with kv [P, n_layers * 2 * kv_heads *
 head_dim] (AdapterHub's ``PrefixTuning``; ``flat=True`` learns kv directly). Layer i uses rows
-``[2i, 2i+1]`` of the layer axis. The prefixes of all layers are computed once per forward pass
-(the first layer to need them fills a cache that a pre-hook on the backbone clears).
+``[2i, 2i+1]`` of the layer axis. The prefixes of all layers are computed once per forward pass,
+by a pre-hook on the backbone (outside the layers, which gradient checkpointing runs twice).
 
 The prefix joins attention through the model's own attention-function interface: while a prefix
 is active the model runs ``adaptercli_eager`` / ``adaptercli_sdpa``, which prepend the prefix to the
@@ -29,7 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..architectures import get_module, transformer_layers
 from ..composition import CompositionBlock, is_plain_stack, run
 from ..schema import spec
-from .base import ConfigError, MethodConfig, MethodFamily
+from .base import ConfigError, MethodConfig, MethodFamily, family_config
 from .bottleneck import ACTIVATIONS, _activation
 
 if TYPE_CHECKING:
@@ -43,12 +43,13 @@ class PrefixTuningConfig(MethodConfig):
     prefix_length: number of prefix positions. bottleneck_size: width of the reparametrising MLP.
     non_linearity: its activation. flat: learn the keys/values directly (no MLP).
     dropout: on the prefix keys/values. leave_out: layer indices without a prefix.
+    use_gating: a learned gate per layer (UniPELT): the mean over tokens of sigmoid(linear(x)),
+        x the attention's input, scales each row's prefix keys and values (one gate for both
+        with ``shared_gating``, else one each).
     """
 
     family: ClassVar[str] = "prefix_tuning"
-    foreign_defaults: ClassVar[dict] = {
-        "encoder_prefix": True, "cross_prefix": True, "use_gating": False, "shared_gating": True,
-    }
+    foreign_defaults: ClassVar[dict] = {"encoder_prefix": True, "cross_prefix": True}
 
     prefix_length: int = spec(30, ge=1)
     bottleneck_size: int = spec(512, ge=1)
@@ -57,6 +58,8 @@ class PrefixTuningConfig(MethodConfig):
     flat: bool = False
     leave_out: list[int] = spec(factory=list, ge=0)
     init_weights_seed: int | None = None
+    use_gating: bool = False
+    shared_gating: bool = True
 
 
 class PrefixPool(nn.Module):
@@ -133,13 +136,27 @@ class _LayerPrefix:
     the same pools for every row (a Stack), or a composition that gives groups of rows their own."""
 
     def __init__(self, layer: int, pools: list[PrefixPool], setup: CompositionBlock | None = None,
-                 by_name: dict[str, PrefixPool] | None = None):
+                 by_name: dict[str, PrefixPool] | None = None, gates: dict[int, nn.Linear] | None = None):
         self.layer, self.pools, self.setup, self.by_name = layer, pools, setup, by_name
+        self.gates = gates or {}  # id(pool) -> its gate at this layer
+        self.hidden: torch.Tensor | None = None  # the attention's input in this forward pass (for gates)
 
-    def _kv(self, pools: list[PrefixPool], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The joined key/value prefix of ``pools`` (the first one first), each [heads, P, dim]."""
-        kvs = [pool.layer_kv(self.layer) for pool in pools]
-        return torch.cat([k for k, _ in kvs], dim=1).to(dtype), torch.cat([v for _, v in kvs], dim=1).to(dtype)
+    def _kv(self, pools: list[PrefixPool], dtype: torch.dtype, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The joined key/value prefix of ``pools`` (the first one first) for batch ``rows``, each
+        [1, heads, P, dim], or [rows, heads, P, dim] when a gate scales them per row."""
+        keys, values = [], []
+        for pool in pools:
+            k, v = (t.unsqueeze(0) for t in pool.layer_kv(self.layer))
+            gate = self.gates.get(id(pool))
+            if gate is not None:
+                g = torch.sigmoid(gate(self.hidden[rows].to(gate.weight.dtype))).mean(dim=1)  # [rows, 1 or 2]
+                k, v = k * g[:, 0].view(-1, 1, 1, 1), v * g[:, -1].view(-1, 1, 1, 1)
+            keys.append(k)
+            values.append(v)
+        if len(pools) > 1:
+            batch = max(k.shape[0] for k in keys)
+            keys, values = [k.expand(batch, -1, -1, -1) for k in keys], [v.expand(batch, -1, -1, -1) for v in values]
+        return torch.cat(keys, dim=2).to(dtype), torch.cat(values, dim=2).to(dtype)
 
     def join(self, query, key, value, mask, causal: bool):
         batch = key.shape[0]
@@ -157,16 +174,16 @@ class _LayerPrefix:
         if mask is not None and mask.shape[-1] > k_len:
             mask = mask[..., -k_len:]
         if len(groups) == 1:  # every row joins the same prefixes
-            pk, pv = self._kv(groups[0][2], key.dtype)
-            n_prefix = pk.shape[1]
-            pk, pv = (t.unsqueeze(0).expand(batch, -1, -1, -1) for t in (pk, pv))
+            pk, pv = self._kv(groups[0][2], key.dtype, slice(0, batch))
+            n_prefix = pk.shape[2]
+            pk, pv = (t.expand(batch, -1, -1, -1) for t in (pk, pv))
             valid = None
         else:  # rows join different prefixes: left-pad each group's to the longest and mask the padding
-            kvs = [self._kv(pools, key.dtype) if pools else None for _, _, pools in groups]
-            n_prefix = max(kv[0].shape[1] if kv else 0 for kv in kvs)
+            kvs = [self._kv(pools, key.dtype, slice(a, b)) if pools else None for a, b, pools in groups]
+            n_prefix = max(kv[0].shape[2] if kv else 0 for kv in kvs)
             keys, values, valid_rows = [], [], []
             for (a, b, _), kv in zip(groups, kvs, strict=True):
-                length = kv[0].shape[1] if kv else 0
+                length = kv[0].shape[2] if kv else 0
                 pad = key.new_zeros(b - a, key.shape[1], n_prefix - length, key.shape[3])
                 keys.append(torch.cat([pad, kv[0].expand(b - a, -1, -1, -1)], dim=2) if kv else pad)
                 values.append(torch.cat([pad, kv[1].expand(b - a, -1, -1, -1)], dim=2) if kv else pad)
@@ -216,15 +233,29 @@ class PrefixTuningFamily(MethodFamily):
     name = "prefix_tuning"
     blocks = ("Stack", "Parallel", "BatchSplit")
     config_class = PrefixTuningConfig
-    containers = ("prefix_tunings",)
+    containers = ("prefix_tunings", "prefix_gates")
 
     def add(self, state: AdapterState, name: str, config: PrefixTuningConfig) -> None:
-        state.require_architecture("prefix tuning")
+        arch = state.require_architecture("prefix tuning")
+        if arch.attention is None:
+            raise ConfigError(f"prefix tuning is not available on {state.model_type}: its attention does not run "
+                              "through transformers' attention functions, where prefixes join")
         if not hasattr(state.backbone, "prefix_tunings"):
             state.backbone.add_module("prefix_tunings", nn.ModuleDict())
         state.backbone.prefix_tunings[name] = PrefixPool(
             state.num_layers, state.num_kv_heads, state.head_dim, state.hidden_size, config
         )
+        if config.use_gating:  # one gate per layer, where AdapterHub's files keep it
+            for i, layer in enumerate(transformer_layers(state.backbone, arch)):
+                if i in config.leave_out:
+                    continue
+                attention = get_module(layer, arch.attention)
+                if not hasattr(attention, "prefix_tuning"):
+                    attention.add_module("prefix_tuning", nn.Module())
+                    attention.prefix_tuning.add_module("prefix_gates", nn.ModuleDict())
+                gate = nn.Linear(state.hidden_size, 1 if config.shared_gating else 2)
+                nn.init.normal_(gate.weight, std=0.02)
+                attention.prefix_tuning.prefix_gates[name] = gate
 
     def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
         pools_by_name = getattr(state.backbone, "prefix_tunings", {})
@@ -244,21 +275,38 @@ class PrefixTuningFamily(MethodFamily):
         config._attn_implementation = PREFIXED[base]
         active_pools = [pools_by_name[n] for n in active]
 
-        def clear_prefixes(module, args):
+        def fresh_prefixes(module, args):
+            # Computed here, before the layers: under gradient checkpointing a layer's forward runs
+            # again in the backward pass, and must find the prefixes, not compute them a second time.
             for pool in active_pools:
                 pool.clear()
+                pool.layer_kv(0)
 
-        handles = [state.backbone.register_forward_pre_hook(clear_prefixes)]
+        handles = [state.backbone.register_forward_pre_hook(fresh_prefixes)]
         for i, layer in enumerate(transformer_layers(state.backbone, state.arch)):
-            here = {n: pools_by_name[n] for n in active if i not in state.adapters[n].config.leave_out}
+            here = {n: pools_by_name[n] for n in active
+                    if i not in family_config(state.adapters[n].config, self.name).leave_out}
             if here:
                 attention = get_module(layer, state.arch.attention)
+                gates_here = getattr(getattr(attention, "prefix_tuning", None), "prefix_gates", {})
+                gates = {id(pool): gates_here[n] for n, pool in here.items() if n in gates_here}
                 if is_plain_stack(setup):
-                    attention._adaptercli_prefix = _LayerPrefix(i, list(here.values()))
+                    prefix = _LayerPrefix(i, list(here.values()), gates=gates)
                 else:
-                    attention._adaptercli_prefix = _LayerPrefix(i, [], setup, here)
+                    prefix = _LayerPrefix(i, [], setup, here, gates=gates)
+                attention._adaptercli_prefix = prefix
                 handles.append(_Unset(attention))
+                if gates:
+                    handles.append(attention.register_forward_pre_hook(_keep_input(prefix), with_kwargs=True))
         return handles
+
+
+def _keep_input(prefix: _LayerPrefix):
+    """Pre-hook: the attention's input, which the prefix gates read."""
+    def hook(module, args, kwargs):
+        prefix.hidden = args[0] if args else kwargs["hidden_states"]
+
+    return hook
 
 
 class _Unset:

@@ -1,0 +1,159 @@
+"""LoRA variants: DoRA, VeRA (and both: DVoRA) and gated LoRA (UniPELT's), with AdapterHub's
+config keys (``use_dora``, ``vera_d``, ``vera_b``, ``use_gating``) and weight names.
+
+With x the layer input [..., in], y = W x + b the layer's output and s = alpha / r:
+
+* LoRA delta:  d = s * B A x                      (A [r, in], B [out, r])
+* VeRA:        d = s * Λ_b B0 Λ_d A0 x            A0 [r, in] and B0 [out, r] random and frozen, shared by
+  every layer of the adapter (``shared_parameters.<name>.lora_A/B``); the trained ``vera_D`` [r, r]
+  and ``vera_B`` [out, out] start as ``vera_d * I`` and ``vera_b * I``.
+* gating:      d = g(x) * B A x                   g = mean over tokens of sigmoid(gate(x)), one per row;
+  the gate replaces the scaling s.
+* DoRA:        y' = m / ||W + ΔW||_row * (y + d)  m [out] starts as ||W||_row; ΔW is the variant's
+  unscaled delta matrix (B A, or Λ_b B0 Λ_d A0). As in AdapterHub the bias is inside the
+  normalised term.
+
+These classes extend ``lora.LoRA`` without changing its fast path; the family below picks them
+only when a config asks for a variant.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from .base import ConfigError
+from .lora import LoRA, LoRAConfig, LoRAFamily, _features
+
+if TYPE_CHECKING:
+    from ..model import AdapterState
+
+
+def is_variant(config: LoRAConfig) -> bool:
+    return config.use_dora or is_vera(config) or config.use_gating
+
+
+def is_vera(config: LoRAConfig) -> bool:
+    return config.vera_d is not None or config.vera_b is not None
+
+
+def _init_pair(a: torch.Tensor, b: torch.Tensor, init: str) -> None:
+    if init == "lora":
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
+    elif init == "bert":
+        nn.init.normal_(a, std=0.02)
+        nn.init.normal_(b, std=0.02)
+    elif init == "ia3":
+        nn.init.ones_(a)
+        nn.init.ones_(b)
+    else:  # "vera"
+        nn.init.kaiming_uniform_(a)
+        nn.init.kaiming_uniform_(b)
+
+
+def shared_vera_matrices(in_features: int, out_features: int, config: LoRAConfig) -> nn.ParameterDict:
+    """VeRA's frozen random A0 [r, in] and B0 [out, r], one pair per adapter."""
+    if config.init_weights_seed:
+        torch.manual_seed(config.init_weights_seed)
+    a, b = torch.zeros(config.r, in_features), torch.zeros(out_features, config.r)
+    _init_pair(a, b, config.init_weights)
+    return nn.ParameterDict({"lora_A": nn.Parameter(a, requires_grad=False),
+                             "lora_B": nn.Parameter(b, requires_grad=False)})
+
+
+class LoRAVariant(LoRA):
+    """One DoRA / VeRA / gated delta on one linear layer (see the module docstring). ``base`` is
+    the adapted layer (held, not registered); ``shared`` VeRA's shared matrices."""
+
+    def __init__(self, base: nn.Module, config: LoRAConfig, shared: nn.ParameterDict | None):
+        in_features, out_features = _features(base)
+        self.vera = shared is not None
+        if self.vera:  # no A, B of its own: skip LoRA's constructor, keep its attributes
+            nn.Module.__init__(self)
+            self.scale_mode, self.scaling, self.slots, self.out_features = False, config.scaling, None, out_features
+            self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+            self.vera_D = nn.Parameter(torch.diag(torch.full((config.r,), float(config.vera_d or 0.0))))
+            self.vera_B = nn.Parameter(torch.diag(torch.full((out_features,), float(config.vera_b or 0.0))))
+        else:
+            super().__init__(in_features, out_features, config)
+        self.__dict__["_shared"] = shared
+        self.__dict__["_base"] = base
+        self.dora = config.use_dora
+        if self.dora:
+            if type(base).__name__ == "Conv1D":
+                raise ConfigError("use_dora: DoRA needs nn.Linear layers (GPT-2's Conv1D is not supported)")
+            self.m = nn.Linear(1, out_features, bias=False)
+            with torch.no_grad():
+                self.m.weight.copy_(torch.linalg.norm(base.weight.float(), dim=1, keepdim=True))
+        self.gate = None
+        if config.use_gating:
+            self.gate = nn.Linear(in_features, 1)
+            nn.init.normal_(self.gate.weight, std=0.02)
+
+    def delta_matrix(self) -> torch.Tensor:
+        """The unscaled delta ΔW, [out, in]."""
+        if self.vera:
+            return self.vera_B @ self._shared["lora_B"] @ self.vera_D @ self._shared["lora_A"]
+        return self.lora_B @ self.lora_A
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        dtype = self.vera_B.dtype if self.vera else self.lora_A.dtype
+        x_in = self.dropout(x.to(dtype))
+        if self.vera:
+            delta = x_in @ self.delta_matrix().t()
+        else:
+            delta = (x_in @ self.lora_A.t()) @ self.lora_B.t()
+        if self.gate is not None:
+            delta = delta * torch.sigmoid(self.gate(x.to(dtype))).mean(dim=1, keepdim=True)
+        else:
+            delta = delta * self.scaling
+        if not self.dora:
+            return out + delta.to(out.dtype)
+        weight = self._base.weight.to(dtype)
+        norm = torch.linalg.norm(weight + self.delta_matrix(), dim=1)
+        return ((self.m.weight.view(-1) / norm) * (out.to(dtype) + delta)).to(out.dtype)
+
+    def weight_delta(self) -> torch.Tensor:
+        if self.dora or self.gate is not None:
+            raise ConfigError("DoRA and gated LoRA adapters cannot be merged into the weights "
+                              "(their change depends on the weights and on the input)")
+        return self.delta_matrix() * self.scaling
+
+
+class LoRAVariantsFamily(LoRAFamily):
+    """LoRA / IA3 plus the variants: the plain cases go through ``LoRAFamily`` unchanged."""
+
+    containers = ("loras", "shared_parameters")
+
+    def add(self, state: AdapterState, name: str, config: LoRAConfig) -> None:
+        if not is_variant(config):
+            return super().add(state, name, config)
+        if config.composition_mode != "add":
+            raise ConfigError("composition_mode: DoRA, VeRA and gating work with 'add' (LoRA), not 'scale' (IA3)")
+        targets = self.targets(state, config)
+        if any(slots for _, slots in targets):
+            raise ConfigError("DoRA, VeRA and gated LoRA need separate q/k/v projections; this model fuses them "
+                              "(name the layers with target_modules, or use plain LoRA)")
+        shared = None
+        if is_vera(config):
+            shapes = {_features(module) for module, _ in targets}
+            if len(shapes) > 1:
+                raise ConfigError(f"VeRA shares one pair of random matrices across layers, so every adapted layer "
+                                  f"needs the same shape; these differ: {sorted(shapes)} (choose attn_matrices "
+                                  "or target_modules of one shape)")
+            shared = shared_vera_matrices(*shapes.pop(), config)
+            if not hasattr(state.backbone, "shared_parameters"):
+                state.backbone.add_module("shared_parameters", nn.ModuleDict())
+            state.backbone.shared_parameters[name] = shared
+        for module, _ in targets:
+            if not hasattr(module, "loras"):
+                module.add_module("loras", nn.ModuleDict())
+            module.loras[name] = LoRAVariant(module, config, shared)
+
+    def frozen_parameters(self, state: AdapterState, name: str) -> set[str]:
+        """VeRA's shared random matrices are saved with the adapter but never trained."""
+        return {k for k in state.adapter_parameters(name) if k.startswith(f"shared_parameters.{name}.lora_")}

@@ -1,0 +1,124 @@
+"""Prompt tuning (Lester et al., 2021): ``prompt_length`` trained embeddings joined to the input.
+
+The prompt [P, E] (E: the embeddings' output width) is prepended to the embeddings' output
+(``combine="prefix"``) or placed after its first token (``"prefix_after_bos"``), and the attention
+mask the backbone receives gets P ones at the front, so every token sees the prompt. The
+backbone's output therefore has P more positions, the prompt's first, as in AdapterHub; a head on
+an :class:`~adaptercli.AdapterModel` pads its mask and token labels to match. Only where the model
+builds its attention mask from the embeddings' output (``prompts`` in the architecture table).
+Weights: ``prompt_tuning.prompt_tunings.<name>.prompt_embedding.weight``, AdapterHub's key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from ..architectures import get_module
+from ..composition import CompositionBlock
+from ..schema import spec
+from .base import ConfigError, MethodConfig, MethodFamily
+
+if TYPE_CHECKING:
+    from ..model import AdapterState
+
+
+@dataclasses.dataclass
+class PromptTuningConfig(MethodConfig):
+    """Prompt tuning config (AdapterHub's ``PromptTuningConfig``).
+
+    prompt_length: number of prompt positions. prompt_init: "random_uniform" (in
+    ±random_uniform_scale) or "from_string" (the embeddings of ``prompt_init_text``'s tokens,
+    repeated to the length). combine: "prefix" or "prefix_after_bos".
+    """
+
+    family: ClassVar[str] = "prompt_tuning"
+
+    prompt_length: int = spec(10, ge=1)
+    prompt_init: str = spec("random_uniform", choices=("random_uniform", "from_string"))
+    prompt_init_text: str | None = None
+    random_uniform_scale: float = spec(0.5, gt=0)
+    combine: str = spec("prefix", choices=("prefix", "prefix_after_bos"))
+    init_weights_seed: int | None = None
+
+    def validate(self) -> None:
+        if self.prompt_init == "from_string" and not self.prompt_init_text:
+            raise ConfigError("prompt_init_text: prompt_init 'from_string' needs the text")
+
+
+class Prompt(nn.Module):
+    def __init__(self, width: int, config: PromptTuningConfig, embed: nn.Module | None, tokenize=None):
+        super().__init__()
+        if config.init_weights_seed:
+            torch.manual_seed(config.init_weights_seed)
+        self.combine = config.combine
+        self.prompt_embedding = nn.Embedding(config.prompt_length, width)
+        with torch.no_grad():
+            if config.prompt_init == "random_uniform":
+                nn.init.uniform_(self.prompt_embedding.weight, -config.random_uniform_scale,
+                                 config.random_uniform_scale)
+            else:
+                ids = tokenize(config.prompt_init_text)
+                ids = (ids * math.ceil(config.prompt_length / len(ids)))[: config.prompt_length]
+                self.prompt_embedding.weight.copy_(embed(torch.tensor(ids, device=embed.weight.device)))
+
+    def join(self, embedded: torch.Tensor) -> torch.Tensor:
+        prompt = self.prompt_embedding.weight.to(embedded.dtype).unsqueeze(0).expand(embedded.shape[0], -1, -1)
+        if self.combine == "prefix":
+            return torch.cat([prompt, embedded], dim=1)
+        return torch.cat([embedded[:, :1], prompt, embedded[:, 1:]], dim=1)
+
+
+class PromptTuningFamily(MethodFamily):
+    name = "prompt_tuning"
+    config_class = PromptTuningConfig
+    containers = ("prompt_tunings",)
+    blocks = ("Stack",)
+
+    def add(self, state: AdapterState, name: str, config: PromptTuningConfig) -> None:
+        arch = state.require_architecture("prompt tuning")
+        if not arch.prompts:
+            raise ConfigError(f"prompt tuning is not available on {state.model_type}: the model builds its "
+                              "attention mask before the embeddings, where the prompt joins")
+        embed = state.backbone.get_input_embeddings()
+        width = embed.weight.shape[1]
+        tokenize = None
+        if config.prompt_init == "from_string":
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(state.model.config._name_or_path)
+            tokenize = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+        if not hasattr(state.backbone, "prompt_tuning"):
+            state.backbone.add_module("prompt_tuning", nn.Module())
+            state.backbone.prompt_tuning.add_module("prompt_tunings", nn.ModuleDict())
+        state.backbone.prompt_tuning.prompt_tunings[name] = Prompt(width, config, embed, tokenize)
+
+    def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
+        names = self.active_names(state, setup)
+        if not names:
+            return []
+        prompt = state.backbone.prompt_tuning.prompt_tunings[names[0]]  # as AdapterHub: the first one
+        length = prompt.prompt_embedding.num_embeddings
+
+        def widen_mask(module, args, kwargs):
+            positional = "attention_mask" not in kwargs and len(args) > 1
+            mask = args[1] if positional else kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                mask = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+                if positional:
+                    args = (args[0], mask, *args[2:])
+                else:
+                    kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        def join(module, args, output: Any):
+            return prompt.join(output)
+
+        embeddings = get_module(state.backbone, state.arch.embeddings)
+        return [state.backbone.register_forward_pre_hook(widen_mask, with_kwargs=True),
+                embeddings.register_forward_hook(join)]
