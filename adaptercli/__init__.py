@@ -7,6 +7,7 @@
     model.train_adapter("sst2")
 """
 
+from .architectures import layout_from_dict, register_architecture
 from .composition import Average, BatchSplit, CompositionError, Fuse, Parallel, Split, Stack
 from .errors import AdapterCliError
 from .methods import BnConfig, LoRAConfig, PrefixTuningConfig, resolve_config
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterCliError", "AdapterModel", "AutoAdapterModel", "Average", "BatchSplit", "BnConfig", "CompositionError",
     "Fuse", "FusionConfig", "LoRAConfig", "MultiHeadOutput", "Parallel", "PrefixTuningConfig", "Split", "Stack",
-    "init", "resolve_config",
+    "init", "layout_from_dict", "register_architecture", "resolve_config",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 
@@ -285,13 +286,184 @@ def architecture_for(model_type: str, *, required: bool = True, what: str = "") 
         raise UnsupportedArchitectureError(
             f"{what + ': ' if what else ''}model type '{model_type}' has no entry in the architecture table; supported: "
             f"{', '.join(supported_model_types())}. LoRA and IA3 still work on any model when you "
-            "name the modules with `target_modules`."
+            "name the modules with `target_modules`; every method works once you describe the model's "
+            "layout (`layout=` in Python, `model.layout` in a recipe; see README, 'Any model: the layout')."
         )
     return arch
 
 
 class UnsupportedArchitectureError(AdapterCliError):
     pass
+
+
+class LayoutError(UnsupportedArchitectureError):
+    """A layout that is malformed or names modules the model does not have. ``problems`` holds one
+    line per problem, each starting with the layout key it concerns."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(p if p.startswith("layout") else f"layout.{p}" for p in problems))
+
+
+# -- the plugin entry: a layout for a model that is not in the table --------------------------------
+
+_SITE_KEYS = ("input", "input_arg", "output", "norm", "post_norm")
+_LAYOUT_KEYS = ("layers", "embeddings", "attention", "q", "k", "v", "qkv", "o", "ffn_in", "ffn_out",
+                "attention_site", "ffn_site", "causal", "kv_heads", "prompts")
+# AdapterHub's AdapterModelInterface (its plugin interface; saved as adapter_interface.json).
+_INTERFACE_KEYS = ("adapter_methods", "model_embeddings", "model_layers", "layer_self_attn", "layer_cross_attn",
+                   "attn_o_proj", "layer_intermediate_proj", "layer_output_proj", "attn_k_proj", "attn_q_proj",
+                   "attn_v_proj", "attn_qkv_proj", "layer_pre_self_attn", "layer_pre_cross_attn", "layer_pre_ffn",
+                   "layer_ln_1", "layer_ln_2", "base_model")
+
+
+def _unknown(keys: Any, known: tuple[str, ...], where: str) -> list[str]:
+    from .schema import did_you_mean
+
+    return [f"{where}{key}: unknown layout key{did_you_mean(str(key), list(known), ', did you mean {}?')}"
+            for key in keys if key not in known]
+
+
+def _site(data: Any, where: str, host: str, problems: list[str]) -> Site | None:
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping with input, output (and norm, post_norm)")
+        return None
+    problems += _unknown(data, _SITE_KEYS, f"{where}.")
+    if not data.get("output"):
+        problems.append(f"{where}.output: required: the module whose output is the sub-layer's output")
+    post_norm = bool(data.get("post_norm", False))
+    if post_norm and not data.get("norm"):
+        problems.append(f"{where}.norm: required with post_norm: the norm the model applies to output + input")
+    return Site(residual=data.get("input"), residual_arg=data.get("input_arg", 0), output=data.get("output", ""),
+                norm=data.get("norm"), host=host, hooked=not post_norm)
+
+
+def layout_from_dict(data: dict[str, Any], model_type: str = "custom") -> Architecture:
+    """An architecture-table entry for a model that has none, from a plain mapping: our layout keys
+    or AdapterHub's ``AdapterModelInterface`` fields (its ``adapter_interface.json``).
+
+    Our keys (module paths relative to one layer unless said otherwise)::
+
+        layers: decoder.layers        # backbone-relative list of transformer layers
+        embeddings: decoder.embed_tokens   # backbone-relative (invertible adapters, prompt tuning)
+        attention: self_attn          # where prefix tuning joins (omit: no prefix tuning)
+        q: self_attn.q_proj           # k, v likewise; or qkv: one fused projection
+        o: self_attn.out_proj
+        ffn_in: fc1                   # ffn_out: fc2
+        attention_site: {input: self_attn_layer_norm, output: self_attn.out_proj, norm: null}
+        ffn_site: {input: final_layer_norm, output: fc2, norm: null}
+
+    A site's ``input`` is the module whose first argument (``input_arg``) is the residual stream,
+    ``output`` the module whose output the adapter replaces and ``norm`` the norm the adapter applies
+    to ``output + input`` first (``original_ln_before``), as in AdapterHub's plugin interface. With
+    ``post_norm: true`` the model itself applies ``norm`` to ``output + input`` and the adapters
+    replace that norm's result instead (BERT's placement). ``causal``, ``kv_heads`` ("kv" for
+    grouped-query attention) and ``prompts`` are optional flags.
+    """
+    if not isinstance(data, dict):
+        raise LayoutError([f"layout: expected a mapping, got {type(data).__name__}"])
+    if "model_layers" in data:
+        return _from_interface(data, model_type)
+    problems = _unknown(data, _LAYOUT_KEYS, "")
+    for key in ("layers", "o", "ffn_in", "ffn_out", "attention_site", "ffn_site"):
+        if not data.get(key):
+            problems.append(f"{key}: required")
+    fused = data.get("qkv")
+    if fused and any(data.get(k) for k in "qkv"):
+        problems.append("qkv: give either qkv (one fused projection) or q, k and v, not both")
+    elif not fused and not all(data.get(k) for k in "qkv"):
+        problems.append("q: give q, k and v (or qkv for one fused projection)")
+    attn_site = _site(data["attention_site"], "attention_site", "attention_adapters", problems) \
+        if data.get("attention_site") else None
+    ffn_site = _site(data["ffn_site"], "ffn_site", "output_adapters", problems) if data.get("ffn_site") else None
+    if data.get("kv_heads", "attn") not in ("attn", "kv"):
+        problems.append(f"kv_heads: expected attn or kv, got {data['kv_heads']!r}")
+    if problems:
+        raise LayoutError(problems)
+    return Architecture(
+        model_types=(model_type,), layers=data["layers"], embeddings=data.get("embeddings", ""),
+        attention=data.get("attention"), q=fused or data["q"], k=fused or data["k"], v=fused or data["v"],
+        o=data["o"], lora_intermediate=data["ffn_in"], lora_output=data["ffn_out"], attn_site=attn_site,
+        ffn_site=ffn_site, fused_qkv=bool(fused), prefix_heads=data.get("kv_heads", "attn"),
+        prompts=bool(data.get("prompts", False)), causal=bool(data.get("causal", False)),
+    )
+
+
+def _from_interface(data: dict[str, Any], model_type: str) -> Architecture:
+    """AdapterHub's plugin interface, read for what it says about the model (the same placements)."""
+    problems = _unknown(data, _INTERFACE_KEYS, "")
+    if data.get("layer_cross_attn"):
+        problems.append("layer_cross_attn: cross-attention is not supported in a layout")
+    attn = data.get("layer_self_attn") or ""
+
+    def in_attn(name: str | None) -> str | None:
+        return f"{attn}.{name}" if name and attn else name
+
+    ours = {
+        "layers": data.get("model_layers"), "embeddings": data.get("model_embeddings"), "attention": attn or None,
+        "o": in_attn(data.get("attn_o_proj")), "ffn_in": data.get("layer_intermediate_proj"),
+        "ffn_out": data.get("layer_output_proj"),
+        "attention_site": {"input": data.get("layer_pre_self_attn"), "output": in_attn(data.get("attn_o_proj")),
+                           "norm": data.get("layer_ln_1")},
+        "ffn_site": {"input": data.get("layer_pre_ffn"), "output": data.get("layer_output_proj"),
+                     "norm": data.get("layer_ln_2")},
+    }
+    if data.get("attn_qkv_proj"):
+        ours["qkv"] = in_attn(data["attn_qkv_proj"])
+    else:
+        ours.update(q=in_attn(data.get("attn_q_proj")), k=in_attn(data.get("attn_k_proj")),
+                    v=in_attn(data.get("attn_v_proj")))
+    try:
+        arch = layout_from_dict(ours, model_type)
+    except LayoutError as exc:
+        problems += exc.problems
+    if problems:
+        raise LayoutError(problems)
+    return arch
+
+
+def check_layout(backbone: nn.Module, arch: Architecture) -> None:
+    """Every module a layout names exists in ``backbone`` (one LayoutError listing what does not)."""
+    from .schema import did_you_mean
+
+    problems: list[str] = []
+    try:
+        layers = transformer_layers(backbone, arch)
+    except (AttributeError, TypeError):
+        names = [n for n, m in backbone.named_modules() if isinstance(m, nn.ModuleList)]
+        raise LayoutError([f"layers: no list of layers at '{arch.layers}'{did_you_mean(arch.layers, names, ', did you mean {}?')}"
+                           ]) from None
+    if not layers:
+        raise LayoutError([f"layers: '{arch.layers}' holds no layers"])
+    inside = [n for n, _ in layers[0].named_modules() if n]
+    paths = {"q": arch.q, "k": arch.k, "v": arch.v, "o": arch.o, "ffn_in": arch.lora_intermediate,
+             "ffn_out": arch.lora_output, "attention": arch.attention}
+    for prefix, site in (("attention_site", arch.attn_site), ("ffn_site", arch.ffn_site)):
+        paths.update({f"{prefix}.input": site.residual, f"{prefix}.output": site.output, f"{prefix}.norm": site.norm})
+    for key, path in paths.items():
+        if path and path not in inside:
+            problems.append(f"{key}: layer 0 of {arch.layers} has no module '{path}'"
+                            f"{did_you_mean(path, inside, ', did you mean {}?')}")
+    if arch.embeddings:
+        try:
+            get_module(backbone, arch.embeddings)
+        except AttributeError:
+            names = [n for n, _ in backbone.named_modules() if n]
+            problems.append(f"embeddings: the model has no module '{arch.embeddings}'"
+                            f"{did_you_mean(arch.embeddings, names, ', did you mean {}?')}")
+    if problems:
+        raise LayoutError(problems)
+
+
+def register_architecture(layout: Architecture | dict[str, Any], model_type: str | None = None) -> Architecture:
+    """Add an entry to the table for this session: every model of its type then gets adapters
+    without a ``layout=`` argument. A dict is read with :func:`layout_from_dict`."""
+    arch = layout if isinstance(layout, Architecture) else layout_from_dict(layout, model_type or "custom")
+    if model_type is not None and model_type not in arch.model_types:
+        arch = dataclasses.replace(arch, model_types=(model_type,))
+    for name in arch.model_types:
+        _BY_TYPE[name] = arch
+    return arch
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

@@ -3,7 +3,8 @@
 `load_recipe` checks a recipe's shape (keys, types, bounds, method config). `preflight` checks
 what the recipe points at: the model folder holds a config and weights, the data files parse
 into text and labels, ``metric_for_best`` is a metric of the task, composition members exist
-and fit the base model, and the output folder can be written. Every problem is reported at once,
+and fit the base model, the output folder can be written, and the trackers and bitsandbytes
+that the recipe asks for are installed. Every problem is reported at once,
 each naming its recipe key, so a bad recipe fails in seconds rather than after the first
 training steps.
 """

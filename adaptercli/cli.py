@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import AdapterCliError
+from .errors import AdapterCliError, RecipeError
 from .recipe import shipped_folder
 
 app = typer.Typer(
@@ -42,6 +43,8 @@ def _friendly(command):
         except (AdapterCliError, OSError, KeyboardInterrupt) as exc:
             if _DEBUG["on"]:
                 raise
+            if isinstance(exc, RecipeError) and os.environ.get("RANK", "0") != "0":
+                raise typer.Exit(1) from None  # under accelerate launch every process finds it: the first says it
             if isinstance(exc, KeyboardInterrupt):
                 problems = ["interrupted"]
             elif isinstance(exc, OSError):  # the machine's doing: permissions, a full disk, a vanished file
@@ -200,6 +203,25 @@ def predict(
     for row in results:
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()])
     console.print(table)
+
+
+@app.command()
+@_friendly
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="Output folder of a finished causal-LM or instruction-tuning run.")],
+    prompts: Annotated[list[str], typer.Argument(help="Prompts; an instruction-tuned run reads each as a user turn.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Stop after this many tokens.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy; above 0: sampled.")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the sampling.")] = 0,
+) -> None:
+    """Answer each prompt with a trained causal-LM run's adapter (the chat template of an
+    instruction-tuned run frames the prompt), to try the result."""
+    from .train import generate as run
+
+    for prompt, answer in zip(prompts, run(run_dir, prompts, max_new_tokens, temperature, seed), strict=True):
+        if len(prompts) > 1:
+            console.print(f"[bold]> {escape(prompt)}[/bold]", highlight=False)
+        console.print(escape(answer), highlight=False, soft_wrap=True)
 
 
 @app.command()

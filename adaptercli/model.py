@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from . import composition
-from .architectures import Architecture, architecture_for, transformer_layers
+from .architectures import Architecture, architecture_for, check_layout, layout_from_dict, transformer_layers
 from .errors import AdapterCliError
 from .heads import HeadConfig, PredictionHead
 from .methods import FAMILIES, LoRAConfig, MethodConfig, family_of, method_name, resolve_config
@@ -62,14 +63,18 @@ _BATCH_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 
 
 class AdapterState:
-    """Everything adaptercli keeps about one model: its adapters, what is active, the hooks."""
+    """Everything adaptercli keeps about one model: its adapters, what is active, the hooks.
+    ``layout``: the model's entry when the table has none (see ``architectures.layout_from_dict``)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layout: Architecture | dict | None = None):
         self.model = model
         self.backbone: nn.Module = model.base_model
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.model_type: str = config.model_type
         self.arch: Architecture | None = architecture_for(self.model_type, required=False)
+        if layout is not None:
+            self.arch = layout if isinstance(layout, Architecture) else layout_from_dict(layout, self.model_type)
+            check_layout(self.backbone, self.arch)
         self.hidden_size: int = getattr(config, "hidden_size", None) or config.dim
         self.num_layers: int = getattr(config, "num_hidden_layers", None) or config.n_layers
         if self.arch is not None:  # the layers that hold adapters (ALBERT: its shared layers, once each)
@@ -590,17 +595,22 @@ def summary_text(rows: list[dict[str, Any]]) -> str:
 _INITIALISED: dict[type, type] = {}
 
 
-def init(model: nn.Module) -> nn.Module:
-    """Add the adapter API to a transformers model in place (and return it). Idempotent."""
+def init(model: nn.Module, layout: Architecture | dict | None = None) -> nn.Module:
+    """Add the adapter API to a transformers model in place (and return it). Idempotent.
+    ``layout`` describes a model the architecture table does not know (or overrides its entry):
+    a dict of module paths (``architectures.layout_from_dict``) or an Architecture."""
     if isinstance(model, ModelAdaptersMixin):
+        if layout is not None:
+            raise AdapterError("this model already has the adapter API; pass layout= on the first init")
         return model
     if not isinstance(model, PreTrainedModel) and not isinstance(model, AdapterModel):
         raise AdapterError(f"adaptercli.init expects a transformers model, not {type(model).__name__}")
     cls = type(model)
     if cls not in _INITIALISED:
         _INITIALISED[cls] = type(f"{cls.__name__}WithAdapters", (ModelAdaptersMixin, cls), {})
+    state = AdapterState(model, layout)  # before changing the class: a bad layout leaves the model as it was
     model.__class__ = _INITIALISED[cls]
-    model._adapter_state = AdapterState(model)
+    model._adapter_state = state
     return model
 
 
@@ -619,14 +629,14 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
     active head (the head named like the first active adapter, or ``active_head``).
     """
 
-    def __init__(self, backbone: PreTrainedModel):
+    def __init__(self, backbone: PreTrainedModel, layout: Architecture | dict | None = None):
         super().__init__()
         self.base_model_prefix = backbone.base_model_prefix or "model"
         self.add_module(self.base_model_prefix, backbone)
         self.config = backbone.config
         self.heads = nn.ModuleDict()
         self.active_head: str | None = None
-        self._adapter_state = AdapterState(self)
+        self._adapter_state = AdapterState(self, layout)
 
     @property
     def base_model(self) -> PreTrainedModel:
@@ -652,7 +662,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         embeddings = self.base_model.get_input_embeddings()
         dropout = float(getattr(self.config, "hidden_dropout_prob", 0.1) or 0.0)
         head = PredictionHead(config, self._adapter_state.hidden_size, dropout, self.is_causal, embeddings)
-        self.heads[name] = head.to(self.device)
+        self.heads[name] = head.to(self.device).train(self.training)  # an eval model gets an eval head (dropout)
         if set_active:
             self.active_head = name
 
@@ -776,14 +786,22 @@ class AutoAdapterModel:
     ``AutoModel.from_pretrained`` (same arguments: revision, attn_implementation, dtype, ...)."""
 
     @staticmethod
-    def from_pretrained(name_or_path: str | Path, **kwargs: Any) -> AdapterModel:
-        return AdapterModel(AutoModel.from_pretrained(str(name_or_path), **kwargs))
+    def from_pretrained(name_or_path: str | Path, layout: Architecture | dict | None = None,
+                        **kwargs: Any) -> AdapterModel:
+        """``layout``: see :func:`init`; without one, an AdapterHub ``adapter_interface.json`` in a
+        local model folder is read as the layout when the table has no entry for the model."""
+        interface = Path(name_or_path) / "adapter_interface.json"
+        if layout is None and interface.is_file():
+            saved = json.loads(interface.read_text())
+            if architecture_for(saved.get("model_type", ""), required=False) is None:
+                layout = saved.get("interface", saved)
+        return AdapterModel(AutoModel.from_pretrained(str(name_or_path), **kwargs), layout)
 
     @staticmethod
-    def from_config(config: Any, **kwargs: Any) -> AdapterModel:
+    def from_config(config: Any, layout: Architecture | dict | None = None, **kwargs: Any) -> AdapterModel:
         if isinstance(config, dict):
             config = AutoConfig.for_model(**config)
-        return AdapterModel(AutoModel.from_config(config, **kwargs))
+        return AdapterModel(AutoModel.from_config(config, **kwargs), layout)
 
 
 __all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "MultiHeadOutput", "init"]

@@ -56,6 +56,8 @@ def shipped_folder(name: str) -> Path:
 
 CONFIGS_DIR = shipped_folder("configs")
 """The presets that ``defaults:`` names (``method/lora`` is ``CONFIGS_DIR/method/lora.yaml``)."""
+LAUNCH_CONFIGS = "accelerate"
+"""``CONFIGS_DIR/accelerate/``: `accelerate launch --config_file` files (DDP, FSDP, DeepSpeed), not presets."""
 
 
 @dataclass
@@ -72,6 +74,8 @@ class ModelConfig:
         gguf_file: name of a GGUF file inside ``name_or_path`` to dequantize and load.
         quantization: ``4bit`` (NF4, double quantization: QLoRA) or ``8bit`` loads the frozen base
             with bitsandbytes; adapters and head stay in full precision.
+        layout: where the layers, attention projections, FFN and residual sites are, for a model
+            the architecture table does not know (see `adaptercli.architectures.layout_from_dict`).
     """
 
     name_or_path: str = MISSING
@@ -81,6 +85,7 @@ class ModelConfig:
     dtype: str | None = spec(None, choices=("auto", "float32", "float16", "bfloat16"))
     gguf_file: str | None = None
     quantization: str | None = spec(None, choices=("4bit", "8bit"))
+    layout: dict[str, Any] | None = None
 
 
 @dataclass
@@ -269,6 +274,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     checked = check_section(Recipe, values, "", problems, _unknown_key_problem)
     _check_semantics(checked, problems)
     _check_method_config(checked.get("adapter", {}), problems)
+    _check_layout(checked.get("model", {}), problems)
     if problems:
         raise RecipeError(problems)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), checked))
@@ -281,7 +287,8 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 def available_presets() -> list[str]:
     """Names of the packaged presets usable in ``defaults:``, e.g. ``method/lora``."""
-    return sorted(p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS_DIR.rglob("*.yaml"))
+    return sorted(p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS_DIR.rglob("*.yaml")
+                  if p.parent.name != LAUNCH_CONFIGS)
 
 
 # --- layers ----------------------------------------------------------------------------------
@@ -341,6 +348,9 @@ def _preset_path(entry: str, base_dir: Path, where: str, problems: list[str]) ->
             return None
         return path
     path = CONFIGS_DIR / f"{entry}.yaml"
+    if entry.startswith(f"{LAUNCH_CONFIGS}/"):
+        problems.append(f"{where}: {entry} configures `accelerate launch --config_file {path}`, not a recipe")
+        return None
     if not path.is_file():
         problems.append(f"{where}: unknown preset '{entry}'{did_you_mean(entry, available_presets())}")
         return None
@@ -477,6 +487,8 @@ def _check_semantics(recipe: dict[str, Any], problems: list[str]) -> None:
     if composition is not None:
         _check_composition(composition, problems)
     adapter = recipe.get("adapter", {})
+    if recipe.get("model", {}).get("quantization") not in (None, INVALID) and adapter.get("method") == FULL_FINETUNING:
+        problems.append("model.quantization: a quantized base cannot be fine-tuned in full; train an adapter on it (QLoRA)")
     if adapter.get("freeze") is True and not adapter.get("load"):
         problems.append("adapter.freeze: only a loaded adapter can be frozen; set adapter.load")
 
@@ -513,6 +525,18 @@ def _check_composition(composition: dict[str, Any], problems: list[str]) -> None
     if kind == "average" and weights is not None and isinstance(members, list) and (
             not isinstance(weights, list) or len(weights) != len(members)):
         problems.append(f"composition.kwargs.weights: give one weight per adapter ({len(members)}), got {weights!r}")
+
+
+def _check_layout(model: dict[str, Any], problems: list[str]) -> None:
+    """``model.layout`` reads as a layout (its module paths are checked when the model loads)."""
+    if not isinstance(model, dict) or not model.get("layout"):
+        return
+    from adaptercli.architectures import LayoutError, layout_from_dict
+
+    try:
+        layout_from_dict(model["layout"])
+    except LayoutError as exc:
+        problems += [f"model.layout.{p}" for p in exc.problems]
 
 
 def _check_method_config(adapter: dict[str, Any], problems: list[str]) -> None:

@@ -7,7 +7,10 @@ latest checkpoint and ends with the same adapter as an uninterrupted run.
 
 Run folder: ``adapter/`` (final adapter + head, native format; the best one when
 ``train.metric_for_best`` is set), ``checkpoints/``, ``recipe.yaml``, ``metrics.jsonl``,
-``curves.png``.
+``curves.png`` (and ``trackers/`` for ``train.report_to: [tensorboard]``).
+
+The same loop runs under ``accelerate launch`` (DDP, FSDP2, DeepSpeed): every process takes its
+share of every batch and only the main process writes (see "several processes" below).
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def load_model(recipe: Recipe) -> tuple[AdapterModel, Any]:
                 kwargs["quantization_config"] = quantization_config(m.quantization)
                 kwargs.setdefault("dtype", torch.float32)  # norms, embeddings: kept in full precision
                 kwargs["device_map"] = {"": PartialState().device}  # this process's device
-            model = AutoAdapterModel.from_pretrained(path, **kwargs)
+            model = AutoAdapterModel.from_pretrained(path, layout=m.layout, **kwargs)
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         local = Path(path).exists()
         hint = "" if local else (" — it is not a local folder and the Hugging Face Hub could not be reached; "

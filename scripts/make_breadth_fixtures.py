@@ -81,6 +81,10 @@ def base_config(arch: str):
         return t.ModernBertConfig(**common, global_attn_every_n_layers=1, pad_token_id=0, bos_token_id=1,
                                   eos_token_id=2, cls_token_id=1, sep_token_id=2, attention_dropout=0.0,
                                   embedding_dropout=0.0, mlp_dropout=0.0, reference_compile=False)
+    if arch == "opt":
+        return t.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                           ffn_dim=INTERMEDIATE, max_position_embeddings=MAX_POS, word_embed_proj_dim=HIDDEN,
+                           dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
     if arch == "bert":
         return t.BertConfig(**common, **dropless, pad_token_id=0)
     if arch == "llama":
@@ -118,6 +122,19 @@ PERTURB_SCALE = {"modernbert_ia3": 0.5}
 
 PHM_SMALL = {"reduction_factor": 4}  # hidden 32 -> width 8, divisible by phm_dim 4
 
+# The plugin entry: OPT is in neither AdapterHub's model list nor our table. AdapterHub reaches it
+# through this AdapterModelInterface (its "plugin interface"), written beside the model as
+# adapter_interface.json; adaptercli reads that file, or the same layout in its own keys.
+OPT_INTERFACE = {
+    "adapter_methods": ["bottleneck", "lora", "reft", "invertible"],
+    "model_embeddings": "embed_tokens", "model_layers": "layers", "layer_self_attn": "self_attn",
+    "layer_cross_attn": None, "attn_q_proj": "q_proj", "attn_k_proj": "k_proj", "attn_v_proj": "v_proj",
+    "attn_o_proj": "out_proj", "layer_intermediate_proj": "fc1", "layer_output_proj": "fc2",
+    "layer_pre_self_attn": "self_attn_layer_norm", "layer_pre_ffn": "final_layer_norm",
+    "layer_ln_1": None, "layer_ln_2": None, "base_model": "decoder",
+}
+INTERFACES = {"opt": OPT_INTERFACE}
+
 # New methods, on BERT (and some on Llama / GPT-2 to cover pre-LN models and fused projections).
 METHOD_CASES: dict[str, tuple[str, object]] = {
     "bert_scaled_par_bn": ("bert", "scaled_par_bn"),
@@ -143,6 +160,15 @@ METHOD_CASES: dict[str, tuple[str, object]] = {
     "llama_dora": ("llama", ("dora", {"attn_matrices": ["q", "k", "v"], "intermediate_lora": True})),
     "bert_mam": ("bert", "mam"),
     "bert_unipelt": ("bert", "unipelt"),
+    "opt_seq_bn": ("opt", "seq_bn"),
+    "opt_double_seq_bn": ("opt", "double_seq_bn"),
+    "opt_par_bn": ("opt", "par_bn"),
+    "opt_seq_bn_inv": ("opt", "seq_bn_inv"),
+    "opt_compacter": ("opt", ("compacter", PHM_SMALL)),
+    "opt_lora": ("opt", LORA_ALL),
+    "opt_ia3": ("opt", "ia3"),
+    "opt_dora": ("opt", "dora"),
+    "opt_loreft": ("opt", ("loreft", {"suffix_positions": 2})),
 }
 
 
@@ -151,7 +177,7 @@ def model_class(arch: str):
 
     return {"electra": t.ElectraModel, "albert": t.AlbertModel, "deberta-v2": t.DebertaV2Model,
             "deberta": t.DebertaModel, "qwen2": t.Qwen2Model, "qwen3": t.Qwen3Model, "gemma2": t.Gemma2Model,
-            "gemma3_text": t.Gemma3TextModel, "phi": t.PhiModel, "modernbert": t.ModernBertModel,
+            "gemma3_text": t.Gemma3TextModel, "phi": t.PhiModel, "modernbert": t.ModernBertModel, "opt": t.OPTModel,
             "bert": t.BertModel, "llama": t.LlamaModel}[arch]
 
 
@@ -190,6 +216,12 @@ def make_inputs(pad_id: int) -> dict[str, torch.Tensor]:
     attention_mask[1, SEQ_LEN - N_PAD:] = 0
     input_ids[1, SEQ_LEN - N_PAD:] = pad_id
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def interface(arch: str):
+    import adapters
+
+    return adapters.AdapterModelInterface(**INTERFACES[arch]) if arch in INTERFACES else None
 
 
 def zero_stray_biases(model, base) -> None:
@@ -245,6 +277,10 @@ def build_model(arch: str) -> None:
     folder = OUT / "models" / arch
     shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(folder, safe_serialization=True)
+    if arch in INTERFACES:  # as AdapterHub's save_pretrained writes it for a plugin-interface model
+        (folder / "adapter_interface.json").write_text(json.dumps(
+            {"model_type": config.model_type, "interface": INTERFACES[arch], "version": "adapters.1.3.0"},
+            indent=2, sort_keys=True) + "\n")
 
 
 def run_case(name: str, arch: str, spec: object) -> dict:
@@ -261,7 +297,7 @@ def run_case(name: str, arch: str, spec: object) -> dict:
         with torch.no_grad():
             reference = base(**inputs).last_hidden_state
         model = load_base(arch)
-        adapters.init(model)
+        adapters.init(model, interface=interface(arch))
         zero_stray_biases(model, base)
         torch.manual_seed(seed_for("init_" + name))
         model.add_adapter("ref", config=resolve(spec))
@@ -296,7 +332,7 @@ def run_case(name: str, arch: str, spec: object) -> dict:
         again = load_base(arch) if spec_name(spec) != "direft" else None
         if again is None:
             return finish(case, name, inputs, expected, bare, params, diff, out_dir, notes)
-        adapters.init(again)
+        adapters.init(again, interface=interface(arch))
         zero_stray_biases(again, base)
         again.load_adapter(str(out_dir), use_safetensors=safetensors, set_active=True)
         again.eval()

@@ -76,6 +76,27 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# ChatML, the chat template of SmolLM2 and Qwen2 (without their default system turn).
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A saved 2-layer, 64-wide random Llama with MiniLM's tokenizer (its vocabulary size) given
+    a ChatML chat template: for QLoRA and instruction-tuning runs in seconds."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 # The layout of nyu-mll/glue's mrpc config on the Hub: parquet files per split, declared in the card.
 GLUE_CARD = """---
 configs:

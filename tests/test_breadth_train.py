@@ -18,20 +18,23 @@ from adaptercli import train as train_module
 from adaptercli.recipe import load_recipe
 
 # Tiny-model settings: the tiny BERT is 32 wide (Compacter's default width would be 1); ReFT also
-# edits the last token so that both of its units train.
+# edits the last token so that both of its units train, in the first layer only (the head reads the
+# first token, which an edit of the last layer's last token cannot reach).
 METHODS = {
     "scaled_par_bn": {}, "double_seq_bn_inv": {}, "prefix_tuning_flat": {"prefix_length": 5},
     "compacter": {"reduction_factor": 4}, "compacter++": {"reduction_factor": 4},
     "prompt_tuning": {"prompt_length": 4},
-    "loreft": {"suffix_positions": 1}, "noreft": {"suffix_positions": 1}, "direft": {"suffix_positions": 1},
+    **{m: {"suffix_positions": 1, "layers": [0]} for m in ("loreft", "noreft", "direft")},
     "vera": {}, "dora": {}, "dvora": {},
     "mam": {"prefix_tuning": {"prefix_length": 5, "bottleneck_size": 32}},
     "unipelt": {"prefix_tuning": {"prefix_length": 5, "bottleneck_size": 32}},
 }
 NEVER_TRAINED = ("shared_parameters.tiny.lora_", ".parametrizations.weight.0.base")
+# One method per new family runs in `make test` (about 8 s each on 2 CPU cores); the rest are slow.
+QUICK = {"compacter", "prompt_tuning", "loreft", "dvora", "unipelt"}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m if m in QUICK else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_method_trains_from_a_recipe(method: str, tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     initial: dict[str, torch.Tensor] = {}

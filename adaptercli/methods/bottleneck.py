@@ -505,6 +505,14 @@ class BottleneckFamily(MethodFamily):
 
     def add(self, state: AdapterState, name: str, config: BnConfig) -> None:
         state.require_architecture("bottleneck adapters")
+        if config.is_parallel and any(site.residual is None for _, site in self._sites(state, config)):
+            raise ConfigError(f"a parallel adapter reads the sub-layer's input, and {state.model_type}'s FFN has no "
+                              "residual input of its own (it shares the attention's); use a sequential adapter")
+        if config.inv_adapter:
+            width = state.backbone.get_input_embeddings().weight.shape[1]
+            if width != state.hidden_size:
+                raise ConfigError(f"inv_adapter: the invertible adapter works on embeddings as wide as the hidden "
+                                  f"states; {state.model_type}'s are {width} wide, its hidden states {state.hidden_size}")
         layers = transformer_layers(state.backbone, state.arch)
         shared = None
         if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm):

@@ -83,8 +83,9 @@ class PromptTuningFamily(MethodFamily):
     def add(self, state: AdapterState, name: str, config: PromptTuningConfig) -> None:
         arch = state.require_architecture("prompt tuning")
         if not arch.prompts:
-            raise ConfigError(f"prompt tuning is not available on {state.model_type}: the model builds its "
-                              "attention mask before the embeddings, where the prompt joins")
+            raise ConfigError(f"prompt tuning is not available on {state.model_type}: it joins encoders whose "
+                              "attention mask follows the embeddings' output (BERT-like, DistilBERT, ALBERT), "
+                              "as in AdapterHub")
         embed = state.backbone.get_input_embeddings()
         width = embed.weight.shape[1]
         tokenize = None

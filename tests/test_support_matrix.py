@@ -1,0 +1,53 @@
+"""The README's support matrix is what the code does (scripts/support_matrix.py generates it from
+the table, the registry and the fixtures), and every pair it marks as running does run on the
+architectures that tests/test_methods.py does not build."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONFIGS, batch
+
+import adaptercli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import support_matrix  # noqa: E402
+
+from adaptercli.methods import METHODS  # noqa: E402
+
+
+def test_readme_support_matrix_is_current() -> None:
+    text = support_matrix.README.read_text()
+    section = text[text.index(support_matrix.START): text.index(support_matrix.END) + len(support_matrix.END)]
+    assert section == support_matrix.render(), "run scripts/support_matrix.py to update README.md"
+
+
+@pytest.mark.parametrize("model_type", [t for t in support_matrix.model_types() if t not in CONFIGS])
+def test_every_accepted_method_changes_the_output_and_deactivates(model_type: str) -> None:
+    model = adaptercli.init(support_matrix.tiny_model(model_type))
+    ids, mask = batch()
+    with torch.no_grad():
+        bare = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    accepted = [m for m, refusal in support_matrix.probe(model_type).items() if refusal is None]
+    assert len(accepted) >= len(METHODS) - 8, accepted
+    for method in accepted:
+        model.add_adapter("a", method + support_matrix.TINY_SETTINGS.get(method, ""))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for key, p in model._adapter_state.adapter_parameters("a").items():
+                # Not ReFT's orthogonal parametrisation: nudging its ±1 diagonal below 1 zeroes R.
+                if ".parametrizations." not in key:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model.set_active_adapters("a")
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = out[:, out.shape[1] - bare.shape[1]:]  # prompt tuning's positions come first
+        assert torch.isfinite(out).all(), method
+        assert (out - bare)[mask.bool()].abs().max() > 1e-4, method
+        model.set_active_adapters(None)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, bare), method
+        model.delete_adapter("a")
