@@ -84,6 +84,9 @@ class Architecture:
     prompts: bool = False
     # Decoder-only models, whose ReFT suffix positions and LM heads read left to right.
     causal: bool = False
+    # Backbone-relative module that holds adapter modules of no layer (invertible adapters, prefix
+    # pools, shared tensors): AdapterHub's interface ``base_model`` (OPT: ``decoder``), so keys match.
+    root: str = ""
 
     @property
     def name(self) -> str:
@@ -309,7 +312,7 @@ class LayoutError(UnsupportedArchitectureError):
 
 _SITE_KEYS = ("input", "input_arg", "output", "norm", "post_norm")
 _LAYOUT_KEYS = ("layers", "embeddings", "attention", "q", "k", "v", "qkv", "o", "ffn_in", "ffn_out",
-                "attention_site", "ffn_site", "causal", "kv_heads", "prompts")
+                "attention_site", "ffn_site", "causal", "kv_heads", "prompts", "root")
 # AdapterHub's AdapterModelInterface (its plugin interface; saved as adapter_interface.json).
 _INTERFACE_KEYS = ("adapter_methods", "model_embeddings", "model_layers", "layer_self_attn", "layer_cross_attn",
                    "attn_o_proj", "layer_intermediate_proj", "layer_output_proj", "attn_k_proj", "attn_q_proj",
@@ -385,7 +388,7 @@ def layout_from_dict(data: dict[str, Any], model_type: str = "custom") -> Archit
         attention=data.get("attention"), q=fused or data["q"], k=fused or data["k"], v=fused or data["v"],
         o=data["o"], lora_intermediate=data["ffn_in"], lora_output=data["ffn_out"], attn_site=attn_site,
         ffn_site=ffn_site, fused_qkv=bool(fused), prefix_heads=data.get("kv_heads", "attn"),
-        prompts=bool(data.get("prompts", False)), causal=bool(data.get("causal", False)),
+        prompts=bool(data.get("prompts", False)), causal=bool(data.get("causal", False)), root=data.get("root", ""),
     )
 
 
@@ -395,12 +398,15 @@ def _from_interface(data: dict[str, Any], model_type: str) -> Architecture:
     if data.get("layer_cross_attn"):
         problems.append("layer_cross_attn: cross-attention is not supported in a layout")
     attn = data.get("layer_self_attn") or ""
+    base = f"{data['base_model']}." if data.get("base_model") else ""  # where the layers sit in the model
 
     def in_attn(name: str | None) -> str | None:
         return f"{attn}.{name}" if name and attn else name
 
     ours = {
-        "layers": data.get("model_layers"), "embeddings": data.get("model_embeddings"), "attention": attn or None,
+        "layers": base + (data.get("model_layers") or ""),
+        "embeddings": base + data["model_embeddings"] if data.get("model_embeddings") else None,
+        "attention": attn or None, "root": data.get("base_model") or "",
         "o": in_attn(data.get("attn_o_proj")), "ffn_in": data.get("layer_intermediate_proj"),
         "ffn_out": data.get("layer_output_proj"),
         "attention_site": {"input": data.get("layer_pre_self_attn"), "output": in_attn(data.get("attn_o_proj")),

@@ -24,7 +24,14 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from . import composition
-from .architectures import Architecture, architecture_for, check_layout, layout_from_dict, transformer_layers
+from .architectures import (
+    Architecture,
+    architecture_for,
+    check_layout,
+    get_module,
+    layout_from_dict,
+    transformer_layers,
+)
 from .errors import AdapterCliError
 from .heads import HeadConfig, PredictionHead
 from .methods import FAMILIES, LoRAConfig, MethodConfig, family_of, method_name, resolve_config
@@ -89,6 +96,12 @@ class AdapterState:
         self.merged: set[str] = set()
         self.recorders: list[FusionRecorder] = []
         self.forward_mask: torch.Tensor | None = None  # the current forward's attention mask (when needed)
+
+    @property
+    def root(self) -> nn.Module:
+        """Where adapter modules that belong to no layer live (invertible adapters, prefix pools,
+        shared tensors): the backbone, or the part of it a layout names (AdapterHub's base_model)."""
+        return get_module(self.backbone, self.arch.root) if self.arch is not None else self.backbone
 
     def require_architecture(self, what: str) -> Architecture:
         """The table entry, or an error saying that ``what`` needs one (and which types have one)."""
@@ -713,7 +726,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
 
     def _inverse_for(self, node: str | composition.CompositionBlock | None) -> nn.Module | None:
         """The invertible adapter an LM head undoes: the one of the first adapter that ran."""
-        inv = getattr(self.base_model, "invertible_adapters", None)
+        inv = getattr(self._adapter_state.root, "invertible_adapters", None)
         first = node if isinstance(node, str) or node is None else node.first()
         return inv[first] if inv is not None and first in inv else None
 

@@ -100,6 +100,20 @@ def check(records: list[dict], mode: str, bands_file: Path | None) -> list[str]:
     return failures
 
 
+def write_bands(records: list[dict], mode: str, stamp: str) -> None:
+    """Bands from several seeds: a job fails only when it lands clearly below every seed seen."""
+    for task in sorted({r["task"] for r in records}):
+        path = RECIPES / f"{task}.bands.yaml"
+        bands = bands_of(task)
+        for method in sorted({r["method"] for r in records if r["task"] == task}):
+            values = [r["value"] for r in records if r["task"] == task and r["method"] == method]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            bands.setdefault(mode, {})[method] = round(max(min(values) - max(0.05, 3 * spread), 0.0), 4)
+        bands.setdefault("set_by", {})[mode] = stamp
+        path.write_text(f"# Lowest {task} metric each method may reach (scripts/reproduce.py --write-bands).\n"
+                        + yaml.safe_dump(bands, sort_keys=False))
+
+
 def table(records: list[dict], tasks: list[str], methods: list[str]) -> str:
     """AdapterHub Table 1 layout: one row per task, one column per method (mean over seeds)."""
     lines = ["| task (metric) | " + " | ".join("full FT" if m == "full" else m for m in methods) + " |",
@@ -142,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every job")
     parser.add_argument("--no-check", action="store_true", help="record only (to set bands)")
     parser.add_argument("--write-readme", action="store_true", help="replace README.md's quality table")
+    parser.add_argument("--write-bands", action="store_true",
+                        help="set each job's band from this run's seeds (lowest value minus max(0.05, 3 std))")
     args = parser.parse_args(argv)
 
     mode = "quick" if args.quick else "full"
@@ -174,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         head, _, rest = text.partition(README_START)
         _, _, tail = rest.partition(README_END)
         readme.write_text(f"{head}{README_START}\n{report}\n\n({stamp})\n{README_END}{tail}")
-    failures = [] if args.no_check else check(records, mode, args.bands)
+    if args.write_bands:
+        write_bands(records, mode, stamp)
+    failures = [] if args.no_check or args.write_bands else check(records, mode, args.bands)
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
     return 1 if failures else 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModel
 
@@ -27,8 +28,14 @@ def _params() -> list:
             for case in CASES for attn in ("eager", "sdpa") if not (attn == "sdpa" and case["arch"] in EAGER_ONLY)]
 
 
-def _load(case: dict, attn: str):
-    return adaptercli.init(AutoModel.from_pretrained(ROOT / case["model_dir"], attn_implementation=attn).eval())
+def _load(case: dict, attn: str, layout: dict | None = None):
+    """The bare model with the adapter API. A model outside the table (OPT) gets its layout from
+    the AdapterHub plugin interface saved beside it, unless ``layout`` is given."""
+    folder = ROOT / case["model_dir"]
+    interface = folder / "adapter_interface.json"
+    if layout is None and interface.exists():
+        layout = json.loads(interface.read_text())["interface"]
+    return adaptercli.init(AutoModel.from_pretrained(folder, attn_implementation=attn).eval(), layout=layout)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, atol: float = 1e-4) -> None:
@@ -59,9 +66,35 @@ def test_output_matches_adapters_1_3_0(case: dict, attn: str) -> None:
     assert torch.equal(bare, before), "deactivating must give the bare model back exactly"
 
 
+# The worked example of the README ("Any model: the layout"): OPT described in adaptercli's own
+# layout keys (the shipped preset configs/layout/opt.yaml) gives the same outputs as AdapterHub's
+# plugin interface for it.
+OPT_LAYOUT = yaml.safe_load((ROOT / "configs/layout/opt.yaml").read_text())["model"]["layout"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["arch"] == "opt"], ids=lambda c: c["name"])
+def test_layout_in_our_keys_equals_adapterhub_plugin_interface(case: dict) -> None:
+    io = load_file(ROOT / case["io"])
+    model = _load(case, "sdpa", layout=OPT_LAYOUT)
+    model.load_adapter(ROOT / case["adapter_dir"], set_active=True)
+    with torch.no_grad():
+        out = model(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).last_hidden_state
+    _close(out, io["expected"], io["attention_mask"])
+
+
+def test_adapter_model_reads_the_adapterhub_interface_beside_the_model() -> None:
+    case = next(c for c in CASES if c["name"] == "opt_lora")
+    io = load_file(ROOT / case["io"])
+    model = adaptercli.AutoAdapterModel.from_pretrained(ROOT / case["model_dir"]).eval()
+    model.load_adapter(ROOT / case["adapter_dir"], set_active=True)
+    with torch.no_grad():
+        out = model(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).hidden_states
+    _close(out, io["expected"], io["attention_mask"])
+
+
 def test_every_new_architecture_has_reference_cases() -> None:
     """The table entries of issue 12 are each covered by AdapterHub-made fixtures."""
     covered = {c["arch"] for c in CASES}
     for model_type in ("electra", "albert", "deberta-v2", "deberta", "qwen2", "qwen3", "gemma2", "gemma3_text",
-                       "phi", "modernbert"):
+                       "phi", "modernbert", "opt"):
         assert model_type in covered, model_type

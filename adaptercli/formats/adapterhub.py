@@ -47,7 +47,7 @@ def _strip_model_prefix(key: str) -> str:
     adapter keys inside a backbone start with a backbone attribute we know."""
     head, _, rest = key.partition(".")
     if rest and head not in ("encoder", "embeddings", "transformer", "h", "layers", "invertible_adapters", "prefix_tuning",
-                             "shared_parameters", "prompt_tuning"):
+                             "shared_parameters", "prompt_tuning", "decoder"):
         return rest
     if head == "transformer" and rest.startswith(("h.", "prefix_tuning", "invertible_adapters")):
         return rest  # GPT-2's AdapterModel prefix; DistilBERT's `transformer.layer` stays
@@ -86,6 +86,8 @@ def read_head(folder: Path, loaded: LoadedAdapter | LoadedFusion, default_name: 
     """Fill ``loaded``'s head fields from ``head_config.json`` + the head weights, if present."""
     if (folder / "head_config.json").exists():
         head_meta = read_json(folder / "head_config.json")
+        if head_meta.get("config") is None:  # what adapters 1.3.0 writes for a model without heads (plugin models)
+            return
         loaded.head_config = HeadConfig.from_dict(head_meta["config"])
         loaded.head_name = head_meta.get("name", default_name)
         loaded.head_weights = {_strip_model_prefix(k) if not k.startswith("heads.") else k: v

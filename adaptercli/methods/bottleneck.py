@@ -516,19 +516,19 @@ class BottleneckFamily(MethodFamily):
         layers = transformer_layers(state.backbone, state.arch)
         shared = None
         if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm):
-            if not hasattr(state.backbone, "shared_parameters"):
-                state.backbone.add_module("shared_parameters", nn.ModuleDict())
+            if not hasattr(state.root, "shared_parameters"):
+                state.root.add_module("shared_parameters", nn.ModuleDict())
             shared = shared_parameters(config, state.hidden_size, config.width(state.hidden_size, 0))
-            state.backbone.shared_parameters[name] = shared
+            state.root.shared_parameters[name] = shared
         for i, site in self._sites(state, config):
             adapter = BottleneckAdapter(state.hidden_size, config.width(state.hidden_size, i), config, shared)
             adapter.hooked = site.hooked
             self._container(layers[i], site)[name] = adapter
         if config.inv_adapter:
-            if not hasattr(state.backbone, "invertible_adapters"):
-                state.backbone.add_module("invertible_adapters", nn.ModuleDict())
+            if not hasattr(state.root, "invertible_adapters"):
+                state.root.add_module("invertible_adapters", nn.ModuleDict())
             factor = config.inv_adapter_reduction_factor or 2
-            state.backbone.invertible_adapters[name] = NICECoupling(state.hidden_size, factor, config.non_linearity)
+            state.root.invertible_adapters[name] = NICECoupling(state.hidden_size, factor, config.non_linearity)
 
     def _places(self, state: AdapterState):
         """(layer index, layer, site name, site, host module) for every site that hosts adapters."""
@@ -556,7 +556,7 @@ class BottleneckFamily(MethodFamily):
                 fusions = getattr(host, "adapter_fusion_layer", None)
                 compute = functools.partial(_compose, setup, container, fusions, record)
             handles += _hook_site(layer, site, compute)
-        inv = getattr(state.backbone, "invertible_adapters", {})
+        inv = getattr(state.root, "invertible_adapters", {})
         if any(n in inv for n in names):
             embeddings = get_module(state.backbone, state.arch.embeddings)
             handles.append(embeddings.register_forward_hook(functools.partial(_invertible, setup, inv)))

@@ -146,9 +146,9 @@ class LoRAVariantsFamily(LoRAFamily):
                                   f"needs the same shape; these differ: {sorted(shapes)} (choose attn_matrices "
                                   "or target_modules of one shape)")
             shared = shared_vera_matrices(*shapes.pop(), config)
-            if not hasattr(state.backbone, "shared_parameters"):
-                state.backbone.add_module("shared_parameters", nn.ModuleDict())
-            state.backbone.shared_parameters[name] = shared
+            if not hasattr(state.root, "shared_parameters"):
+                state.root.add_module("shared_parameters", nn.ModuleDict())
+            state.root.shared_parameters[name] = shared
         for module, _ in targets:
             if not hasattr(module, "loras"):
                 module.add_module("loras", nn.ModuleDict())
@@ -156,4 +156,4 @@ class LoRAVariantsFamily(LoRAFamily):
 
     def frozen_parameters(self, state: AdapterState, name: str) -> set[str]:
         """VeRA's shared random matrices are saved with the adapter but never trained."""
-        return {k for k in state.adapter_parameters(name) if k.startswith(f"shared_parameters.{name}.lora_")}
+        return {k for k in state.adapter_parameters(name) if f"shared_parameters.{name}.lora_" in k}

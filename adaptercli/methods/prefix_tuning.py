@@ -240,9 +240,9 @@ class PrefixTuningFamily(MethodFamily):
         if arch.attention is None:
             raise ConfigError(f"prefix tuning is not available on {state.model_type}: its attention does not run "
                               "through transformers' attention functions, where prefixes join")
-        if not hasattr(state.backbone, "prefix_tunings"):
-            state.backbone.add_module("prefix_tunings", nn.ModuleDict())
-        state.backbone.prefix_tunings[name] = PrefixPool(
+        if not hasattr(state.root, "prefix_tunings"):
+            state.root.add_module("prefix_tunings", nn.ModuleDict())
+        state.root.prefix_tunings[name] = PrefixPool(
             state.num_layers, state.num_kv_heads, state.head_dim, state.hidden_size, config
         )
         if config.use_gating:  # one gate per layer, where AdapterHub's files keep it
@@ -258,7 +258,7 @@ class PrefixTuningFamily(MethodFamily):
                 attention.prefix_tuning.prefix_gates[name] = gate
 
     def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
-        pools_by_name = getattr(state.backbone, "prefix_tunings", {})
+        pools_by_name = getattr(state.root, "prefix_tunings", {})
         active = [n for n in self.active_names(state, setup) if n in pools_by_name]
         config = state.model.config
         base = getattr(state, "_base_attn", None) or config._attn_implementation

@@ -94,16 +94,16 @@ class PromptTuningFamily(MethodFamily):
 
             tokenizer = AutoTokenizer.from_pretrained(state.model.config._name_or_path)
             tokenize = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
-        if not hasattr(state.backbone, "prompt_tuning"):
-            state.backbone.add_module("prompt_tuning", nn.Module())
-            state.backbone.prompt_tuning.add_module("prompt_tunings", nn.ModuleDict())
-        state.backbone.prompt_tuning.prompt_tunings[name] = Prompt(width, config, embed, tokenize)
+        if not hasattr(state.root, "prompt_tuning"):
+            state.root.add_module("prompt_tuning", nn.Module())
+            state.root.prompt_tuning.add_module("prompt_tunings", nn.ModuleDict())
+        state.root.prompt_tuning.prompt_tunings[name] = Prompt(width, config, embed, tokenize)
 
     def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
         names = self.active_names(state, setup)
         if not names:
             return []
-        prompt = state.backbone.prompt_tuning.prompt_tunings[names[0]]  # as AdapterHub: the first one
+        prompt = state.root.prompt_tuning.prompt_tunings[names[0]]  # as AdapterHub: the first one
         length = prompt.prompt_embedding.num_embeddings
 
         def widen_mask(module, args, kwargs):
