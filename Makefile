@@ -40,7 +40,7 @@ demo: install
 	$(BIN)/adapter train recipes/rotten_tomatoes_lora.yaml output_dir=runs/quickstart
 
 # Offline AdapterFusion: five source adapters, then a fusion for movie sentiment from 500 sentences,
-# against each source adapter alone and a new adapter (finished runs are reused; ~40 min on 2 cores).
+# against each source adapter alone and a new adapter (finished runs are reused; ~15 min on 2 idle cores).
 fusion-demo: install
 	$(BIN)/python scripts/fusion_demo.py --publish docs
 

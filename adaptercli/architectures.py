@@ -18,6 +18,7 @@ recipe's ``model.layout``, or an AdapterHub ``adapter_interface.json``) and ever
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,10 +88,24 @@ class Architecture:
     # Backbone-relative module that holds adapter modules of no layer (invertible adapters, prefix
     # pools, shared tensors): AdapterHub's interface ``base_model`` (OPT: ``decoder``), so keys match.
     root: str = ""
+    # (pattern, replacement) regexes from module paths of transformers 4.x, as AdapterHub 1.3.0
+    # files name them, to this version's (ViT was restructured in transformers 5).
+    legacy_keys: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
         return self.model_types[0]
+
+    def upgrade_keys(self, weights: dict[str, Any]) -> dict[str, Any]:
+        """Weight keys written against transformers 4.x module paths, renamed to this version's."""
+        if not self.legacy_keys:
+            return weights
+        out = {}
+        for key, value in weights.items():
+            for pattern, replacement in self.legacy_keys:
+                key = re.sub(pattern, replacement, key)
+            out[key] = value
+        return out
 
 
 _BERT_LIKE = Architecture(
@@ -271,8 +286,55 @@ _MODERNBERT = Architecture(
     fused_qkv=True,
 )
 
+# ViT: pre-LN, no attention mask. AdapterHub's files name transformers 4.x's modules
+# (encoder.layer.N.attention.attention.query, ...output.output_adapters); `legacy_keys` renames them.
+_VIT = Architecture(
+    model_types=("vit",),
+    layers="layers",
+    embeddings="embeddings",
+    attention="attention",
+    q="attention.q_proj",
+    k="attention.k_proj",
+    v="attention.v_proj",
+    o="attention.o_proj",
+    lora_intermediate="mlp.fc1",
+    lora_output="mlp.fc2",
+    attn_site=Site(residual="layernorm_before", residual_arg=0, output="attention", norm=None,
+                   host="attention_adapters"),
+    ffn_site=Site(residual="layernorm_after", residual_arg=0, output="mlp", norm=None, host="output_adapters"),
+    legacy_keys=(
+        (r"^encoder\.layer\.(\d+)\.", r"layers.\1."),
+        (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+        (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+        (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+        (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+        (r"^(layers\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
+        (r"^(layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+        (r"^(layers\.\d+)\.output\.output_adapters\.", r"\1.output_adapters."),
+    ),
+)
+
+# CLIP's text and vision towers (pre-LN encoders). transformers 4 nested them as text_model /
+# vision_model inside CLIPTextModel / CLIPVisionModel, which AdapterHub's keys still name.
+_CLIP = Architecture(
+    model_types=("clip_text_model", "clip_vision_model"),
+    layers="encoder.layers",
+    embeddings="embeddings",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.out_proj",
+    lora_intermediate="mlp.fc1",
+    lora_output="mlp.fc2",
+    attn_site=Site(residual="layer_norm1", residual_arg=0, output="self_attn", norm=None, host="attention_adapters"),
+    ffn_site=Site(residual="layer_norm2", residual_arg=0, output="mlp", norm=None, host="output_adapters"),
+    legacy_keys=((r"^(text_model|vision_model)\.", ""),),
+)
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     _BERT_LIKE, _DISTILBERT, _GPT2, _LLAMA_LIKE, _QWEN, _ALBERT, _DEBERTA_V2, _DEBERTA, _GEMMA, _PHI, _MODERNBERT,
+    _VIT, _CLIP,
 )
 _BY_TYPE = {t: arch for arch in ARCHITECTURES for t in arch.model_types}
 

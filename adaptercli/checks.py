@@ -208,4 +208,4 @@ def _check_optional_packages(recipe: Recipe, problems: list[str]) -> None:
                             "(metrics.jsonl is always written)")
     if recipe.model.quantization and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"model.quantization: {recipe.model.quantization} loading needs bitsandbytes "
-                        "(pip install 'adaptercli[qlora]')")
+                        "(pip install bitsandbytes)")

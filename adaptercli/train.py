@@ -107,7 +107,7 @@ def quantization_config(kind: str) -> Any:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise AdapterCliError("model.quantization: needs bitsandbytes; install it with "
-                              "pip install 'adaptercli[qlora]'") from None
+                              "pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
 
     if kind == "8bit":

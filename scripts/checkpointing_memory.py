@@ -4,8 +4,9 @@ Each setting runs in a fresh process on the same randomly initialised model (a L
 from its config, no download) with the same batch: AdamW steps on a LoRA (or any method) adapter,
 loss = mean squared hidden state. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA; on the
 CPU it is the process's peak resident memory during the steps (Linux: the high-water mark is reset
-through /proc/self/clear_refs just before them) minus its resident memory at that moment, i.e. what
-training adds on top of the loaded model. Prints one JSON line per setting and the ratio.
+through /proc/self/clear_refs just before the first) minus its resident memory at that moment, i.e.
+what training adds on top of the loaded model. Step time: the median over ``--steps`` steps after
+the first. Prints one JSON line per setting and the ratio.
 
     .venv/bin/python scripts/checkpointing_memory.py                       # CPU, 8 x 512 Llama, batch 4 x 256
     python scripts/checkpointing_memory.py --device cuda --layers 16 --hidden 2048 --batch 8 --seq 512
@@ -60,14 +61,15 @@ def run_one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    step()  # warm-up: optimizer state allocated
+    # From before the first step: the allocator keeps freed memory, so on the CPU only the first
+    # step's activations raise the resident memory (the adapter's optimizer state is small).
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident memory (VmHWM)
         base = _rss_kib("VmRSS") * 1024
-    times = [step() for _ in range(args.steps)]
+    times = [step() for _ in range(args.steps + 1)][1:]  # the first step's time has warm-up in it
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _rss_kib("VmHWM") * 1024
     return {"checkpointing": args.checkpointing, "method": args.method, "device": args.device,
             "shape": f"{args.layers} x {args.hidden}", "batch": f"{args.batch} x {args.seq}",

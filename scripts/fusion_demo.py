@@ -2,15 +2,15 @@
 data, and compare the fusion with the best single source adapter (`make fusion-demo`).
 
 1. Source adapters (seq_bn on all-MiniLM-L6-v2), one per offline data set, with
-   ``recipes/fusion_source_seq_bn.yaml``: Amazon-review, tweet and editorial sentiment (regression),
-   SMS spam and TREC question types.
+   ``recipes/fusion_source_seq_bn.yaml``: Amazon-review, tweet and news-editorial sentiment
+   (regression on the VADER ratings).
 2. The target, movie-sentence sentiment (``vader_movies_binary``, SST-2-like) from only 500 training
    sentences, with the same budget (steps, learning rate, batch, evaluations) for every contender:
-   * ``fusion``: ``recipes/vader_movies_fusion.yaml``, an AdapterFusion over the five frozen sources;
+   * ``fusion``: ``recipes/vader_movies_fusion.yaml``, an AdapterFusion over the three frozen sources;
    * ``head on <source>``: each source adapter frozen, a new head trained on the target (a probe of
      what that one adapter knows; the AdapterFusion paper's "single adapter" comparison);
    * ``new adapter``: a fresh seq_bn adapter trained on the 500 sentences alone (the paper's ST-A).
-3. Each run's best validation accuracy (1,000 held-out sentences) goes into a table, beside the
+3. Each run's best validation accuracy (held-out sentences) goes into a table, beside the
    fusion's attention heatmap.
 
 Runs already finished are reused, so the script can be stopped and started again. Every run is a
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["vader_amazon", "vader_tweets", "vader_nyt", "sms_spam", "trec"]
+SOURCES = ["vader_amazon", "vader_tweets", "vader_nyt"]
 TARGET = "vader_movies_binary"
 
 
@@ -85,7 +85,7 @@ def main() -> int:
     best_single = max(probes, key=lambda k: probes[k]["accuracy"])
     margin = results["fusion"]["accuracy"] - probes[best_single]["accuracy"]
     attention = json.loads((runs["fusion"] / "fusion_attention.json").read_text())
-    lines = ["| target: movie sentiment, 500 training sentences | validation accuracy (1,000) | best step |",
+    lines = ["| target: movie sentiment, 500 training sentences | best validation accuracy | best step |",
              "|---|---:|---:|"]
     for name, r in sorted(results.items(), key=lambda item: -item[1]["accuracy"]):
         lines.append(f"| {name} | {r['accuracy']:.3f} | {r['best_step']} |")

@@ -34,11 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "tests" / "fixtures" / "breadth"
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB, MAX_POS = 32, 2, 4, 64, 100, 64
+IMAGE = 16  # ViT: 16x16 images in 8x8 patches, 4 patches + CLS
 BATCH, SEQ_LEN, N_PAD = 2, 10, 3
 PERTURB = 0.05
 MIN_DIFF = 1e-3
 SMALL_PREFIX = {"bottleneck_size": 16, "prefix_length": 6}  # the default 512-wide MLP would be 330 kB a case
 
+PHM_SMALL = {"reduction_factor": 4}  # hidden 32 -> width 8, divisible by phm_dim 4
 # A LoRA that reaches every projection the table names: q, k, v and both FFN projections.
 LORA_ALL = {"architecture": "lora", "r": 4, "alpha": 8, "attn_matrices": ["q", "k", "v"],
             "intermediate_lora": True, "output_lora": True}
@@ -85,6 +87,27 @@ def base_config(arch: str):
         return t.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                            ffn_dim=INTERMEDIATE, max_position_embeddings=MAX_POS, word_embed_proj_dim=HIDDEN,
                            dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    if arch == "vit":
+        return t.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                           intermediate_size=INTERMEDIATE, image_size=IMAGE, patch_size=IMAGE // 2, **dropless)
+    if arch == "clip_text_model":
+        return t.CLIPTextConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                intermediate_size=INTERMEDIATE, max_position_embeddings=MAX_POS, attention_dropout=0.0,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "clip_vision_model":
+        return t.CLIPVisionConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                  intermediate_size=INTERMEDIATE, image_size=IMAGE, patch_size=IMAGE // 2,
+                                  attention_dropout=0.0)
+    if arch == "bart":
+        return t.BartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                            encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=INTERMEDIATE,
+                            decoder_ffn_dim=INTERMEDIATE, max_position_embeddings=MAX_POS, dropout=0.0,
+                            attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+                            eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    if arch == "t5":
+        return t.T5Config(vocab_size=VOCAB, d_model=HIDDEN, num_layers=LAYERS, num_heads=HEADS, d_ff=INTERMEDIATE,
+                          d_kv=HIDDEN // HEADS, dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=0,
+                          eos_token_id=1, decoder_start_token_id=0)
     if arch == "bert":
         return t.BertConfig(**common, **dropless, pad_token_id=0)
     if arch == "llama":
@@ -116,11 +139,21 @@ ARCH_CASES = {
     "gemma3_text": _methods("gemma3_text", prefix=False, inv=False),
     "phi": _methods("phi", prefix=False, inv=False),
     "modernbert": _methods("modernbert", prefix=False, inv=False),
+    # ViT: AdapterHub has no invertible adapters there; its files name transformers 4's modules.
+    "vit": [*_methods("vit", prefix=True, inv=False), ("noreft", "noreft"), ("compacter", ("compacter", PHM_SMALL))],
+    "clip_text_model": _methods("clip_text_model", prefix=True, inv=True),
+    "clip_vision_model": _methods("clip_vision_model", prefix=True, inv=False),
+    # Encoder-decoders: adapters in the encoder, the decoder and (cross_adapter) after cross-attention;
+    # LoRA on self- and cross-attention; prefixes for encoder, decoder and cross-attention.
+    **{arch: [*_methods(arch, prefix=True, inv=True),
+              ("seq_bn_cross", ("seq_bn", {"cross_adapter": True})),
+              ("double_seq_bn_cross", ("double_seq_bn", {"cross_adapter": True})),
+              ("prefix_tuning_self_only", {"architecture": "prefix_tuning", "encoder_prefix": False,
+                                           "cross_prefix": False, **SMALL_PREFIX})]
+       for arch in ("bart", "t5")},
 }
 # IA3 scales barely move a tiny random ModernBERT (its final norm absorbs them): perturb harder.
 PERTURB_SCALE = {"modernbert_ia3": 0.5}
-
-PHM_SMALL = {"reduction_factor": 4}  # hidden 32 -> width 8, divisible by phm_dim 4
 
 # The plugin entry: OPT is in neither AdapterHub's model list nor our table. AdapterHub reaches it
 # through this AdapterModelInterface (its "plugin interface"), written beside the model as
@@ -178,6 +211,8 @@ def model_class(arch: str):
     return {"electra": t.ElectraModel, "albert": t.AlbertModel, "deberta-v2": t.DebertaV2Model,
             "deberta": t.DebertaModel, "qwen2": t.Qwen2Model, "qwen3": t.Qwen3Model, "gemma2": t.Gemma2Model,
             "gemma3_text": t.Gemma3TextModel, "phi": t.PhiModel, "modernbert": t.ModernBertModel, "opt": t.OPTModel,
+            "vit": t.ViTModel, "clip_text_model": t.CLIPTextModel, "clip_vision_model": t.CLIPVisionModel,
+            "bart": t.BartModel, "t5": t.T5Model,
             "bert": t.BertModel, "llama": t.LlamaModel}[arch]
 
 
@@ -209,8 +244,14 @@ def load_base(arch: str):
     return model.eval()
 
 
-def make_inputs(pad_id: int) -> dict[str, torch.Tensor]:
+def make_inputs(pad_id: int, arch: str = "") -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1234)
+    if arch in ("vit", "clip_vision_model"):
+        return {"pixel_values": torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen)}
+    if arch in ("bart", "t5"):  # the decoder reads 7 target tokens and the padded source
+        inputs = make_inputs(pad_id)
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (BATCH, 7), generator=gen)
+        return inputs
     input_ids = torch.randint(3, VOCAB, (BATCH, SEQ_LEN), generator=gen)
     attention_mask = torch.ones(BATCH, SEQ_LEN, dtype=torch.long)
     attention_mask[1, SEQ_LEN - N_PAD:] = 0
@@ -293,7 +334,7 @@ def run_case(name: str, arch: str, spec: object) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
         base = load_base(arch)
-        inputs = make_inputs(base.config.pad_token_id or 0)
+        inputs = make_inputs(getattr(base.config, "pad_token_id", 0) or 0, arch)
         with torch.no_grad():
             reference = base(**inputs).last_hidden_state
         model = load_base(arch)
@@ -311,7 +352,9 @@ def run_case(name: str, arch: str, spec: object) -> dict:
         model.set_active_adapters("ref")
         model.eval()  # adapters 1.3.0 creates some layers (ReFT's) in training mode: dropout would run
         with torch.no_grad():
-            expected = model(**inputs).last_hidden_state
+            out = model(**inputs)
+            expected = out.last_hidden_state
+            extra = {"expected_encoder": out.encoder_last_hidden_state} if "decoder_input_ids" in inputs else {}
             model.set_active_adapters(None)
             bare = model(**inputs).last_hidden_state
         if (bare - reference).abs().max().item() > 1e-5:
@@ -331,7 +374,7 @@ def run_case(name: str, arch: str, spec: object) -> dict:
         # DiReFT, which adapters 1.3.0 reloads as NoReFT; see complete_folder).
         again = load_base(arch) if spec_name(spec) != "direft" else None
         if again is None:
-            return finish(case, name, inputs, expected, bare, params, diff, out_dir, notes)
+            return finish(case, name, inputs, expected, bare, params, diff, out_dir, notes, extra)
         adapters.init(again, interface=interface(arch))
         zero_stray_biases(again, base)
         again.load_adapter(str(out_dir), use_safetensors=safetensors, set_active=True)
@@ -345,15 +388,15 @@ def run_case(name: str, arch: str, spec: object) -> dict:
         case.update(status="skipped", note=f"{type(exc).__name__}: {str(exc)[:300]}", adapter_dir=None, io=None)
         print(f"SKIP {name}: {case['note']}", file=sys.stderr)
         return case
-    return finish(case, name, inputs, expected, bare, params, diff, out_dir, notes)
+    return finish(case, name, inputs, expected, bare, params, diff, out_dir, notes, extra)
 
 
-def finish(case, name, inputs, expected, bare, params, diff, out_dir, notes) -> dict:
+def finish(case, name, inputs, expected, bare, params, diff, out_dir, notes, extra) -> dict:
     from safetensors.torch import save_file
 
     path = OUT / "io" / f"{name}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"input_ids": inputs["input_ids"].contiguous(), "attention_mask": inputs["attention_mask"].contiguous(),
+    save_file({**{k: v.contiguous() for k, v in inputs.items()}, **{k: v.float().contiguous() for k, v in extra.items()},
                "expected": expected.detach().float().contiguous(), "bare": bare.detach().float().contiguous()},
               str(path))
     n_params = sum(p.numel() for p in params)
@@ -362,6 +405,32 @@ def finish(case, name, inputs, expected, bare, params, diff, out_dir, notes) -> 
                 files=sorted(p.name for p in out_dir.iterdir()))
     print(f"ok   {name}: {case['note']}")
     return case
+
+
+# Every AdapterHub method identifier, counted on a RoBERTa-base (125M) config: trainable parameters
+# after `train_adapter`, as adapters 1.3.0 builds them (AdapterHub's docs quote such counts).
+COUNTED_METHODS = ["seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn", "seq_bn_inv", "double_seq_bn_inv",
+                   "compacter", "compacter++", "lora", "ia3", "dora", "vera", "dvora", "prefix_tuning",
+                   "prefix_tuning_flat", "prompt_tuning", "loreft", "noreft", "direft", "mam", "unipelt"]
+
+
+def param_counts() -> dict[str, int]:
+    import adapters
+    from transformers import RobertaConfig, RobertaModel
+
+    counts = {}
+    for method in COUNTED_METHODS:
+        # DoRA reads the weights it adapts, so it needs real tensors; the rest count on the meta device.
+        device = "cpu" if method in ("dora", "dvora") else "meta"
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = RobertaModel(RobertaConfig())
+        adapters.init(model)
+        model.add_adapter("x", config=method)
+        model.train_adapter("x")
+        counts[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"count {method}: {counts[method]:,}")
+    return counts
 
 
 def all_cases() -> dict[str, tuple[str, object]]:
@@ -380,7 +449,7 @@ def main(selected: list[str]) -> None:
     cases = all_cases()
     if selected:
         cases = {n: c for n, c in cases.items() if n in selected or c[0] in selected}
-        if not cases:
+        if not cases and selected != ["param_counts"]:
             raise SystemExit(f"no case or architecture named {selected}")
     manifest_path = OUT / "manifest.json"
     old = json.loads(manifest_path.read_text())["cases"] if manifest_path.exists() and selected else []
@@ -390,12 +459,17 @@ def main(selected: list[str]) -> None:
     for name, (arch, spec) in cases.items():
         results[name] = run_case(name, arch, spec)
     order = list(all_cases())
+    if not selected or "param_counts" in selected:
+        counts = param_counts()
+    else:  # keep the counts already recorded
+        counts = json.loads(manifest_path.read_text()).get("param_counts", {}).get("roberta-base", {})
     manifest = {
         "generator": "scripts/make_breadth_fixtures.py",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "adapters": adapters.__version__},
         "dtype": "float32", "attn_implementation": "eager",
         "cases": [results[n] for n in order if n in results],
+        "param_counts": {"roberta-base": counts},
     }
     OUT.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -49,6 +49,11 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3": dict(_DECODER, head_dim=8), "gemma2": dict(_DECODER, head_dim=8), "gemma3_text": dict(_DECODER, head_dim=8),
     "phi": dict(_TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "modernbert": dict(_TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
+    "vit": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+                patch_size=8),
+    "clip_text_model": dict(_TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "clip_vision_model": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              image_size=16, patch_size=8),
     "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=100,
                 max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1),
 }
@@ -103,7 +108,7 @@ def _reason(message: str) -> str:
                        ("separate q/k/v", "fused q/k/v projection"), ("same shape", "layers of different shapes (GQA)"),
                        ("not divisible", "width not divisible by phm_dim"),
                        ("no residual input", "no FFN residual of its own (Phi: parallel attention and FFN)"),
-                       ("invertible adapter works", "embeddings narrower than the hidden states")):
+                       ("invertible adapter works", "no token embeddings as wide as the hidden states")):
         if key in message:
             return short
     return message.split(";")[0]

@@ -48,18 +48,25 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, ato
     assert diff <= atol, f"max abs difference on real tokens {diff:.2e} > {atol:.0e}"
 
 
+def _inputs(io: dict) -> tuple[dict, torch.Tensor]:
+    """The model inputs of a fixture and the mask of positions to compare (ViT: pixels, all)."""
+    if "pixel_values" in io:
+        return {"pixel_values": io["pixel_values"]}, torch.ones(io["expected"].shape[:2], dtype=torch.long)
+    return {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}, io["attention_mask"]
+
+
 @pytest.mark.parametrize("case,attn", _params())
 def test_output_matches_adapters_1_3_0(case: dict, attn: str) -> None:
     io = load_file(ROOT / case["io"])
-    inputs = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
+    inputs, mask = _inputs(io)
     model = _load(case, attn)
     with torch.no_grad():
         before = model(**inputs).last_hidden_state
-    _close(before, io["bare"], io["attention_mask"])
+    _close(before, io["bare"], mask)
     model.load_adapter(ROOT / case["adapter_dir"], set_active=True)
     with torch.no_grad():
         out = model(**inputs).last_hidden_state
-    _close(out, io["expected"], io["attention_mask"])
+    _close(out, io["expected"], mask)
     model.set_active_adapters(None)
     with torch.no_grad():
         bare = model(**inputs).last_hidden_state
@@ -96,5 +103,5 @@ def test_every_new_architecture_has_reference_cases() -> None:
     """The table entries of issue 12 are each covered by AdapterHub-made fixtures."""
     covered = {c["arch"] for c in CASES}
     for model_type in ("electra", "albert", "deberta-v2", "deberta", "qwen2", "qwen3", "gemma2", "gemma3_text",
-                       "phi", "modernbert", "opt"):
+                       "phi", "modernbert", "opt", "vit", "clip_text_model", "clip_vision_model"):
         assert model_type in covered, model_type

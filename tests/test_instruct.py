@@ -133,9 +133,11 @@ def test_trec_instruct_recipe_lowers_answer_loss_on_held_out_prompts(tmp_path: P
     held_out = tokenize_dataset(data.splits, tokenizer, "instruct", recipe.train.max_seq_length)["validation"]
     before = evaluate(model, held_out, make_collator(tokenizer, "instruct"), "instruct", None, 16, model.device)
     after = train(recipe, console=Console(quiet=True))
+    print(f"answer-token loss / accuracy on {len(held_out)} held-out prompts: before {before}, after {after}")
     assert after["loss"] < 0.5 * before["loss"], (before, after)
     assert after["accuracy"] > before["accuracy"]
     result = CliRunner().invoke(app, ["generate", str(tmp_path / "run"),
                                       "What kind of answer does this question ask for?\nQuestion: When was Mozart born ?"],
                                 env=ENV)
-    assert result.exit_code == 0 and result.output.startswith("It asks for"), result.output
+    answer = result.output.strip().splitlines()[-1]  # after the GGUF loader's progress bar
+    assert result.exit_code == 0 and answer.startswith("It asks for"), result.output

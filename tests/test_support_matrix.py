@@ -27,8 +27,12 @@ def test_readme_support_matrix_is_current() -> None:
 def test_every_accepted_method_changes_the_output_and_deactivates(model_type: str) -> None:
     model = support_matrix.tiny_model(model_type)
     ids, mask = batch()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if model_type in ("vit", "clip_vision_model"):  # pixels: 4 patches + CLS, no padding
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+        mask = torch.ones(2, 5, dtype=torch.long)
     with torch.no_grad():
-        bare = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        bare = model(**inputs).last_hidden_state
     accepted = [m for m, refusal in support_matrix.probe(model_type).items() if refusal is None]
     assert len(accepted) >= len(METHODS) - 8, accepted
     for method in accepted:
@@ -41,11 +45,11 @@ def test_every_accepted_method_changes_the_output_and_deactivates(model_type: st
                     p.add_(0.05 * torch.randn(p.shape, generator=g))
         model.set_active_adapters("a")
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            out = model(**inputs).last_hidden_state
         out = out[:, out.shape[1] - bare.shape[1]:]  # prompt tuning's positions come first
         assert torch.isfinite(out).all(), method
         assert (out - bare)[mask.bool()].abs().max() > 1e-4, method
         model.set_active_adapters(None)
         with torch.no_grad():
-            assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, bare), method
+            assert torch.equal(model(**inputs).last_hidden_state, bare), method
         model.delete_adapter("a")

@@ -69,7 +69,8 @@ def load_adapter(model: ModelAdaptersMixin, path: Path, load_as: str | None, wit
         )
     if loaded.model_type and loaded.model_type != state.model_type:
         raise AdapterFileError(f"{path}: adapter was saved for a {loaded.model_type} model; this model is {state.model_type}")
-    weights = _rename(loaded.weights, loaded.saved_name, name,
+    upgraded = state.arch.upgrade_keys(loaded.weights) if state.arch is not None else loaded.weights
+    weights = _rename(upgraded, loaded.saved_name, name,
                       "adapters|loras|prefix_tunings|prefix_gates|invertible_adapters|shared_parameters|refts|prompt_tunings")
     model.add_adapter(name, loaded.config)
     state.adapters[name].base_model = loaded.model_name
@@ -164,7 +165,8 @@ def load_adapter_fusion(model: ModelAdaptersMixin, path: Path, load_as: str | No
     name = load_as or loaded.saved_name
     model.add_adapter_fusion(loaded.members, config=loaded.config, name=name)
     try:
-        weights = _rename(loaded.weights, loaded.saved_name, name, "adapter_fusion_layer")
+        upgraded = state.arch.upgrade_keys(loaded.weights) if state.arch is not None else loaded.weights
+        weights = _rename(upgraded, loaded.saved_name, name, "adapter_fusion_layer")
         _copy_into(state.fusion_parameters(name), weights, path, "fusion")
         if with_head and (loaded.head_weights or loaded.head_config):
             _load_head(model, loaded, load_as or loaded.head_name or name, path)

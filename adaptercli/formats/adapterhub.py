@@ -34,7 +34,7 @@ HEAD_WEIGHTS = ("model_head.safetensors", "head.safetensors", "pytorch_model_hea
 
 # `...prefix_tuning.prefix_tunings.NAME.<location>.X` -> `prefix_tunings.NAME.X`, from the pool's
 # top-level copy; the per-layer copies (`...prefix_tuning.pool...`) are the same tensors.
-_PREFIX = re.compile(r"^prefix_tuning\.prefix_tunings\.([^.]+)\.(?:self_prefix|self|encoder_prefix)\.(.+)$")
+_PREFIX = re.compile(r"^prefix_tuning\.prefix_tunings\.([^.]+)\.(?:\w+_)?(?:self_prefix|self|encoder_prefix)\.(.+)$")
 
 
 def is_adapterhub(meta: dict[str, Any], folder: Path) -> bool:

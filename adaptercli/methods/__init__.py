@@ -96,6 +96,20 @@ def method_name(config: MethodConfig) -> str:
     return "prefix_tuning_flat" if isinstance(config, PrefixTuningConfig) and config.flat else "prefix_tuning"
 
 
+def _split_top_level(text: str, separator: str) -> list[str]:
+    """Split on ``separator`` outside brackets and braces."""
+    depth, part, parts = 0, "", []
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == separator and depth == 0:
+            parts.append(part)
+            part = ""
+        else:
+            part += ch
+    return [*parts, part]
+
+
 def _parse_string(spec: str) -> tuple[str, dict[str, Any]]:
     """``"lora[r=16,alpha=32]"`` -> ("lora", {"r": 16, "alpha": 32}); values are read as YAML."""
     name, _, rest = spec.partition("[")
@@ -104,17 +118,7 @@ def _parse_string(spec: str) -> tuple[str, dict[str, Any]]:
         if not rest.endswith("]"):
             raise ConfigError(f"cannot read adapter config '{spec}': expected NAME[key=value,...]")
         # Split on commas outside brackets so lists like attn_matrices=[q,k,v] and mappings survive.
-        depth, part, parts = 0, "", []
-        for ch in rest[:-1]:
-            depth += ch in "[{"
-            depth -= ch in "]}"
-            if ch == "," and depth == 0:
-                parts.append(part)
-                part = ""
-            else:
-                part += ch
-        parts.append(part)
-        for item in filter(None, (p.strip() for p in parts)):
+        for item in filter(None, (p.strip() for p in _split_top_level(rest[:-1], ","))):
             key, eq, value = item.partition("=")
             if not eq:
                 raise ConfigError(f"cannot read '{item}' in adapter config '{spec}': expected key=value")
@@ -136,6 +140,9 @@ def resolve_config(config: str | dict | MethodConfig | None = None, **overrides:
     if isinstance(config, MethodConfig):
         return config.replace(**overrides) if overrides else config
     if isinstance(config, str):
+        parts = _split_top_level(config, "|")
+        if len(parts) > 1:  # AdapterHub's union syntax: "prefix_tuning[bottleneck_size=800]|par_bn"
+            return UnionConfig.from_dict({"configs": [resolve_config(part.strip()) for part in parts], **overrides})
         name, parsed = _parse_string(config)
         return get_method(name).make_config({**parsed, **overrides})
     if isinstance(config, dict):

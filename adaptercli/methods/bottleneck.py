@@ -509,10 +509,12 @@ class BottleneckFamily(MethodFamily):
             raise ConfigError(f"a parallel adapter reads the sub-layer's input, and {state.model_type}'s FFN has no "
                               "residual input of its own (it shares the attention's); use a sequential adapter")
         if config.inv_adapter:
-            width = state.backbone.get_input_embeddings().weight.shape[1]
+            embed = state.backbone.get_input_embeddings()
+            width = embed.weight.shape[1] if isinstance(embed, nn.Embedding) else None
             if width != state.hidden_size:
-                raise ConfigError(f"inv_adapter: the invertible adapter works on embeddings as wide as the hidden "
-                                  f"states; {state.model_type}'s are {width} wide, its hidden states {state.hidden_size}")
+                what = f"{width} wide" if width else f"not token embeddings ({type(embed).__name__})"
+                raise ConfigError(f"inv_adapter: the invertible adapter works on token embeddings as wide as the "
+                                  f"hidden states; {state.model_type}'s are {what}, its hidden states {state.hidden_size}")
         layers = transformer_layers(state.backbone, state.arch)
         shared = None
         if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm):
