@@ -91,6 +91,21 @@ class Architecture:
     # (pattern, replacement) regexes from module paths of transformers 4.x, as AdapterHub 1.3.0
     # files name them, to this version's (ViT was restructured in transformers 5).
     legacy_keys: tuple[tuple[str, str], ...] = ()
+    # Encoder-decoders: the decoder's layers, described like the encoder's (its own sites and
+    # projections), plus its cross-attention: the module where cross prefixes join, its q/k/v
+    # (LoRA adapts them with the self-attention's, as AdapterHub does) and its residual site
+    # (bottleneck adapters with ``cross_adapter``).
+    decoder: Architecture | None = None
+    cross_attention: str | None = None
+    cross_q: str | None = None
+    cross_k: str | None = None
+    cross_v: str | None = None
+    cross_site: Site | None = None
+    # Where invertible adapters live, backbone-relative (AdapterHub: the encoder of an
+    # encoder-decoder); None: ``root``. ``embeddings_input``: they act on the input of the module
+    # named by ``embeddings`` instead of its output (T5: the first encoder block).
+    invertible_root: str | None = None
+    embeddings_input: bool = False
 
     @property
     def name(self) -> str:
@@ -98,11 +113,15 @@ class Architecture:
 
     def upgrade_keys(self, weights: dict[str, Any]) -> dict[str, Any]:
         """Weight keys written against transformers 4.x module paths, renamed to this version's."""
-        if not self.legacy_keys:
+        rules = self.legacy_keys
+        if self.decoder is not None:  # a lone decoder prefix pool, read without its location
+            rules = (*rules, (r"^(prefix_tunings\.[^.]+)\.(?!encoder_prefix\.|self_prefix\.|cross_prefix\.)",
+                              r"\1.self_prefix."))
+        if not rules:
             return weights
         out = {}
         for key, value in weights.items():
-            for pattern, replacement in self.legacy_keys:
+            for pattern, replacement in rules:
                 key = re.sub(pattern, replacement, key)
             out[key] = value
         return out
@@ -332,9 +351,65 @@ _CLIP = Architecture(
     legacy_keys=((r"^(text_model|vision_model)\.", ""),),
 )
 
+# BART / mBART: post-LN (BART) or pre-LN (mBART) encoder and decoder layers; AdapterHub puts the
+# invertible adapter after the encoder's embedding norm and keeps it under the encoder.
+def _bart_like(model_types: tuple[str, ...], post_ln: bool) -> Architecture:
+    def sites(attn: str, ffn_in: str) -> tuple[Site, Site]:
+        if post_ln:
+            return (Site(residual=attn, residual_arg=0, output=attn, norm=f"{attn}_layer_norm", host="attention_adapters"),
+                    Site(residual=ffn_in, residual_arg=0, output="fc2", norm="final_layer_norm", host="output_adapters"))
+        return (Site(residual=f"{attn}_layer_norm", residual_arg=0, output=attn, norm=None, host="attention_adapters"),
+                Site(residual="final_layer_norm", residual_arg=0, output="fc2", norm=None, host="output_adapters"))
+
+    attn_site, ffn_site = sites("self_attn", "fc1")
+    cross_site = sites("encoder_attn", "fc1")[0]
+    cross_site = dataclasses.replace(cross_site, host="cross_attention_adapters")
+    layer = dict(attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                 o="self_attn.out_proj", lora_intermediate="fc1", lora_output="fc2", attn_site=attn_site,
+                 ffn_site=ffn_site)
+    decoder = Architecture(model_types=model_types, layers="decoder.layers", embeddings="", **layer,
+                           cross_attention="encoder_attn", cross_q="encoder_attn.q_proj", cross_k="encoder_attn.k_proj",
+                           cross_v="encoder_attn.v_proj", cross_site=cross_site, causal=True)
+    return Architecture(model_types=model_types, layers="encoder.layers", embeddings="encoder.layernorm_embedding", **layer,
+                        decoder=decoder, invertible_root="encoder")
+
+
+_BART = _bart_like(("bart",), post_ln=True)
+_MBART = _bart_like(("mbart",), post_ln=False)
+# Whisper: mBART's layers over an audio encoder; AdapterHub runs the invertible adapter on the
+# encoder's final norm.
+_WHISPER = dataclasses.replace(_bart_like(("whisper",), post_ln=False), embeddings="encoder.layer_norm")
+
+
+# T5 / mT5: pre-LN blocks of sub-layers (block.N.layer.0 self-attention, .1 cross-attention in the
+# decoder, last the FFN); each sub-layer hosts its adapters, as in AdapterHub's files.
+def _t5_part(layers: str, ffn: str) -> dict[str, Any]:
+    return dict(
+        layers=layers, embeddings="", attention="layer.0.SelfAttention", q="layer.0.SelfAttention.q",
+        k="layer.0.SelfAttention.k", v="layer.0.SelfAttention.v", o="layer.0.SelfAttention.o",
+        lora_intermediate=f"{ffn}.DenseReluDense.wi|{ffn}.DenseReluDense.wi_1", lora_output=f"{ffn}.DenseReluDense.wo",
+        attn_site=Site(residual="layer.0.layer_norm", residual_arg=0, output="layer.0.SelfAttention", norm=None,
+                       host="layer.0"),
+        ffn_site=Site(residual=f"{ffn}.layer_norm", residual_arg=0, output=f"{ffn}.DenseReluDense", norm=None,
+                      host=ffn),
+    )
+
+
+_T5 = Architecture(
+    model_types=("t5", "mt5"), **{**_t5_part("encoder.block", "layer.1"), "embeddings": "encoder.block.0"},
+    embeddings_input=True, invertible_root="encoder",
+    decoder=Architecture(
+        model_types=("t5", "mt5"), **_t5_part("decoder.block", "layer.2"), causal=True,
+        cross_attention="layer.1.EncDecAttention", cross_q="layer.1.EncDecAttention.q",
+        cross_k="layer.1.EncDecAttention.k", cross_v="layer.1.EncDecAttention.v",
+        cross_site=Site(residual="layer.1.layer_norm", residual_arg=0, output="layer.1.EncDecAttention", norm=None,
+                        host="layer.1"),
+    ),
+)
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     _BERT_LIKE, _DISTILBERT, _GPT2, _LLAMA_LIKE, _QWEN, _ALBERT, _DEBERTA_V2, _DEBERTA, _GEMMA, _PHI, _MODERNBERT,
-    _VIT, _CLIP,
+    _VIT, _CLIP, _BART, _MBART, _T5, _WHISPER,
 )
 _BY_TYPE = {t: arch for arch in ARCHITECTURES for t in arch.model_types}
 
@@ -535,13 +610,35 @@ def register_architecture(layout: Architecture | dict[str, Any], model_type: str
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
-    """``root.get_submodule(path)`` where the empty path means ``root`` itself."""
+    """``root.get_submodule(path)`` where the empty path means ``root`` itself and ``a|b`` the
+    first of the alternatives that exists (T5's FFN input is ``wi``, or ``wi_1`` when gated)."""
+    if "|" in path:
+        for option in path.split("|"):
+            try:
+                return get_module(root, option)
+            except AttributeError:
+                continue
+        raise AttributeError(f"none of {path.split('|')} in {type(root).__name__}")
     return root.get_submodule(path) if path else root
 
 
-def transformer_layers(backbone: nn.Module, arch: Architecture) -> list[nn.Module]:
-    """The transformer layers in order; a ``*`` in the path runs over every index of a list."""
+def _stack(backbone: nn.Module, path: str) -> list[nn.Module]:
     modules = [backbone]
-    for part in arch.layers.split("."):
+    for part in path.split("."):
         modules = [child for m in modules for child in (m.children() if part == "*" else [get_module(m, part)])]
     return [layer for m in modules for layer in m]
+
+
+def transformer_layers(backbone: nn.Module, arch: Architecture) -> list[nn.Module]:
+    """The transformer layers in order (an encoder-decoder's encoder layers, then its decoder
+    layers, numbered on as AdapterHub does); a ``*`` in a path runs over every index of a list."""
+    return [layer for layer, _ in layers_with_parts(backbone, arch)]
+
+
+def layers_with_parts(backbone: nn.Module, arch: Architecture) -> list[tuple[nn.Module, Architecture]]:
+    """Each transformer layer with the table entry that describes it (the decoder part for an
+    encoder-decoder's decoder layers)."""
+    layers = [(layer, arch) for layer in _stack(backbone, arch.layers)]
+    if arch.decoder is not None:
+        layers += [(layer, arch.decoder) for layer in _stack(backbone, arch.decoder.layers)]
+    return layers

@@ -66,7 +66,8 @@ _ADAPTER_KEY = (r"(^|\.)(adapters|loras|prefix_tunings|prefix_gates|invertible_a
                 r"shared_parameters|refts|prompt_tunings)\.{name}\.")
 _FUSION_KEY = r"(^|\.)adapter_fusion_layer\.{name}\."
 # Inputs of a backbone forward that carry the batch on dim 0 (replicated for Parallel).
-_BATCH_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+_BATCH_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "decoder_input_ids",
+                 "decoder_attention_mask")
 
 
 class AdapterState:
@@ -88,7 +89,7 @@ class AdapterState:
             self.num_layers = len(transformer_layers(self.backbone, self.arch))
         heads = getattr(config, "num_attention_heads", None) or config.n_heads
         self.num_kv_heads: int = getattr(config, "num_key_value_heads", None) or heads
-        self.head_dim: int = getattr(config, "head_dim", None) or self.hidden_size // heads
+        self.head_dim: int = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or self.hidden_size // heads
         self.adapters: dict[str, AdapterRecord] = {}
         self.fusions: dict[str, FusionRecord] = {}
         self.active: composition.CompositionBlock | None = None
@@ -102,6 +103,13 @@ class AdapterState:
         """Where adapter modules that belong to no layer live (invertible adapters, prefix pools,
         shared tensors): the backbone, or the part of it a layout names (AdapterHub's base_model)."""
         return get_module(self.backbone, self.arch.root) if self.arch is not None else self.backbone
+
+    @property
+    def invertible_root(self) -> nn.Module:
+        """Where invertible adapters live (an encoder-decoder's encoder, as in AdapterHub's files)."""
+        if self.arch is not None and self.arch.invertible_root:
+            return get_module(self.backbone, self.arch.invertible_root)
+        return self.root
 
     def require_architecture(self, what: str) -> Architecture:
         """The table entry, or an error saying that ``what`` needs one (and which types have one)."""
@@ -726,7 +734,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
 
     def _inverse_for(self, node: str | composition.CompositionBlock | None) -> nn.Module | None:
         """The invertible adapter an LM head undoes: the one of the first adapter that ran."""
-        inv = getattr(self._adapter_state.root, "invertible_adapters", None)
+        inv = getattr(self._adapter_state.invertible_root, "invertible_adapters", None)
         first = node if isinstance(node, str) or node is None else node.first()
         return inv[first] if inv is not None and first in inv else None
 

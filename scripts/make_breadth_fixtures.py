@@ -33,14 +33,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "tests" / "fixtures" / "breadth"
 
-HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB, MAX_POS = 32, 2, 4, 64, 100, 64
+HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB, MAX_POS = 16, 2, 4, 32, 100, 64
 IMAGE = 16  # ViT: 16x16 images in 8x8 patches, 4 patches + CLS
 BATCH, SEQ_LEN, N_PAD = 2, 10, 3
 PERTURB = 0.05
 MIN_DIFF = 1e-3
 SMALL_PREFIX = {"bottleneck_size": 16, "prefix_length": 6}  # the default 512-wide MLP would be 330 kB a case
 
-PHM_SMALL = {"reduction_factor": 4}  # hidden 32 -> width 8, divisible by phm_dim 4
+PHM_SMALL = {"reduction_factor": 4}  # hidden 16 -> width 4, divisible by phm_dim 4
 # A LoRA that reaches every projection the table names: q, k, v and both FFN projections.
 LORA_ALL = {"architecture": "lora", "r": 4, "alpha": 8, "attn_matrices": ["q", "k", "v"],
             "intermediate_lora": True, "output_lora": True}
@@ -108,6 +108,22 @@ def base_config(arch: str):
         return t.T5Config(vocab_size=VOCAB, d_model=HIDDEN, num_layers=LAYERS, num_heads=HEADS, d_ff=INTERMEDIATE,
                           d_kv=HIDDEN // HEADS, dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=0,
                           eos_token_id=1, decoder_start_token_id=0)
+    if arch == "mbart":
+        return t.MBartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                             encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=INTERMEDIATE,
+                             decoder_ffn_dim=INTERMEDIATE, max_position_embeddings=MAX_POS, dropout=0.0,
+                             attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+                             eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    if arch == "mt5":  # gated-GELU FFN (wi_0, wi_1), as the released mT5
+        return t.MT5Config(vocab_size=VOCAB, d_model=HIDDEN, num_layers=LAYERS, num_heads=HEADS, d_ff=INTERMEDIATE,
+                           d_kv=HIDDEN // HEADS, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                           decoder_start_token_id=0)
+    if arch == "whisper":
+        return t.WhisperConfig(vocab_size=VOCAB, num_mel_bins=8, d_model=HIDDEN, encoder_layers=LAYERS,
+                               decoder_layers=LAYERS, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
+                               encoder_ffn_dim=INTERMEDIATE, decoder_ffn_dim=INTERMEDIATE, max_source_positions=8,
+                               max_target_positions=16, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
     if arch == "bert":
         return t.BertConfig(**common, **dropless, pad_token_id=0)
     if arch == "llama":
@@ -151,6 +167,12 @@ ARCH_CASES = {
               ("prefix_tuning_self_only", {"architecture": "prefix_tuning", "encoder_prefix": False,
                                            "cross_prefix": False, **SMALL_PREFIX})]
        for arch in ("bart", "t5")},
+    **{arch: [("seq_bn", "seq_bn"), ("double_seq_bn_cross", ("double_seq_bn", {"cross_adapter": True})),
+              ("lora", LORA_ALL), ("prefix_tuning", {"architecture": "prefix_tuning", **SMALL_PREFIX})]
+       for arch in ("mbart", "mt5")},
+    "whisper": [("seq_bn", "seq_bn"), ("double_seq_bn_cross", ("double_seq_bn", {"cross_adapter": True})),
+                ("lora", LORA_ALL), ("seq_bn_inv", "seq_bn_inv"),
+                ("prefix_tuning", {"architecture": "prefix_tuning", **SMALL_PREFIX})],
 }
 # IA3 scales barely move a tiny random ModernBERT (its final norm absorbs them): perturb harder.
 PERTURB_SCALE = {"modernbert_ia3": 0.5}
@@ -212,7 +234,8 @@ def model_class(arch: str):
             "deberta": t.DebertaModel, "qwen2": t.Qwen2Model, "qwen3": t.Qwen3Model, "gemma2": t.Gemma2Model,
             "gemma3_text": t.Gemma3TextModel, "phi": t.PhiModel, "modernbert": t.ModernBertModel, "opt": t.OPTModel,
             "vit": t.ViTModel, "clip_text_model": t.CLIPTextModel, "clip_vision_model": t.CLIPVisionModel,
-            "bart": t.BartModel, "t5": t.T5Model,
+            "bart": t.BartModel, "t5": t.T5Model, "mbart": t.MBartModel, "mt5": t.MT5Model,
+            "whisper": t.WhisperModel,
             "bert": t.BertModel, "llama": t.LlamaModel}[arch]
 
 
@@ -248,7 +271,10 @@ def make_inputs(pad_id: int, arch: str = "") -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1234)
     if arch in ("vit", "clip_vision_model"):
         return {"pixel_values": torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen)}
-    if arch in ("bart", "t5"):  # the decoder reads 7 target tokens and the padded source
+    if arch == "whisper":  # 8 mel bins x 16 frames (twice max_source_positions)
+        return {"input_features": torch.randn(BATCH, 8, 16, generator=gen),
+                "decoder_input_ids": torch.randint(3, VOCAB, (BATCH, 7), generator=gen)}
+    if arch in ("bart", "t5", "mbart", "mt5"):  # the decoder reads 7 target tokens and the padded source
         inputs = make_inputs(pad_id)
         inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (BATCH, 7), generator=gen)
         return inputs

@@ -54,6 +54,13 @@ TINY_CONFIGS: dict[str, dict] = {
     "clip_text_model": dict(_TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "clip_vision_model": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                               image_size=16, patch_size=8),
+    **{t: dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=64)
+       for t in ("bart", "mbart")},
+    **{t: dict(d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8, vocab_size=100) for t in ("t5", "mt5")},
+    "whisper": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                    encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, num_mel_bins=8, max_source_positions=8,
+                    max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
     "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=100,
                 max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1),
 }

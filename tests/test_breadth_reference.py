@@ -6,6 +6,7 @@ Fixtures: scripts/make_breadth_fixtures.py (tests/fixtures/breadth/)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,18 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, ato
 
 
 def _inputs(io: dict) -> tuple[dict, torch.Tensor]:
-    """The model inputs of a fixture and the mask of positions to compare (ViT: pixels, all)."""
+    """The model inputs of a fixture and the mask of positions to compare (ViT: pixels, all; an
+    encoder-decoder: the decoder's output, unpadded)."""
     if "pixel_values" in io:
         return {"pixel_values": io["pixel_values"]}, torch.ones(io["expected"].shape[:2], dtype=torch.long)
-    return {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}, io["attention_mask"]
+    if "input_features" in io:  # Whisper: audio features, no padding
+        inputs = {"input_features": io["input_features"], "decoder_input_ids": io["decoder_input_ids"]}
+        return inputs, torch.ones(io["decoder_input_ids"].shape, dtype=torch.long)
+    inputs = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
+    if "decoder_input_ids" in io:
+        inputs["decoder_input_ids"] = io["decoder_input_ids"]
+        return inputs, torch.ones(io["decoder_input_ids"].shape, dtype=torch.long)
+    return inputs, io["attention_mask"]
 
 
 @pytest.mark.parametrize("case,attn", _params())
@@ -65,8 +74,11 @@ def test_output_matches_adapters_1_3_0(case: dict, attn: str) -> None:
     _close(before, io["bare"], mask)
     model.load_adapter(ROOT / case["adapter_dir"], set_active=True)
     with torch.no_grad():
-        out = model(**inputs).last_hidden_state
-    _close(out, io["expected"], mask)
+        outputs = model(**inputs)
+    _close(outputs.last_hidden_state, io["expected"], mask)
+    if "expected_encoder" in io:  # and the encoder's adapters, on its real tokens
+        encoder_mask = io.get("attention_mask", torch.ones(io["expected_encoder"].shape[:2], dtype=torch.long))
+        _close(outputs.encoder_last_hidden_state, io["expected_encoder"], encoder_mask)
     model.set_active_adapters(None)
     with torch.no_grad():
         bare = model(**inputs).last_hidden_state
@@ -103,5 +115,39 @@ def test_every_new_architecture_has_reference_cases() -> None:
     """The table entries of issue 12 are each covered by AdapterHub-made fixtures."""
     covered = {c["arch"] for c in CASES}
     for model_type in ("electra", "albert", "deberta-v2", "deberta", "qwen2", "qwen3", "gemma2", "gemma3_text",
-                       "phi", "modernbert", "opt", "vit", "clip_text_model", "clip_vision_model"):
+                       "phi", "modernbert", "opt", "vit", "clip_text_model", "clip_vision_model", "bart", "t5",
+                       "mbart", "mt5", "whisper"):
         assert model_type in covered, model_type
+
+
+# Where each encoder-decoder's decoder keeps its cross-attention adapters in AdapterHub's files.
+CROSS_KEYS = {
+    "bart_double_seq_bn_cross": r"^decoder\.layers\.\d+\.cross_attention_adapters\.",
+    "mbart_double_seq_bn_cross": r"^decoder\.layers\.\d+\.cross_attention_adapters\.",
+    "t5_double_seq_bn_cross": r"^decoder\.block\.\d+\.layer\.1\.adapters\.",
+    "mt5_double_seq_bn_cross": r"^decoder\.block\.\d+\.layer\.1\.adapters\.",
+    "bart_lora": r"^decoder\.layers\.\d+\.encoder_attn\.[qkv]_proj\.loras\.",
+    "t5_lora": r"^decoder\.block\.\d+\.layer\.1\.EncDecAttention\.[qkv]\.loras\.",
+    "whisper_double_seq_bn_cross": r"^decoder\.layers\.\d+\.cross_attention_adapters\.",
+}
+
+
+@pytest.mark.parametrize("name", list(CROSS_KEYS))
+def test_decoder_cross_attention_adapters_sit_where_adapterhub_puts_them(name: str) -> None:
+    """Loading is strict (no tensor of AdapterHub's folder left over, none missing), every decoder
+    layer has its cross-attention adapter under AdapterHub's key, and they are live: zeroing them
+    moves the decoder's output away from AdapterHub's while the encoder's stays put."""
+    case = next(c for c in CASES if c["name"] == name)
+    io = load_file(ROOT / case["io"])
+    inputs, _ = _inputs(io)
+    model = _load(case, "eager")
+    model.load_adapter(ROOT / case["adapter_dir"], set_active=True)
+    cross = {k: p for k, p in model._adapter_state.adapter_parameters("ref").items() if re.search(CROSS_KEYS[name], k)}
+    assert {re.match(r"^decoder\.(?:layers|block)\.(\d+)", k).group(1) for k in cross} == {"0", "1"}
+    with torch.no_grad():
+        for p in cross.values():
+            p.zero_()
+        outputs = model(**inputs)
+    encoder_mask = io.get("attention_mask", torch.ones(io["expected_encoder"].shape[:2], dtype=torch.long))
+    _close(outputs.encoder_last_hidden_state, io["expected_encoder"], encoder_mask)
+    assert (outputs.last_hidden_state - io["expected"]).abs().max() > 1e-3

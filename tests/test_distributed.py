@@ -179,3 +179,14 @@ def test_shipped_launch_configs_parse(name: str, tmp_path: Path) -> None:
     recipe.write_text(f"defaults: [accelerate/{name}]\nmodel: {{name_or_path: m}}\ndata: {{source: trec}}\noutput_dir: o\n")
     with pytest.raises(RecipeError, match=f"accelerate/{name} configures `accelerate launch --config_file"):
         load_recipe(recipe)
+
+
+def test_fsdp2_saves_whole_adapters_and_reshards_the_optimizer_state() -> None:
+    """Accelerate runs FSDP on GPUs only; tests/fsdp2_check.py shards a tiny Llama with torch's
+    fully_shard on 2 CPU processes and checks train.py's gathering (a saved adapter holds whole
+    weights, never a shard) and its whole-tensor optimizer state cut back into the same shards."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(Path(__file__).parent / "fsdp2_check.py")],
+                            capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.count("fsdp2 gather and optimizer round trip ok") == 2

@@ -1,5 +1,5 @@
 """The reproduction job's check: a metric below its band fails the run (exit code 1, with the
-numbers); within its band it passes; every task recipe has bands for every method."""
+numbers); within its band it passes; the same seed reproduces the same metric."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +35,3 @@ def test_a_metric_below_its_band_fails_with_the_numbers(tmp_path: Path, tiny_ber
     record = json.loads((tmp_path / "b" / "results-quick.json").read_text())["records"][0]
     assert record["value"] == results[0]["value"]  # the same seed reproduces the same metric
     assert record["trainable_params"] > 0 and record["adapter_bytes"] > 0 and record["seconds"] > 0
-
-
-@pytest.mark.parametrize("task", reproduce.QUICK_TASKS)
-def test_the_quick_tasks_have_bands_for_every_method(task: str) -> None:
-    bands = yaml.safe_load((reproduce.RECIPES / f"{task}.bands.yaml").read_text())
-    assert set(bands["quick"]) == set(reproduce.METHODS)
-    assert all(0 <= low < 1 for low in bands["quick"].values())

@@ -31,6 +31,12 @@ def test_every_accepted_method_changes_the_output_and_deactivates(model_type: st
     if model_type in ("vit", "clip_vision_model"):  # pixels: 4 patches + CLS, no padding
         inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
         mask = torch.ones(2, 5, dtype=torch.long)
+    if model_type in ("bart", "mbart", "t5", "mt5", "whisper"):  # encoder-decoders: the decoder's output
+        inputs["decoder_input_ids"] = ids[:, :6]
+        mask = torch.ones(2, 6, dtype=torch.long)
+    if model_type == "whisper":  # 8 mel bins x 16 frames
+        inputs = {"input_features": torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1)),
+                  "decoder_input_ids": ids[:, :6]}
     with torch.no_grad():
         bare = model(**inputs).last_hidden_state
     accepted = [m for m, refusal in support_matrix.probe(model_type).items() if refusal is None]
@@ -53,3 +59,26 @@ def test_every_accepted_method_changes_the_output_and_deactivates(model_type: st
         with torch.no_grad():
             assert torch.equal(model(**inputs).last_hidden_state, bare), method
         model.delete_adapter("a")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text", "phi", "modernbert", "albert", "vit", "opt"])
+def test_prefix_tuning_sdpa_equals_eager_where_adapterhub_has_no_reference(model_type: str) -> None:
+    """AdapterHub refuses prefix tuning on its plugin-interface models; ours joins through the
+    attention functions, so SDPA and eager agree (padding included)."""
+    ids, mask = batch()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if model_type == "vit":
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+        mask = torch.ones(2, 5, dtype=torch.long)
+    outputs = []
+    for attn in ("eager", "sdpa"):
+        model = support_matrix.tiny_model(model_type, attn)
+        model.add_adapter("p", "prefix_tuning[prefix_length=5,bottleneck_size=16]")
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model._adapter_state.adapter_parameters("p").values():
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+        model.set_active_adapters("p")
+        with torch.no_grad():
+            outputs.append(model(**inputs).last_hidden_state)
+    assert (outputs[0] - outputs[1])[mask.bool()].abs().max() < 1e-5

@@ -34,7 +34,7 @@ HEAD_WEIGHTS = ("model_head.safetensors", "head.safetensors", "pytorch_model_hea
 
 # `...prefix_tuning.prefix_tunings.NAME.<location>.X` -> `prefix_tunings.NAME.X`, from the pool's
 # top-level copy; the per-layer copies (`...prefix_tuning.pool...`) are the same tensors.
-_PREFIX = re.compile(r"^prefix_tuning\.prefix_tunings\.([^.]+)\.(?:\w+_)?(?:self_prefix|self|encoder_prefix)\.(.+)$")
+_PREFIX = re.compile(r"^prefix_tuning\.prefix_tunings\.([^.]+)\.((?:\w+_)?(?:self_prefix|self|encoder_prefix|cross_prefix))\.(.+)$")
 
 
 def is_adapterhub(meta: dict[str, Any], folder: Path) -> bool:
@@ -57,6 +57,13 @@ def _strip_model_prefix(key: str) -> str:
 
 
 def convert_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Backbone-relative keys. A prefix pool read from one place keeps no place in its key; an
+    encoder-decoder's pools (encoder_prefix, self_prefix, cross_prefix) keep theirs."""
+    places: dict[str, set[str]] = {}
+    for key in weights:
+        match = _PREFIX.match(_strip_model_prefix(key))
+        if match:
+            places.setdefault(match.group(1), set()).add(match.group(2))
     out: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
         key = _strip_model_prefix(key)
@@ -64,7 +71,8 @@ def convert_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         match = _PREFIX.match(key)
         if match:
-            key = f"prefix_tunings.{match.group(1)}.{match.group(2)}"
+            name, place, rest = match.groups()
+            key = f"prefix_tunings.{name}.{place}.{rest}" if len(places[name]) > 1 else f"prefix_tunings.{name}.{rest}"
         if ".adapter_norm_before." in key:
             continue  # the same module is also registered as adapter_down.0
         out[key] = value
@@ -119,8 +127,8 @@ def _config_dict(loaded: LoadedAdapter) -> dict[str, Any]:
             raise AdapterFileError(f"adapter '{loaded.saved_name}' has LoRA on the attention output ('o' in "
                                    "attn_matrices), which AdapterHub 1.3.0 does not place (export it --to peft or native)")
         config["architecture"] = "lora"
-    elif loaded.config.family == "prefix_tuning":
-        config["architecture"] = "prefix_tuning"
+    elif loaded.config.family in ("prefix_tuning", "prompt_tuning", "reft"):  # unions carry their own
+        config["architecture"] = loaded.config.family
     return config
 
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 from transformers.activations import ACT2FN, get_activation
 
-from ..architectures import Site, get_module, transformer_layers
+from ..architectures import Site, get_module, layers_with_parts
 from ..composition import CompositionBlock, CompositionError, Fuse, is_plain_stack, row_groups, run
 from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 ACTIVATIONS: tuple[str, ...] = tuple(sorted({*ACT2FN, "leakyrelu"}))
 
 # Fields AdapterHub writes whose only value we support is the default.
-_FOREIGN_DEFAULTS: dict[str, Any] = {"stochastic_depth": 0.0, "cross_adapter": False}
+_FOREIGN_DEFAULTS: dict[str, Any] = {"stochastic_depth": 0.0}
 
 
 @dataclasses.dataclass
@@ -52,6 +52,7 @@ class BnConfig(MethodConfig):
     """Bottleneck adapter config (AdapterHub's ``BnConfig``; defaults here are ``seq_bn``'s).
 
     mh_adapter / output_adapter: put an adapter after the attention / the FFN sub-layer.
+    cross_adapter: and after an encoder-decoder's cross-attention.
     reduction_factor: H // reduction_factor is the bottleneck width; a dict maps layer indices
         (as strings) or "default" to a factor.
     non_linearity: activation name (relu, swish, gelu, tanh, leakyrelu, ...).
@@ -75,6 +76,7 @@ class BnConfig(MethodConfig):
 
     mh_adapter: bool = False
     output_adapter: bool = True
+    cross_adapter: bool = False
     reduction_factor: float | dict = spec(16, gt=0)
     non_linearity: str = spec("relu", choices=ACTIVATIONS)
     original_ln_before: bool = True
@@ -106,7 +108,7 @@ class BnConfig(MethodConfig):
     phm_bias: bool = True
 
     def validate(self) -> None:
-        if not (self.mh_adapter or self.output_adapter):
+        if not (self.mh_adapter or self.output_adapter or self.cross_adapter):
             raise ConfigError("output_adapter: a bottleneck adapter needs mh_adapter or output_adapter set")
         if isinstance(self.reduction_factor, dict):
             problems = [f"reduction_factor.{layer}: must be a number > 0, got {factor!r}"
@@ -487,9 +489,16 @@ class BottleneckFamily(MethodFamily):
     config_class = BnConfig
     containers = ("adapters", "invertible_adapters", "shared_parameters")
 
-    def _sites(self, state: AdapterState, config: BnConfig) -> list[tuple[int, Site]]:
-        wanted = [s for s, on in ((state.arch.attn_site, config.mh_adapter), (state.arch.ffn_site, config.output_adapter)) if on]
-        return [(i, s) for i in range(state.num_layers) if i not in config.leave_out for s in wanted]
+    @staticmethod
+    def _layer_sites(part) -> tuple[tuple[str, str, Site | None], ...]:
+        """(site name, config flag, site) of one layer (the cross-attention in a decoder layer)."""
+        return (("attention", "mh_adapter", part.attn_site), ("output", "output_adapter", part.ffn_site),
+                ("cross", "cross_adapter", part.cross_site))
+
+    def _sites(self, state: AdapterState, config: BnConfig) -> list[tuple[int, nn.Module, Site]]:
+        return [(i, layer, site) for i, (layer, part) in enumerate(layers_with_parts(state.backbone, state.arch))
+                if i not in config.leave_out
+                for _, flag, site in self._layer_sites(part) if site is not None and getattr(config, flag)]
 
     @staticmethod
     def _container(layer: nn.Module, site: Site) -> nn.ModuleDict:
@@ -505,7 +514,7 @@ class BottleneckFamily(MethodFamily):
 
     def add(self, state: AdapterState, name: str, config: BnConfig) -> None:
         state.require_architecture("bottleneck adapters")
-        if config.is_parallel and any(site.residual is None for _, site in self._sites(state, config)):
+        if config.is_parallel and any(site.residual is None for _, _, site in self._sites(state, config)):
             raise ConfigError(f"a parallel adapter reads the sub-layer's input, and {state.model_type}'s FFN has no "
                               "residual input of its own (it shares the attention's); use a sequential adapter")
         if config.inv_adapter:
@@ -515,27 +524,29 @@ class BottleneckFamily(MethodFamily):
                 what = f"{width} wide" if width else f"not token embeddings ({type(embed).__name__})"
                 raise ConfigError(f"inv_adapter: the invertible adapter works on token embeddings as wide as the "
                                   f"hidden states; {state.model_type}'s are {what}, its hidden states {state.hidden_size}")
-        layers = transformer_layers(state.backbone, state.arch)
         shared = None
         if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm):
             if not hasattr(state.root, "shared_parameters"):
                 state.root.add_module("shared_parameters", nn.ModuleDict())
             shared = shared_parameters(config, state.hidden_size, config.width(state.hidden_size, 0))
             state.root.shared_parameters[name] = shared
-        for i, site in self._sites(state, config):
+        for i, layer, site in self._sites(state, config):
             adapter = BottleneckAdapter(state.hidden_size, config.width(state.hidden_size, i), config, shared)
             adapter.hooked = site.hooked
-            self._container(layers[i], site)[name] = adapter
+            self._container(layer, site)[name] = adapter
         if config.inv_adapter:
-            if not hasattr(state.root, "invertible_adapters"):
-                state.root.add_module("invertible_adapters", nn.ModuleDict())
+            holder = state.invertible_root
+            if not hasattr(holder, "invertible_adapters"):
+                holder.add_module("invertible_adapters", nn.ModuleDict())
             factor = config.inv_adapter_reduction_factor or 2
-            state.root.invertible_adapters[name] = NICECoupling(state.hidden_size, factor, config.non_linearity)
+            holder.invertible_adapters[name] = NICECoupling(state.hidden_size, factor, config.non_linearity)
 
     def _places(self, state: AdapterState):
         """(layer index, layer, site name, site, host module) for every site that hosts adapters."""
-        for i, layer in enumerate(transformer_layers(state.backbone, state.arch)):
-            for site_name, site in (("attention", state.arch.attn_site), ("output", state.arch.ffn_site)):
+        for i, (layer, part) in enumerate(layers_with_parts(state.backbone, state.arch)):
+            for site_name, _, site in self._layer_sites(part):
+                if site is None:
+                    continue
                 try:
                     host = get_module(layer, site.host)
                 except AttributeError:
@@ -558,24 +569,29 @@ class BottleneckFamily(MethodFamily):
                 fusions = getattr(host, "adapter_fusion_layer", None)
                 compute = functools.partial(_compose, setup, container, fusions, record)
             handles += _hook_site(layer, site, compute)
-        inv = getattr(state.root, "invertible_adapters", {})
+        inv = getattr(state.invertible_root, "invertible_adapters", {})
         if any(n in inv for n in names):
             embeddings = get_module(state.backbone, state.arch.embeddings)
-            handles.append(embeddings.register_forward_hook(functools.partial(_invertible, setup, inv)))
+            if state.arch.embeddings_input:  # they act on what the named module receives (T5's first block)
+                hook = functools.partial(_invertible_input, functools.partial(_invertible, setup, inv))
+                handles.append(embeddings.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                handles.append(embeddings.register_forward_hook(functools.partial(_invertible, setup, inv)))
         return handles
 
     # -- AdapterFusion layers ------------------------------------------------------------------------
-    def fusion_sites(self, state: AdapterState, members: list[BnConfig], member_names: list[str]) -> list[Site]:
-        """The sites every member sits at (AdapterHub places a fusion layer where all agree)."""
+    def fusion_sites(self, state: AdapterState, members: list[BnConfig], member_names: list[str]) -> list[str]:
+        """The config flags of the sites every member sits at (AdapterHub places a fusion layer
+        where all agree)."""
         wanted = []
-        for site, flag in ((state.arch.attn_site, "mh_adapter"), (state.arch.ffn_site, "output_adapter")):
+        for flag in ("mh_adapter", "output_adapter", "cross_adapter"):
             values = [getattr(c, flag) for c in members]
             if any(values) and not all(values):
                 which = ", ".join(f"'{n}'" for n, v in zip(member_names, values, strict=True) if v)
                 raise CompositionError(
                     f"Fuse needs its members at the same places: only {which} of {member_names} set {flag}")
             if all(values):
-                wanted.append(site)
+                wanted.append(flag)
         return wanted
 
     def add_fusion(self, state: AdapterState, name: str, members: list[str], config: FusionConfig) -> None:
@@ -583,9 +599,9 @@ class BottleneckFamily(MethodFamily):
         dropout = config.dropout_prob
         if dropout is None:
             dropout = float(getattr(state.model.config, "attention_probs_dropout_prob", 0.0) or 0.0)
-        sites = self.fusion_sites(state, configs, members)  # type: ignore[arg-type]
-        for layer in transformer_layers(state.backbone, state.arch):
-            for site in sites:
+        flags = self.fusion_sites(state, configs, members)  # type: ignore[arg-type]
+        for layer, part in layers_with_parts(state.backbone, state.arch):
+            for site in [site for _, flag, site in self._layer_sites(part) if flag in flags and site is not None]:
                 self._container(layer, site)  # creates the host where no member has an adapter (leave_out)
                 host = get_module(layer, site.host)
                 if not hasattr(host, "adapter_fusion_layer"):
@@ -606,6 +622,13 @@ class BottleneckFamily(MethodFamily):
 def _compose(setup: CompositionBlock, adapters: nn.ModuleDict, fusions: nn.ModuleDict | None, record: Callable,
              h: torch.Tensor, r: torch.Tensor, norm: Callable | None, normed: torch.Tensor | None = None) -> torch.Tensor:
     return compose_site(setup, SiteComposer(adapters, fusions, norm, record), h, r, norm, normed)
+
+
+def _invertible_input(apply: Callable, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A pre-hook form of ``_invertible``: edit the module's first input instead of its output."""
+    if args:
+        return (apply(module, (), args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": apply(module, (), kwargs["hidden_states"])}
 
 
 def _invertible(setup: CompositionBlock, inv: nn.ModuleDict, module: nn.Module, args: Any, output: Any) -> Any:

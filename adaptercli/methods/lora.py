@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from ..architectures import get_module, transformer_layers
+from ..architectures import get_module, layers_with_parts
 from ..composition import CompositionBlock, is_plain_stack, run
 from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
@@ -271,11 +271,13 @@ class LoRAFamily(MethodFamily):
                     f"{state.model_type} model; its linear layers are named: {', '.join(names)}"
                 )
             return [(m, None) for m in found]
-        arch = state.require_architecture("LoRA without target_modules")
         found: list[tuple[nn.Module, list[bool] | None]] = []
-        for i, layer in enumerate(transformer_layers(state.backbone, arch)):
+        layers = layers_with_parts(state.backbone, state.require_architecture("LoRA without target_modules"))
+        for i, (layer, arch) in enumerate(layers):  # `arch`: the entry of this layer's stack
             if i in config.leave_out:
                 continue
+            if config.selfattn_lora and arch.cross_q:  # AdapterHub adapts cross-attention with self-attention
+                found += [(get_module(layer, getattr(arch, f"cross_{m}")), None) for m in config.attn_matrices if m != "o"]
             if config.selfattn_lora:
                 if arch.fused_qkv:
                     slots = [m in config.attn_matrices for m in ("q", "k", "v")]

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
+from transformers import PretrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..architectures import get_module, transformer_layers
+from ..architectures import get_module, layers_with_parts, transformer_layers
 from ..composition import CompositionBlock, is_plain_stack, run
 from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily, family_config
@@ -43,13 +44,14 @@ class PrefixTuningConfig(MethodConfig):
     prefix_length: number of prefix positions. bottleneck_size: width of the reparametrising MLP.
     non_linearity: its activation. flat: learn the keys/values directly (no MLP).
     dropout: on the prefix keys/values. leave_out: layer indices without a prefix.
+    encoder_prefix / cross_prefix: in an encoder-decoder, also prefix the encoder's self-attention /
+        the decoder's cross-attention (the decoder's self-attention always gets one).
     use_gating: a learned gate per layer (UniPELT): the mean over tokens of sigmoid(linear(x)),
         x the attention's input, scales each row's prefix keys and values (one gate for both
         with ``shared_gating``, else one each).
     """
 
     family: ClassVar[str] = "prefix_tuning"
-    foreign_defaults: ClassVar[dict] = {"encoder_prefix": True, "cross_prefix": True}
 
     prefix_length: int = spec(30, ge=1)
     bottleneck_size: int = spec(512, ge=1)
@@ -60,6 +62,8 @@ class PrefixTuningConfig(MethodConfig):
     init_weights_seed: int | None = None
     use_gating: bool = False
     shared_gating: bool = True
+    encoder_prefix: bool = True
+    cross_prefix: bool = True
 
 
 class PrefixPool(nn.Module):
@@ -139,6 +143,8 @@ class _LayerPrefix:
                  by_name: dict[str, PrefixPool] | None = None, gates: dict[int, nn.Linear] | None = None):
         self.layer, self.pools, self.setup, self.by_name = layer, pools, setup, by_name
         self.gates = gates or {}  # id(pool) -> its gate at this layer
+        # T5: the widened position bias of each bias tensor seen in this forward pass (shared by layers)
+        self.bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.hidden: torch.Tensor | None = None  # the attention's input in this forward pass (for gates)
 
     def _kv(self, pools: list[PrefixPool], dtype: torch.dtype, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,8 +216,12 @@ def _with_prefix(inner: str):
         prefix = getattr(module, "_adaptercli_prefix", None)
         if prefix is not None:
             causal = bool(getattr(module, "is_causal", False))
+            k_len = key.shape[2]
             key, value, attention_mask = prefix.join(query, key, value, attention_mask, causal)
             kwargs["is_causal"] = False
+            if kwargs.get("position_bias") is not None and key.shape[2] > k_len:
+                kwargs["position_bias"] = _widened_bias(module, prefix, kwargs["position_bias"], query.shape[2],
+                                                        key.shape[2] - k_len, k_len)
         if inner == "sdpa":
             function = ALL_ATTENTION_FUNCTIONS["sdpa"]
         else:
@@ -220,6 +230,23 @@ def _with_prefix(inner: str):
         return function(module, query, key, value, attention_mask, **kwargs)
 
     return attention
+
+
+def _widened_bias(module: nn.Module, prefix: _LayerPrefix, bias: torch.Tensor, q_len: int, n_prefix: int,
+                  k_len: int) -> torch.Tensor:
+    """T5's relative position bias over the prefix and the keys, as AdapterHub computes it: the
+    prefix takes key positions 0..P-1 (the keys move to P..), the layer with the relative
+    attention table computes it and the later layers of the stack reuse it; elsewhere zeros."""
+    cached = prefix.bias_cache.get(id(bias))
+    if cached is not None and cached[0] is bias:  # the entry keeps `bias` alive, so its id is not reused
+        return cached[1]
+    if getattr(module, "has_relative_attention_bias", False):
+        widened = module.compute_bias(q_len, n_prefix + k_len, device=bias.device, past_seen_tokens=k_len - q_len)
+    else:
+        widened = bias.new_zeros(1, bias.shape[1], q_len, n_prefix + k_len)
+    widened = widened.to(bias.dtype)
+    prefix.bias_cache[id(bias)] = (bias, widened)
+    return widened
 
 
 PREFIXED = {"eager": "adaptercli_eager", "sdpa": "adaptercli_sdpa"}
@@ -242,6 +269,17 @@ class PrefixTuningFamily(MethodFamily):
                               "through transformers' attention functions, where prefixes join")
         if not hasattr(state.root, "prefix_tunings"):
             state.root.add_module("prefix_tunings", nn.ModuleDict())
+        if arch.decoder is not None:  # one pool per place, as AdapterHub's files keep them
+            if config.use_gating:
+                raise ConfigError("use_gating: gated prefixes are not available on encoder-decoders")
+            n_encoder = len(transformer_layers(state.backbone, dataclasses.replace(arch, decoder=None)))
+            n_decoder = state.num_layers - n_encoder
+            sizes = {"encoder_prefix": n_encoder if config.encoder_prefix else 0, "self_prefix": n_decoder,
+                     "cross_prefix": n_decoder if config.cross_prefix else 0}
+            state.root.prefix_tunings[name] = nn.ModuleDict({
+                place: PrefixPool(n, state.num_kv_heads, state.head_dim, state.hidden_size, config)
+                for place, n in sizes.items() if n})
+            return
         state.root.prefix_tunings[name] = PrefixPool(
             state.num_layers, state.num_kv_heads, state.head_dim, state.hidden_size, config
         )
@@ -260,11 +298,14 @@ class PrefixTuningFamily(MethodFamily):
     def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
         pools_by_name = getattr(state.root, "prefix_tunings", {})
         active = [n for n in self.active_names(state, setup) if n in pools_by_name]
-        config = state.model.config
-        base = getattr(state, "_base_attn", None) or config._attn_implementation
+        # Every config the model's modules read (T5's encoder and decoder keep their own copies).
+        configs = list({id(c): c for c in [state.model.config, *(getattr(m, "config", None) for m in
+                        state.backbone.modules())] if isinstance(c, PretrainedConfig)}.values())
+        base = getattr(state, "_base_attn", None) or state.model.config._attn_implementation
         if not active:
-            if base != config._attn_implementation:
-                config._attn_implementation = base
+            for config in configs:
+                if config._attn_implementation != base:
+                    config._attn_implementation = base
             return []
         if base not in PREFIXED:
             raise ConfigError(
@@ -272,17 +313,22 @@ class PrefixTuningFamily(MethodFamily):
                 "Load it with attn_implementation='sdpa' (or 'eager')."
             )
         state._base_attn = base
-        config._attn_implementation = PREFIXED[base]
-        active_pools = [pools_by_name[n] for n in active]
+        for config in configs:
+            config._attn_implementation = PREFIXED[base]
+        active_pools = [pool for n in active for pool in _pools(pools_by_name[n])]
+        bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def fresh_prefixes(module, args):
             # Computed here, before the layers: under gradient checkpointing a layer's forward runs
             # again in the backward pass, and must find the prefixes, not compute them a second time.
+            bias_cache.clear()
             for pool in active_pools:
                 pool.clear()
                 pool.layer_kv(0)
 
         handles = [state.backbone.register_forward_pre_hook(fresh_prefixes)]
+        if state.arch.decoder is not None:
+            return handles + self._activate_encoder_decoder(state, setup, active, pools_by_name, bias_cache)
         for i, layer in enumerate(transformer_layers(state.backbone, state.arch)):
             here = {n: pools_by_name[n] for n in active
                     if i not in family_config(state.adapters[n].config, self.name).leave_out}
@@ -299,6 +345,38 @@ class PrefixTuningFamily(MethodFamily):
                 if gates:
                     handles.append(attention.register_forward_pre_hook(_keep_input(prefix), with_kwargs=True))
         return handles
+
+
+    def _activate_encoder_decoder(self, state: AdapterState, setup: CompositionBlock | None, active: list[str],
+                                  pools_by_name: nn.ModuleDict, bias_cache: dict) -> list:
+        """Encoder self-attention joins the ``encoder_prefix`` pool, the decoder's self- and
+        cross-attention the ``self_prefix`` and ``cross_prefix`` pools; each pool numbers its own
+        layers from 0 (AdapterHub's layout), ``leave_out`` counts encoder then decoder layers."""
+        handles: list = []
+        counters = {"encoder_prefix": 0, "self_prefix": 0, "cross_prefix": 0}
+        for i, (layer, part) in enumerate(layers_with_parts(state.backbone, state.arch)):
+            places = [(part.attention, "self_prefix" if part is state.arch.decoder else "encoder_prefix")]
+            if part.cross_attention:
+                places.append((part.cross_attention, "cross_prefix"))
+            for path, place in places:
+                index = counters[place]
+                counters[place] += 1
+                here = {n: pools_by_name[n][place] for n in active if place in pools_by_name[n]
+                        and i not in family_config(state.adapters[n].config, self.name).leave_out}
+                if not here:
+                    continue
+                attention = get_module(layer, path)
+                prefix = (_LayerPrefix(index, list(here.values())) if is_plain_stack(setup)
+                          else _LayerPrefix(index, [], setup, here))
+                prefix.bias_cache = bias_cache
+                attention._adaptercli_prefix = prefix
+                handles.append(_Unset(attention))
+        return handles
+
+
+def _pools(pool: nn.Module) -> list[PrefixPool]:
+    """The pools of one adapter: one, or one per place in an encoder-decoder."""
+    return list(pool.values()) if isinstance(pool, nn.ModuleDict) else [pool]
 
 
 def _keep_input(prefix: _LayerPrefix):
