@@ -132,8 +132,7 @@ def fuse(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in output_dir.")] = False,
 ) -> None:
-    """Train an AdapterFusion over the recipe's member adapters (run folders, adapter folders or Hub
-    ids), which stay frozen; writes the fusion and its head to adapter/, and fusion_attention.png."""
+    """Train an AdapterFusion over the recipe's member adapters (run folders, adapter folders or Hub ids), which stay frozen; writes the fusion and its head to adapter/, and fusion_attention.png."""
     _train("fuse", recipe, overrides or [], resume)
 
 
@@ -143,8 +142,7 @@ def validate(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file (or the name of a shipped recipe).")],
     overrides: Overrides = None,
 ) -> None:
-    """Check a recipe and what it points at (keys, types, method config, model folder, data files and
-    columns, metric, composition members, output folder) and print it resolved, without training."""
+    """Check a recipe and what it points at (keys, types, method config, model folder, data files and columns, metric, composition members, output folder) and print it resolved, without training."""
     from .checks import preflight
     from .recipe import load_recipe, recipe_to_yaml
 
@@ -214,8 +212,7 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy; above 0: sampled.")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the sampling.")] = 0,
 ) -> None:
-    """Answer each prompt with a trained causal-LM run's adapter (the chat template of an
-    instruction-tuned run frames the prompt), to try the result."""
+    """Answer each prompt with a trained causal-LM run's adapter (the chat template of an instruction-tuned run frames the prompt), to try the result."""
     from .train import generate as run
 
     for prompt, answer in zip(prompts, run(run_dir, prompts, max_new_tokens, temperature, seed), strict=True):
