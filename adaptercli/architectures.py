@@ -635,6 +635,23 @@ def transformer_layers(backbone: nn.Module, arch: Architecture) -> list[nn.Modul
     return [layer for layer, _ in layers_with_parts(backbone, arch)]
 
 
+def fit_architecture(backbone: nn.Module, arch: Architecture) -> tuple[Architecture | None, str]:
+    """The entry as it fits this backbone: itself, its encoder alone (T5EncoderModel, a BART
+    encoder), or None with the reason (a part of a model, such as T5's encoder stack on its own)."""
+    try:
+        transformer_layers(backbone, arch)
+        return arch, ""
+    except AttributeError as exc:
+        if arch.decoder is not None:
+            encoder_only = dataclasses.replace(arch, decoder=None)
+            try:
+                transformer_layers(backbone, encoder_only)
+                return encoder_only, ""
+            except AttributeError:
+                pass
+        return None, str(exc)
+
+
 def layers_with_parts(backbone: nn.Module, arch: Architecture) -> list[tuple[nn.Module, Architecture]]:
     """Each transformer layer with the table entry that describes it (the decoder part for an
     encoder-decoder's decoder layers)."""

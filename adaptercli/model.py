@@ -26,8 +26,10 @@ from transformers.modeling_outputs import ModelOutput
 from . import composition
 from .architectures import (
     Architecture,
+    UnsupportedArchitectureError,
     architecture_for,
     check_layout,
+    fit_architecture,
     get_module,
     layout_from_dict,
     transformer_layers,
@@ -80,9 +82,12 @@ class AdapterState:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.model_type: str = config.model_type
         self.arch: Architecture | None = architecture_for(self.model_type, required=False)
+        self.unfit = ""  # why the table's entry for this model type does not fit this model
         if layout is not None:
             self.arch = layout if isinstance(layout, Architecture) else layout_from_dict(layout, self.model_type)
             check_layout(self.backbone, self.arch)
+        elif self.arch is not None:
+            self.arch, self.unfit = fit_architecture(self.backbone, self.arch)
         self.hidden_size: int = getattr(config, "hidden_size", None) or config.dim
         self.num_layers: int = getattr(config, "num_hidden_layers", None) or config.n_layers
         if self.arch is not None:  # the layers that hold adapters (ALBERT: its shared layers, once each)
@@ -113,6 +118,11 @@ class AdapterState:
 
     def require_architecture(self, what: str) -> Architecture:
         """The table entry, or an error saying that ``what`` needs one (and which types have one)."""
+        if self.arch is None and self.unfit:
+            raise UnsupportedArchitectureError(
+                f"{what}: the architecture table's '{self.model_type}' entry does not fit this "
+                f"{type(self.backbone).__name__} ({self.unfit}); LoRA and IA3 still work when you name the modules "
+                "with `target_modules`, every method with `layout=`")
         return self.arch or architecture_for(self.model_type, what=what)
 
     def record(self, name: str) -> AdapterRecord:

@@ -173,7 +173,8 @@ def test_name_collision_and_unsupported_architecture() -> None:
 
     t5 = adaptercli.init(AutoModel.from_config(AutoConfig.for_model(
         "t5", d_model=32, num_layers=1, num_heads=2, d_ff=32, d_kv=16, vocab_size=50)).encoder)
-    with pytest.raises(adaptercli.AdapterCliError, match="supported: .*\\bbert\\b.*target_modules"):
+    # T5's encoder stack on its own: the table's t5 entry (a whole encoder-decoder) does not fit it.
+    with pytest.raises(adaptercli.AdapterCliError, match="(supported: .*\\bbert\\b|does not fit).*target_modules"):
         t5.add_adapter("a", "seq_bn")
     with pytest.raises(adaptercli.AdapterCliError, match="matched no layer.*named: .*\\bq\\b"):
         t5.add_adapter("b", "lora[target_modules=[query]]")
