@@ -23,6 +23,7 @@ import argparse
 import datetime
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -66,17 +67,10 @@ def run_job(task: str, method: str, seed: int, out: Path, extra: list[str]) -> d
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     checkpoint = max((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     with safe_open(checkpoint / "trainable.safetensors", "pt") as weights:
-        trainable = sum(_numel(weights.get_slice(k).get_shape()) for k in weights.keys())
+        trainable = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
     adapter_bytes = sum(p.stat().st_size for p in (out / "adapter").glob("adapter*.safetensors"))
     return {"task": task, "method": method, "seed": seed, "metric": key, "value": max(e[key] for e in evals),
             "trainable_params": trainable, "adapter_bytes": adapter_bytes, "seconds": round(seconds, 1)}
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def bands_of(task: str) -> dict:

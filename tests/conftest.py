@@ -165,3 +165,15 @@ def write_recipe(folder: Path, model: Path | str, train_file: Path, *, method: s
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# One head named "a" of each type, added the way a user adds it (tests of heads and their losses).
+ADD_HEAD = {
+    "classification": lambda m: m.add_classification_head("a", num_labels=3),
+    "multilabel": lambda m: m.add_multilabel_classification_head("a", num_labels=3),
+    "regression": lambda m: m.add_regression_head("a"),
+    "tagging": lambda m: m.add_tagging_head("a", num_labels=3),
+    "qa": lambda m: m.add_qa_head("a"),
+    "mlm": lambda m: m.add_masked_lm_head("a"),
+    "causal_lm": lambda m: m.add_causal_lm_head("a"),
+}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ADD_HEAD as ADD
 from conftest import batch, tiny_model
 
 import adaptercli
@@ -23,17 +24,6 @@ def _labels(kind: str, ids: torch.Tensor) -> torch.Tensor:
     if kind == "qa":
         return torch.tensor([[1, 3], [2, 4]])
     return ids.clone()  # masked / causal LM
-
-
-ADD = {
-    "classification": lambda m: m.add_classification_head("a", num_labels=3),
-    "multilabel": lambda m: m.add_multilabel_classification_head("a", num_labels=3),
-    "regression": lambda m: m.add_regression_head("a"),
-    "tagging": lambda m: m.add_tagging_head("a", num_labels=3),
-    "qa": lambda m: m.add_qa_head("a"),
-    "mlm": lambda m: m.add_masked_lm_head("a"),
-    "causal_lm": lambda m: m.add_causal_lm_head("a"),
-}
 
 
 @pytest.mark.parametrize("kind", list(ADD))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ADD_HEAD as ADD
 from conftest import batch, tiny_model
 
 import adaptercli
@@ -35,17 +36,6 @@ def reference_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> tor
     if kind == "qa":  # logits [B, T, 2]: start and end scores over the tokens
         return (cross_entropy(logits[..., 0], labels[:, 0]) + cross_entropy(logits[..., 1], labels[:, 1])) / 2
     return cross_entropy(logits, labels)
-
-
-ADD = {
-    "classification": lambda m: m.add_classification_head("a", num_labels=3),
-    "multilabel": lambda m: m.add_multilabel_classification_head("a", num_labels=3),
-    "regression": lambda m: m.add_regression_head("a"),
-    "tagging": lambda m: m.add_tagging_head("a", num_labels=3),
-    "qa": lambda m: m.add_qa_head("a"),
-    "mlm": lambda m: m.add_masked_lm_head("a"),
-    "causal_lm": lambda m: m.add_causal_lm_head("a"),
-}
 
 
 def _labels(kind: str, ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
