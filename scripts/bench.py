@@ -51,7 +51,11 @@ from transformers import AutoModelForSequenceClassification, BertConfig, LlamaCo
 
 import adaptercli
 
-METHODS = ["lora", "seq_bn", "seq_bn_inv", "double_seq_bn", "par_bn", "ia3", "prefix_tuning"]
+CORE = ["lora", "seq_bn", "seq_bn_inv", "double_seq_bn", "par_bn", "ia3", "prefix_tuning"]
+BREADTH = ["scaled_par_bn", "double_seq_bn_inv", "compacter", "compacter++", "dora", "vera", "dvora",
+           "prefix_tuning_flat", "prompt_tuning", "loreft", "noreft", "direft", "mam", "unipelt"]
+METHODS = CORE + BREADTH
+GROUPS = {"core": CORE, "breadth": BREADTH, "all": METHODS}
 
 SHAPES: dict[str, Callable[[], transformers.PretrainedConfig]] = {
     "minilm-shape": lambda: BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -116,7 +120,7 @@ def make_batch(config, args: argparse.Namespace, device: torch.device) -> dict[s
 # -- the model under each setting ----------------------------------------------------------------
 def build(base: nn.Module, setting: str, device: torch.device) -> nn.Module:
     """A fresh copy of ``base`` on ``device`` set up for ``setting``: "full" (everything trains),
-    "bare" (no adapters, eval), an adaptercli method name, "<method>+merged", or "peft_lora"."""
+    "bare" (no adapters, eval), an adaptercli method name, "<method>+merged", "<method>+compiled", or "peft_lora"."""
     model = copy.deepcopy(base).to(device)
     if setting in ("full", "bare"):
         return model
@@ -128,13 +132,14 @@ def build(base: nn.Module, setting: str, device: torch.device) -> nn.Module:
         config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, task_type="SEQ_CLS",
                             target_modules=PEFT_TARGETS[model.config.model_type])
         return get_peft_model(model, config)
-    method, _, merged = setting.partition("+")
+    merged, compiled = setting.endswith("+merged"), setting.endswith("+compiled")
+    method = setting.removesuffix("+merged").removesuffix("+compiled")  # not split on "+": compacter++ is a method
     adaptercli.init(model)
     model.add_adapter(method, method)
     model.train_adapter(method)
     if merged:
         model.merge_adapter(method)
-    return model
+    return torch.compile(model) if compiled else model  # what train.compile: true does
 
 
 def ideal(model: nn.Module) -> nn.Module:
@@ -451,8 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="sequential schedule: runs per setting, best counts")
     parser.add_argument("--rounds", type=int, default=4, help="inference: rounds the settings take in turn")
     parser.add_argument("--infer-iters", type=int, default=3, help="inference: timed passes per setting per round")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated adapter methods to train")
+    parser.add_argument("--methods", default="all", help="comma-separated adapter methods to train, or a group: "
+                                                          "core (the seven core methods), breadth, all")
     parser.add_argument("--infer-methods", default="lora,seq_bn", help="active unmerged adapters to time at inference")
+    parser.add_argument("--compile", default="", help="comma-separated methods also trained through torch.compile "
+                                                      "(settings <method>+compiled; the warmup steps compile)")
     parser.add_argument("--peft", action="store_true", help="also time PEFT LoRA r8 q,v (needs peft importable)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer")
     parser.add_argument("--profile", default="", help="comma-separated settings to profile (e.g. full,seq_bn) "
@@ -473,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--peft: peft is not importable in this environment (see scripts/README.md)")
     args.schedule = args.schedule or ("sequential" if device.type == "cuda" else "interleaved")
     skip = set(filter(None, args.skip.split(",")))
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for part in args.methods.split(",") if part for m in GROUPS.get(part, [part])]
 
     torch.manual_seed(args.seed)
     config = SHAPES[args.model]()
@@ -496,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                               "inference": {}, "files": {}, "ours_vs_peft": None}
     started = time.perf_counter()
     if "train" not in skip:
-        settings = ["full", "ideal", *methods] + (["peft_lora"] if args.peft else [])
+        settings = ["full", "ideal", *methods] + [f"{m}+compiled" for m in args.compile.split(",") if m]
+        settings += ["peft_lora"] if args.peft else []
         report["training"], report["files"] = run_training(base, batch, settings, args, device)
         full = report["training"].get("full", {}).get("samples_per_s")
         bound = report["training"].get("ideal", {}).get("samples_per_s")
