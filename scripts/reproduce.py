@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bands", type=Path, default=None, help="one bands file for every task (tests)")
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every job")
     parser.add_argument("--no-check", action="store_true", help="record only (to set bands)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the jobs an earlier, stopped run with the same --out finished (jobs-*.jsonl)")
     parser.add_argument("--write-readme", action="store_true", help="replace README.md's quality table")
     parser.add_argument("--readme-section", default="reproduce",
                         help="with --write-readme: the table goes between <!-- NAME:start --> and <!-- NAME:end -->")
@@ -180,8 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         saved = json.loads(args.results.read_text())
         records = [r for r in saved["records"] if r["task"] in tasks and r["method"] in methods]
+    done_file = out / f"jobs-{mode}.jsonl"  # one line per finished job: a long run can be stopped and resumed
+    done = {}
+    if args.resume and done_file.exists():
+        done = {(r["task"], r["method"], r["seed"]): r for r in map(json.loads, done_file.read_text().splitlines())}
+    elif jobs:
+        out.mkdir(parents=True, exist_ok=True)
+        done_file.write_text("")
     for task, method, seed in jobs:
-        record = run_job(task, method, seed, out / mode / task / f"{method}-seed{seed}", extra)
+        record = done.get((task, method, seed))
+        if record is None:
+            record = run_job(task, method, seed, out / mode / task / f"{method}-seed{seed}", extra)
+            with open(done_file, "a") as log:
+                log.write(json.dumps(record) + "\n")
         records.append(record)
         print(f"{task:<16} {method:<18} seed {seed:<3} {record['metric']} {record['value']:.4f}  "
               f"{record['trainable_params']:>11,} params  {record['adapter_bytes'] / 1e3:>8.0f} kB  "
