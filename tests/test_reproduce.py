@@ -35,3 +35,12 @@ def test_a_metric_below_its_band_fails_with_the_numbers(tmp_path: Path, tiny_ber
     record = json.loads((tmp_path / "b" / "results-quick.json").read_text())["records"][0]
     assert record["value"] == results[0]["value"]  # the same seed reproduces the same metric
     assert record["trainable_params"] > 0 and record["adapter_bytes"] > 0 and record["seconds"] > 0
+
+
+def test_every_quick_job_has_a_band_set_from_several_seeds() -> None:
+    """CI's quick run checks each core column against a band; a missing one would pass unchecked."""
+    for task in reproduce.QUICK_TASKS:
+        bands = reproduce.bands_of(task)
+        assert set(reproduce.CORE) <= set(bands.get("quick", {})), task
+        assert all(0 < low < 1 for low in bands["quick"].values())
+        assert "--seeds 1,2,3" in bands["set_by"]["quick"]  # noise over seeds, not one run
