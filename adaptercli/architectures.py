@@ -64,8 +64,7 @@ class Architecture:
     # of a list (ALBERT: ``encoder.albert_layer_groups.*.albert_layers``, its unique shared layers).
     layers: str
     embeddings: str  # backbone-relative module whose output feeds layer 0
-    # The self-attention module (prefix tuning joins keys/values there); None where the model's
-    # attention does not go through transformers' attention functions (DeBERTa).
+    # The self-attention module (prefix tuning joins keys/values there; None: no prefix tuning).
     attention: str | None
     q: str
     k: str
@@ -81,8 +80,9 @@ class Architecture:
     # How many KV heads the prefix carries: "kv" (GQA models) or "attn" (one per attention head).
     prefix_heads: str = "attn"
     # Prompt tuning prepends to the embeddings' output; only where the model builds its attention
-    # mask from that output (AdapterHub offers it on the same encoders).
-    prompts: bool = False
+    # mask from that output (AdapterHub offers it on the same encoders), or, with "attention", where
+    # the mask each attention module receives is widened instead (DeBERTa, as AdapterHub does).
+    prompts: bool | str = False
     # Decoder-only models, whose ReFT suffix positions and LM heads read left to right.
     causal: bool = False
     # Backbone-relative module that holds adapter modules of no layer (invertible adapters, prefix
@@ -91,6 +91,13 @@ class Architecture:
     # (pattern, replacement) regexes from module paths of transformers 4.x, as AdapterHub 1.3.0
     # files name them, to this version's (ViT was restructured in transformers 5).
     legacy_keys: tuple[tuple[str, str], ...] = ()
+    # The reverse, applied when writing AdapterHub's format: backbone-relative keys of this version
+    # to the module paths adapters 1.3.0 (on transformers 4.x) names.
+    adapterhub_keys: tuple[tuple[str, str], ...] = ()
+    # Attention that computes its own scores instead of calling transformers' attention functions
+    # (DeBERTa's disentangled attention): prefixes join through our forward for that module, named
+    # here (methods/prefix_tuning.py); None: through the attention functions.
+    attention_forward: str | None = None
     # Encoder-decoders: the decoder's layers, described like the encoder's (its own sites and
     # projections), plus its cross-attention: the module where cross prefixes join, its q/k/v
     # (LoRA adapts them with the self-attention's, as AdapterHub does) and its residual site
@@ -230,7 +237,9 @@ _DEBERTA_V2 = Architecture(
     model_types=("deberta-v2",),
     layers="encoder.layer",
     embeddings="embeddings",
-    attention=None,  # disentangled attention: its own scores, not transformers' attention functions
+    attention="attention.self",
+    attention_forward="disentangled",  # its own scores, not transformers' attention functions
+    prompts="attention",  # the encoder builds its mask from the input's length, before the prompt joins
     q="attention.self.query_proj",
     k="attention.self.key_proj",
     v="attention.self.value_proj",
@@ -331,6 +340,17 @@ _VIT = Architecture(
         (r"^(layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
         (r"^(layers\.\d+)\.output\.output_adapters\.", r"\1.output_adapters."),
     ),
+    adapterhub_keys=(
+        (r"\.attention\.q_proj\.", ".attention.attention.query."),
+        (r"\.attention\.k_proj\.", ".attention.attention.key."),
+        (r"\.attention\.v_proj\.", ".attention.attention.value."),
+        (r"\.attention\.o_proj\.", ".attention.output.dense."),
+        (r"\.attention\.prefix_tuning\.", ".attention.attention.prefix_tuning."),
+        (r"^(layers\.\d+)\.mlp\.fc1\.", r"\1.intermediate.dense."),
+        (r"^(layers\.\d+)\.mlp\.fc2\.", r"\1.output.dense."),
+        (r"^(layers\.\d+)\.output_adapters\.", r"\1.output.output_adapters."),
+        (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
+    ),
 )
 
 # CLIP's text and vision towers (pre-LN encoders). transformers 4 nested them as text_model /
@@ -350,6 +370,15 @@ _CLIP = Architecture(
     ffn_site=Site(residual="layer_norm2", residual_arg=0, output="mlp", norm=None, host="output_adapters"),
     legacy_keys=((r"^(text_model|vision_model)\.", ""),),
 )
+
+
+def _clip_tower(model_type: str) -> Architecture:
+    """One CLIP tower: AdapterHub's files put its modules under ``text_model.`` / ``vision_model.``
+    and call its prefix pools ``<model type>_self_prefix``."""
+    return dataclasses.replace(_CLIP, model_types=(model_type,), adapterhub_keys=(
+        (r"\.prefix_tunings\.([^.]+)\.self_prefix\.", rf".prefix_tunings.\1.{model_type}_self_prefix."),
+        (r"^(?!prefix_tuning\.)", model_type.removeprefix("clip_") + "."),
+    ))
 
 # BART / mBART: post-LN (BART) or pre-LN (mBART) encoder and decoder layers; AdapterHub puts the
 # invertible adapter after the encoder's embedding norm and keeps it under the encoder.
@@ -409,7 +438,7 @@ _T5 = Architecture(
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     _BERT_LIKE, _DISTILBERT, _GPT2, _LLAMA_LIKE, _QWEN, _ALBERT, _DEBERTA_V2, _DEBERTA, _GEMMA, _PHI, _MODERNBERT,
-    _VIT, _CLIP, _BART, _MBART, _T5, _WHISPER,
+    _VIT, _clip_tower("clip_text_model"), _clip_tower("clip_vision_model"), _BART, _MBART, _T5, _WHISPER,
 )
 _BY_TYPE = {t: arch for arch in ARCHITECTURES for t in arch.model_types}
 

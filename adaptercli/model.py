@@ -556,7 +556,8 @@ class ModelAdaptersMixin:
     # -- saving and loading -----------------------------------------------------------------------
     def save_adapter(self, save_directory: str | Path, name: str, with_head: bool = True, format: str = "native") -> None:
         """Write adapter ``name`` (and its head) to ``save_directory`` (parents are created).
-        ``format="peft"`` writes a LoRA folder that PEFT loads."""
+        ``format="peft"`` writes a LoRA folder that PEFT loads; ``format="adapterhub"`` one that
+        AdapterHub ``adapters`` 1.x loads (what ``adapter export --to adapterhub`` writes)."""
         from .formats import save_adapter
 
         save_adapter(self, Path(save_directory), name, with_head=with_head, format=format)

@@ -147,8 +147,13 @@ def _methods(arch: str, *, prefix: bool, inv: bool) -> list[tuple[str, object]]:
 ARCH_CASES = {
     "electra": _methods("electra", prefix=True, inv=True),
     "albert": _methods("albert", prefix=True, inv=False),
-    "deberta-v2": _methods("deberta-v2", prefix=False, inv=True),  # our DeBERTa has no prefix tuning
-    "deberta": _methods("deberta", prefix=False, inv=False),
+    # DeBERTa: prefixes join its disentangled attention (content scores only, as AdapterHub's copy);
+    # prompts widen the mask inside each attention module.
+    **{arch: [*_methods(arch, prefix=True, inv=arch == "deberta-v2"),
+              ("prefix_tuning_flat", {"architecture": "prefix_tuning", "flat": True, "prefix_length": 6}),
+              ("mam", "mam"), ("unipelt", "unipelt"),
+              ("prompt_tuning", {"architecture": "prompt_tuning", "prompt_length": 5})]
+       for arch in ("deberta-v2", "deberta")},
     "qwen2": _methods("qwen2", prefix=True, inv=False),
     "qwen3": _methods("qwen3", prefix=True, inv=False),
     "gemma2": _methods("gemma2", prefix=False, inv=False),

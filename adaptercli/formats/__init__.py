@@ -8,6 +8,7 @@ shape) and only then adds the adapter. ``save_adapter`` writes atomically and cr
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,8 +134,14 @@ def save_adapter(model: ModelAdaptersMixin, folder: Path, name: str, with_head: 
                                      "use_rslora": config.use_rslora, "fan_in_fan_out": fan_in_fan_out,
                                      "model_name": model_name}, prefix)
         return
+    if format == "adapterhub":  # our folder first, then the same conversion as `adapter export --to adapterhub`
+        with tempfile.TemporaryDirectory() as scratch:
+            save_adapter(model, Path(scratch), name, with_head, "native")
+            folder.mkdir(parents=True, exist_ok=True)
+            adapterhub.write(folder, read_adapter(Path(scratch)), model_name or None, state.num_layers, with_head)
+        return
     if format != "native":
-        raise AdapterFileError(f"unknown adapter format '{format}' (native or peft)")
+        raise AdapterFileError(f"unknown adapter format '{format}' (native, adapterhub or peft)")
     meta = {"name": name, "method": record.method, "config": record.config.to_dict(), "model_type": state.model_type,
             "hidden_size": state.hidden_size, "num_layers": state.num_layers, "model_name": model_name,
             "model_class": type(model).__name__.removesuffix("WithAdapters")}

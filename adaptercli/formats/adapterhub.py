@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..architectures import architecture_for
+from ..architectures import Architecture, architecture_for
 from ..heads import HeadConfig
 from ..methods import resolve_config
 from .common import (
@@ -129,6 +129,10 @@ def _config_dict(loaded: LoadedAdapter) -> dict[str, Any]:
         config["architecture"] = "lora"
     elif loaded.config.family in ("prefix_tuning", "prompt_tuning", "reft"):  # unions carry their own
         config["architecture"] = loaded.config.family
+    for member in config.get("configs", []):  # a union's LoRA has no keys AdapterHub's lacks (all unset)
+        if member.get("architecture") == "lora":
+            member.pop("target_modules", None)
+            member.pop("use_rslora", None)
     return config
 
 
@@ -144,26 +148,73 @@ def _head_config(head: HeadConfig) -> dict[str, Any] | str:
 
 
 def _adapter_keys(loaded: LoadedAdapter, prefix: str, num_layers: int | None) -> dict[str, torch.Tensor]:
-    """Our backbone-relative keys as `adapters` names them (``prefix``: the model's, e.g. ``bert.``).
-    Its prefix-tuning pool appears at the top and again under every layer's attention; its
+    """Our backbone-relative keys as `adapters` names them (``prefix``: the model's, e.g. ``bert.``;
+    module paths renamed to transformers 4.x's where the table says so). Its
     ``adapter_norm_before`` is the same module as ``adapter_down.0``."""
+    arch = architecture_for(loaded.model_type or "", required=False)
     out: dict[str, torch.Tensor] = {}
-    leave_out = set(getattr(loaded.config, "leave_out", []) or [])
+    pools = {k: v for k, v in loaded.weights.items() if k.startswith("prefix_tunings.")}
+    if pools:
+        if arch is None:
+            architecture_for(loaded.model_type or "", what="AdapterHub prefix-tuning export")  # raises
+        out.update(_prefix_pool_keys(loaded, arch, pools, num_layers or 0))
     for key, value in loaded.weights.items():
-        match = re.match(r"^prefix_tunings\.([^.]+)\.(.+)$", key)
-        if match:
-            name, rest = match.groups()
-            out[f"{prefix}prefix_tuning.prefix_tunings.{name}.self_prefix.{rest}"] = value
-            arch = architecture_for(loaded.model_type or "", what="AdapterHub prefix-tuning export")
-            for layer in range(num_layers or 0):
-                if layer not in leave_out:
-                    out[f"{prefix}{arch.layers}.{layer}.{arch.attention}.prefix_tuning.pool.prefix_tunings.{name}."
-                        f"self_prefix.{rest}"] = value.clone()
+        if key in pools:
             continue
-        out[prefix + key] = value
+        out[key] = value
         if getattr(loaded.config, "ln_before", False) and ".adapter_down.0." in key:
-            out[prefix + key.replace(".adapter_down.0.", ".adapter_norm_before.")] = value.clone()
+            out[key.replace(".adapter_down.0.", ".adapter_norm_before.")] = value.clone()
+    renamed = {}
+    for key, value in out.items():
+        for pattern, replacement in arch.adapterhub_keys if arch is not None else ():
+            key = re.sub(pattern, replacement, key)
+        renamed[prefix + key] = value
+    return renamed
+
+
+def _prefix_pool_keys(loaded: LoadedAdapter, arch: Architecture, pools: dict[str, torch.Tensor],
+                      num_layers: int) -> dict[str, torch.Tensor]:
+    """AdapterHub keeps an adapter's prefix pools in one module, shared by the model and by every
+    attention module that joins prefixes: its files hold each tensor at the top
+    (``prefix_tuning.prefix_tunings.NAME.<place>.*``) and again under each such attention module.
+    Places: ``self_prefix``, or in an encoder-decoder ``encoder_prefix`` / ``self_prefix`` /
+    ``cross_prefix`` (every one under every attention module, as AdapterHub writes them)."""
+    leave_out = set(getattr(loaded.config, "leave_out", []) or [])
+    layers = arch.layers.replace("*", "0")  # ALBERT: the released models have one layer group
+    if arch.decoder is None:
+        attentions = [f"{layers}.{i}.{arch.attention}" for i in range(num_layers) if i not in leave_out]
+    else:
+        n_encoder = _encoder_layers(loaded, pools, num_layers)
+        decoder = arch.decoder
+        attentions = [f"{layers}.{i}.{arch.attention}" for i in range(n_encoder) if i not in leave_out]
+        for j in range(num_layers - n_encoder):
+            if n_encoder + j not in leave_out:
+                attentions += [f"{decoder.layers}.{j}.{decoder.attention}", f"{decoder.layers}.{j}.{decoder.cross_attention}"]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in pools.items():
+        name, rest = re.match(r"^prefix_tunings\.([^.]+)\.(.+)$", key).groups()
+        if arch.decoder is None:
+            rest = f"self_prefix.{rest}"
+        out[f"prefix_tuning.prefix_tunings.{name}.{rest}"] = value
+        for path in attentions:
+            out[f"{path}.prefix_tuning.pool.prefix_tunings.{name}.{rest}"] = value.clone()
     return out
+
+
+def _encoder_layers(loaded: LoadedAdapter, pools: dict[str, torch.Tensor], num_layers: int) -> int:
+    """How many of an encoder-decoder's ``num_layers`` are encoder layers: from the widths of the
+    encoder and decoder pools (each holds keys/values for its layers), else half (the file does not
+    record the split; T5, BART and Whisper checkpoints are symmetric)."""
+    def width(place: str) -> int | None:
+        tensors = {k.split(f".{place}.", 1)[1]: v for k, v in pools.items() if f".{place}." in k}
+        if "control_trans.2.bias" in tensors:
+            return tensors["control_trans.2.bias"].numel()
+        return tensors["control_trans"].numel() if "control_trans" in tensors else None
+
+    encoder, decoder = width("encoder_prefix"), width("self_prefix")
+    if encoder and decoder:
+        return round(num_layers * encoder / (encoder + decoder))
+    return num_layers // 2
 
 
 def _write_tensors(folder: Path, safetensors_name: str, pickle_name: str, weights: dict[str, torch.Tensor]) -> None:

@@ -8,7 +8,8 @@ With x the layer input [..., in], y = W x + b the layer's output and s = alpha /
   every layer of the adapter (``shared_parameters.<name>.lora_A/B``); the trained ``vera_D`` [r, r]
   and ``vera_B`` [out, out] start as ``vera_d * I`` and ``vera_b * I``.
 * gating:      d = g(x) * B A x                   g = mean over tokens of sigmoid(gate(x)), one per row;
-  the gate replaces the scaling s.
+  the gate replaces the scaling s. On a fused q/k/v layer (DeBERTa's ``in_proj``) the gate has one
+  output per adapted third (q, k, v), as AdapterHub's merged layer has.
 * DoRA:        y' = m / ||W + ΔW||_row * (y + d)  m [out] starts as ||W||_row; ΔW is the variant's
   unscaled delta matrix (B A, or Λ_b B0 Λ_d A0). As in AdapterHub the bias is inside the
   normalised term.
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .base import ConfigError
-from .lora import LoRA, LoRAConfig, LoRAFamily, _features
+from .lora import LoRA, LoRAConfig, LoRAFamily, _features, _is_conv1d
 
 if TYPE_CHECKING:
     from ..model import AdapterState
@@ -67,9 +68,11 @@ def shared_vera_matrices(in_features: int, out_features: int, config: LoRAConfig
 
 class LoRAVariant(LoRA):
     """One DoRA / VeRA / gated delta on one linear layer (see the module docstring). ``base`` is
-    the adapted layer (held, not registered); ``shared`` VeRA's shared matrices."""
+    the adapted layer (held, not registered); ``shared`` VeRA's shared matrices; ``slots`` the
+    adapted thirds of a fused q/k/v layer (gating only)."""
 
-    def __init__(self, base: nn.Module, config: LoRAConfig, shared: nn.ParameterDict | None):
+    def __init__(self, base: nn.Module, config: LoRAConfig, shared: nn.ParameterDict | None,
+                 slots: list[bool] | None = None):
         in_features, out_features = _features(base)
         self.vera = shared is not None
         if self.vera:  # no A, B of its own: skip LoRA's constructor, keep its attributes
@@ -79,7 +82,7 @@ class LoRAVariant(LoRA):
             self.vera_D = nn.Parameter(torch.diag(torch.full((config.r,), float(config.vera_d or 0.0))))
             self.vera_B = nn.Parameter(torch.diag(torch.full((out_features,), float(config.vera_b or 0.0))))
         else:
-            super().__init__(in_features, out_features, config)
+            super().__init__(in_features, out_features, config, slots)
         self.__dict__["_shared"] = shared
         self.__dict__["_base"] = base
         self.dora = config.use_dora
@@ -91,7 +94,7 @@ class LoRAVariant(LoRA):
                 self.m.weight.copy_(torch.linalg.norm(base.weight.float(), dim=1, keepdim=True))
         self.gate = None
         if config.use_gating:
-            self.gate = nn.Linear(in_features, 1)
+            self.gate = nn.Linear(in_features, sum(slots) if slots else 1)
             nn.init.normal_(self.gate.weight, std=0.02)
 
     def delta_matrix(self) -> torch.Tensor:
@@ -103,6 +106,12 @@ class LoRAVariant(LoRA):
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         dtype = self.vera_B.dtype if self.vera else self.lora_A.dtype
         x_in = self.dropout(x.to(dtype))
+        if self.slots:  # gated, on a fused q/k/v layer: one gate per adapted third
+            n, r = sum(self.slots), self.lora_B.shape[1]
+            groups = (x_in @ self.lora_A.t()).unflatten(-1, (n, r))  # [..., n, r]
+            delta = torch.einsum("...nr,ndr->...nd", groups, self.lora_B.view(n, -1, r))  # [..., n, out / 3]
+            gate = torch.sigmoid(self.gate(x.to(dtype))).mean(dim=1, keepdim=True)  # [batch, 1, n]
+            return out + self._fill((delta * gate.unsqueeze(-1)).flatten(-2), 0.0).to(out.dtype)
         if self.vera:
             delta = x_in @ self.delta_matrix().t()
         else:
@@ -135,9 +144,12 @@ class LoRAVariantsFamily(LoRAFamily):
         if config.composition_mode != "add":
             raise ConfigError("composition_mode: DoRA, VeRA and gating work with 'add' (LoRA), not 'scale' (IA3)")
         targets = self.targets(state, config)
-        if any(slots for _, slots in targets):
-            raise ConfigError("DoRA, VeRA and gated LoRA need separate q/k/v projections; this model fuses them "
-                              "(name the layers with target_modules, or use plain LoRA)")
+        fused = [module for module, slots in targets if slots]
+        if fused and (config.use_dora or is_vera(config) or _is_conv1d(fused[0])):
+            # AdapterHub 1.3.0 fails on DoRA / VeRA there too; gated LoRA on a fused nn.Linear
+            # (DeBERTa's in_proj) it runs, and so do we (GPT-2's Conv1D: no reference, refused).
+            raise ConfigError("DoRA and VeRA (and gated LoRA on a Conv1D) need separate q/k/v projections; this "
+                              "model fuses them (name the layers with target_modules, or use plain LoRA)")
         shared = None
         if is_vera(config):
             shapes = {_features(module) for module, _ in targets}
@@ -149,10 +161,10 @@ class LoRAVariantsFamily(LoRAFamily):
             if not hasattr(state.root, "shared_parameters"):
                 state.root.add_module("shared_parameters", nn.ModuleDict())
             state.root.shared_parameters[name] = shared
-        for module, _ in targets:
+        for module, slots in targets:
             if not hasattr(module, "loras"):
                 module.add_module("loras", nn.ModuleDict())
-            module.loras[name] = LoRAVariant(module, config, shared)
+            module.loras[name] = LoRAVariant(module, config, shared, slots)
 
     def frozen_parameters(self, state: AdapterState, name: str) -> set[str]:
         """VeRA's shared random matrices are saved with the adapter but never trained."""

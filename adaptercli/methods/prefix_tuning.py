@@ -12,12 +12,18 @@ is active the model runs ``adaptercli_eager`` / ``adaptercli_sdpa``, which prepe
 then call the model's eager or SDPA function. Eager and SDPA therefore give the same result, with
 or without a padding mask, for encoders and decoders (AdapterHub 1.3.0 drops the prefix under
 SDPA when a mask is given).
+
+DeBERTa computes its own (disentangled) attention scores; there, while a prefix is active, the
+attention module runs :func:`_disentangled_attention` instead of its forward: the same projections
+and relative-position terms, with the prefix joined as AdapterHub joins it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
+import types
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -249,6 +255,62 @@ def _widened_bias(module: nn.Module, prefix: _LayerPrefix, bias: torch.Tensor, q
     return widened
 
 
+def _disentangled_attention(module, hidden_states, attention_mask, output_attentions=False, query_states=None,
+                            relative_pos=None, rel_embeddings=None):
+    """DeBERTa's disentangled self-attention (v1 and v2) with the prefix joined, as AdapterHub
+    joins it: the prefix keys get content scores only (their relative-position terms are zero)
+    and every token sees them. The projections and the position terms are the module's own.
+    Shapes: hidden_states [B, N, hidden], attention_mask [B, 1, N, N]; returns ([B, N, hidden], probs)."""
+    heads, v1 = module.num_attention_heads, hasattr(module, "in_proj")
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # [B, N, heads * d] -> [B, heads, N, d]
+        return x.view(*x.shape[:-1], heads, -1).transpose(1, 2)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # [B, heads, N, d] -> [B * heads, N, d], v2's layout
+        return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+    if v1:
+        if query_states is not None:
+            raise ConfigError("prefix tuning on DeBERTa does not support query_states (its enhanced mask decoder)")
+        query, key, value = split(module.in_proj(hidden_states)).chunk(3, dim=-1)
+        query = query + split(module.q_bias[None, None, :])
+        value = value + split(module.v_bias[None, None, :])
+        scale_factor = 1 + len(module.pos_att_type)
+    else:
+        query = split(module.query_proj(hidden_states if query_states is None else query_states))
+        key, value = split(module.key_proj(hidden_states)), split(module.value_proj(hidden_states))
+        scale_factor = 1 + sum(kind in module.pos_att_type for kind in ("c2p", "p2c"))
+    batch, _, n_query, head_dim = query.shape
+    joined_key, joined_value, mask = module._adaptercli_prefix.join(query, key, value, attention_mask.bool(), False)
+    n_prefix = joined_key.shape[2] - key.shape[2]
+    scale = math.sqrt(head_dim * scale_factor)
+    relative = None
+    if v1:  # v1 scales the query, also for its position terms
+        query = query / scale
+        scores = torch.matmul(query, joined_key.transpose(-1, -2))
+        if module.relative_attention and rel_embeddings is not None and relative_pos is not None:
+            relative = module.disentangled_att_bias(query, key, relative_pos, module.pos_dropout(rel_embeddings),
+                                                    scale_factor)
+    else:
+        scores = torch.bmm(flat(query), flat(joined_key).transpose(-1, -2) / scale).view(batch, heads, n_query, -1)
+        if module.relative_attention:
+            relative = module.disentangled_attention_bias(flat(query), flat(key), relative_pos,
+                                                          module.pos_dropout(rel_embeddings), scale_factor)
+    if isinstance(relative, torch.Tensor):  # 0 when pos_att_type names no position terms
+        scores = scores + nn.functional.pad(relative.view(batch, heads, n_query, -1), (n_prefix, 0))
+    talking = v1 and module.head_logits_proj is not None
+    if talking:
+        scores = module.head_logits_proj(scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = module.dropout(nn.functional.softmax(scores, dim=-1))
+    if talking:
+        probs = module.head_weights_proj(probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    context = torch.matmul(probs, joined_value).transpose(1, 2).reshape(batch, n_query, -1)
+    return context, (probs if output_attentions else None)
+
+
+# Replacement forwards for attention modules that compute their own scores (Architecture.attention_forward).
+OWN_ATTENTION = {"disentangled": _disentangled_attention}
 PREFIXED = {"eager": "adaptercli_eager", "sdpa": "adaptercli_sdpa"}
 ALL_ATTENTION_FUNCTIONS.register(PREFIXED["eager"], _with_prefix("eager"))
 ALL_ATTENTION_FUNCTIONS.register(PREFIXED["sdpa"], _with_prefix("sdpa"))
@@ -265,8 +327,8 @@ class PrefixTuningFamily(MethodFamily):
     def add(self, state: AdapterState, name: str, config: PrefixTuningConfig) -> None:
         arch = state.require_architecture("prefix tuning")
         if arch.attention is None:
-            raise ConfigError(f"prefix tuning is not available on {state.model_type}: its attention does not run "
-                              "through transformers' attention functions, where prefixes join")
+            raise ConfigError(f"prefix tuning is not available on {state.model_type}: its layout names no attention "
+                              "module (`attention`), where prefixes join")
         if not hasattr(state.root, "prefix_tunings"):
             state.root.add_module("prefix_tunings", nn.ModuleDict())
         if arch.decoder is not None:  # one pool per place, as AdapterHub's files keep them
@@ -301,20 +363,21 @@ class PrefixTuningFamily(MethodFamily):
         # Every config the model's modules read (T5's encoder and decoder keep their own copies).
         configs = list({id(c): c for c in [state.model.config, *(getattr(m, "config", None) for m in
                         state.backbone.modules())] if isinstance(c, PretrainedConfig)}.values())
+        own = state.arch.attention_forward  # DeBERTa: its own attention, whose implementation stays
         base = getattr(state, "_base_attn", None) or state.model.config._attn_implementation
-        if not active:
-            for config in configs:
-                if config._attn_implementation != base:
-                    config._attn_implementation = base
-            return []
-        if base not in PREFIXED:
+        joins_functions = bool(active) and not own
+        if joins_functions and base not in PREFIXED:
             raise ConfigError(
                 f"prefix tuning runs with eager or sdpa attention; this model uses '{base}'. "
                 "Load it with attn_implementation='sdpa' (or 'eager')."
             )
-        state._base_attn = base
         for config in configs:
-            config._attn_implementation = PREFIXED[base]
+            wanted = PREFIXED[base] if joins_functions else base
+            if config._attn_implementation != wanted:
+                config._attn_implementation = wanted
+        if not active:
+            return []
+        state._base_attn = base
         active_pools = [pool for n in active for pool in _pools(pools_by_name[n])]
         bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -341,6 +404,8 @@ class PrefixTuningFamily(MethodFamily):
                 else:
                     prefix = _LayerPrefix(i, [], setup, here, gates=gates)
                 attention._adaptercli_prefix = prefix
+                if own:
+                    attention.forward = types.MethodType(OWN_ATTENTION[own], attention)
                 handles.append(_Unset(attention))
                 if gates:
                     handles.append(attention.register_forward_pre_hook(_keep_input(prefix), with_kwargs=True))
@@ -395,3 +460,4 @@ class _Unset:
 
     def remove(self) -> None:
         self.module.__dict__.pop("_adaptercli_prefix", None)
+        self.module.__dict__.pop("forward", None)  # an own-attention forward (DeBERTa), if set

@@ -5,7 +5,9 @@ The prompt [P, E] (E: the embeddings' output width) is prepended to the embeddin
 mask the backbone receives gets P ones at the front, so every token sees the prompt. The
 backbone's output therefore has P more positions, the prompt's first, as in AdapterHub; a head on
 an :class:`~adaptercli.AdapterModel` pads its mask and token labels to match. Only where the model
-builds its attention mask from the embeddings' output (``prompts`` in the architecture table).
+builds its attention mask from the embeddings' output (``prompts`` in the architecture table);
+on DeBERTa, which builds its mask from the input, the mask each attention module receives gets P
+rows and columns of ones at the front instead, as AdapterHub widens it.
 Weights: ``prompt_tuning.prompt_tunings.<name>.prompt_embedding.weight``, AdapterHub's key.
 """
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from ..architectures import get_module
+from ..architectures import get_module, transformer_layers
 from ..composition import CompositionBlock
 from ..schema import spec
 from .base import ConfigError, MethodConfig, MethodFamily
@@ -84,7 +86,7 @@ class PromptTuningFamily(MethodFamily):
         arch = state.require_architecture("prompt tuning")
         if not arch.prompts:
             raise ConfigError(f"prompt tuning is not available on {state.model_type}: it joins encoders whose "
-                              "attention mask follows the embeddings' output (BERT-like, DistilBERT, ALBERT), "
+                              "attention mask follows the embeddings' output (BERT-like, DistilBERT, ALBERT, DeBERTa), "
                               "as in AdapterHub")
         embed = state.backbone.get_input_embeddings()
         width = embed.weight.shape[1]
@@ -117,9 +119,20 @@ class PromptTuningFamily(MethodFamily):
                     kwargs["attention_mask"] = mask
             return args, kwargs
 
+        def widen_attention_mask(module, args, kwargs):  # [B, 1, N, N] -> [B, 1, P + N, P + N]
+            positional = "attention_mask" not in kwargs and len(args) > 1
+            mask = args[1] if positional else kwargs["attention_mask"]
+            mask = nn.functional.pad(mask, (length, 0, length, 0), value=1)
+            if positional:
+                return (args[0], mask, *args[2:]), kwargs
+            return args, {**kwargs, "attention_mask": mask}
+
         def join(module, args, output: Any):
             return prompt.join(output)
 
         embeddings = get_module(state.backbone, state.arch.embeddings)
-        return [state.backbone.register_forward_pre_hook(widen_mask, with_kwargs=True),
-                embeddings.register_forward_hook(join)]
+        handles = [embeddings.register_forward_hook(join)]
+        if state.arch.prompts == "attention":
+            return handles + [get_module(layer, state.arch.attention).register_forward_pre_hook(
+                widen_attention_mask, with_kwargs=True) for layer in transformer_layers(state.backbone, state.arch)]
+        return handles + [state.backbone.register_forward_pre_hook(widen_mask, with_kwargs=True)]
