@@ -135,10 +135,11 @@ def build(base: nn.Module, setting: str, device: torch.device) -> nn.Module:
     merged, compiled = setting.endswith("+merged"), setting.endswith("+compiled")
     method = setting.removesuffix("+merged").removesuffix("+compiled")  # not split on "+": compacter++ is a method
     adaptercli.init(model)
-    model.add_adapter(method, method)
-    model.train_adapter(method)
+    name = method.replace("+", "p")  # adapter names are identifiers: compacter++ -> compacterpp
+    model.add_adapter(name, method)
+    model.train_adapter(name)
     if merged:
-        model.merge_adapter(method)
+        model.merge_adapter(name)
     return torch.compile(model) if compiled else model  # what train.compile: true does
 
 
@@ -209,7 +210,8 @@ def train_sequential(trainer: Trainer) -> dict[str, Any]:
     return result
 
 
-def adapter_file(model: nn.Module, name: str) -> dict[str, int]:
+def adapter_file(model: nn.Module, method: str) -> dict[str, int]:
+    name = method.replace("+", "p")
     state = model._adapter_state
     params = {id(p): p for p in state.adapter_parameters(name).values()}.values()
     raw = sum(p.numel() * p.element_size() for p in params)
