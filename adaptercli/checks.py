@@ -1,8 +1,8 @@
 """What `adapter validate` and `adapter train` check before any training starts.
 
 `load_recipe` checks a recipe's shape (keys, types, bounds, method config). `preflight` checks
-what the recipe points at: the model folder holds a config and weights, the data files parse
-into text and labels, ``metric_for_best`` is a metric of the task, composition members exist
+what the recipe points at: the model folder holds a config and weights (an encoder-decoder for
+seq2seq), the data files parse into text and labels (sources and targets), ``metric_for_best`` is a metric of the task, composition members exist
 and fit the base model, the output folder can be written, and the trackers and bitsandbytes
 that the recipe asks for are installed. Every problem is reported at once,
 each naming its recipe key, so a bad recipe fails in seconds rather than after the first
@@ -48,6 +48,7 @@ def preflight(recipe: Recipe, *, load_hub_data: bool = True) -> Preflight:
     problems: list[str] = []
     notes: list[str] = []
     base_config = _check_model(recipe, problems)
+    _check_encoder_decoder(recipe, base_config, problems)
     data = _check_data(recipe, problems, notes, load_hub_data)
     _check_metric(recipe, data, problems)
     _check_composition(recipe, base_config, problems)
@@ -98,6 +99,14 @@ def _check_model(recipe: Recipe, problems: list[str]) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
         problems.append(f"model.name_or_path: {path / 'config.json'} is not valid JSON ({error})")
         return None
+
+
+def _check_encoder_decoder(recipe: Recipe, base_config: dict[str, Any] | None, problems: list[str]) -> None:
+    """A seq2seq recipe writes text with an encoder-decoder's own LM head (AutoModelForSeq2SeqLM)."""
+    if recipe.data.task == "seq2seq" and base_config is not None and not base_config.get("is_encoder_decoder"):
+        problems.append(f"model.name_or_path: data.task seq2seq needs an encoder-decoder model (T5, BART, mBART, "
+                        f"...); {recipe.model.name_or_path} is a {base_config.get('model_type', 'decoder or encoder')} "
+                        "model")
 
 
 def _check_data(recipe: Recipe, problems: list[str], notes: list[str], load_hub_data: bool) -> Any:

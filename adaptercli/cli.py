@@ -176,11 +176,11 @@ def eval_(
 @_friendly
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="Output folder of a finished `adapter train`.")],
-    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify.")] = None,
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify (a seq2seq run: source texts).")] = None,
     file: Annotated[Path | None, typer.Option("--file", help="A text file, one example per line.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
 ) -> None:
-    """Predict the label (and its probability) of each text with a trained run's adapter."""
+    """Predict the label (and its probability) of each text with a trained run's adapter; a seq2seq run writes each text's summary or translation."""
     from .train import predict as run
 
     items = list(texts or [])
@@ -206,16 +206,18 @@ def predict(
 @app.command()
 @_friendly
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="Output folder of a finished causal-LM or instruction-tuning run.")],
-    prompts: Annotated[list[str], typer.Argument(help="Prompts; an instruction-tuned run reads each as a user turn.")],
+    run_dir: Annotated[Path, typer.Argument(help="Output folder of a finished causal-LM, instruction-tuning or seq2seq run.")],
+    prompts: Annotated[list[str], typer.Argument(help="Prompts; an instruction-tuned run reads each as a user turn, a seq2seq run as a source text.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Stop after this many tokens.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy; above 0: sampled.")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the sampling.")] = 0,
+    num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Seq2seq runs: beam search with this many beams (1: greedy).")] = 1,
 ) -> None:
-    """Answer each prompt with a trained causal-LM run's adapter (the chat template of an instruction-tuned run frames the prompt), to try the result."""
+    """Answer each prompt with a trained causal-LM run's adapter (the chat template of an instruction-tuned run frames the prompt), or write a seq2seq run's summary or translation of it (after its data.source_prefix), to try the result."""
     from .train import generate as run
 
-    for prompt, answer in zip(prompts, run(run_dir, prompts, max_new_tokens, temperature, seed), strict=True):
+    answers = run(run_dir, prompts, max_new_tokens, temperature, seed, num_beams)
+    for prompt, answer in zip(prompts, answers, strict=True):
         if len(prompts) > 1:
             console.print(f"[bold]> {escape(prompt)}[/bold]", highlight=False)
         console.print(escape(answer), highlight=False, soft_wrap=True)

@@ -13,6 +13,10 @@ Instruction tuning (``instruct``) has one column instead, ``messages``: a conver
 built from a prompt and a response column. It is rendered with the tokenizer's chat template and
 only the assistant turns are scored.
 
+Sequence to sequence (``seq2seq``: summarization, translation) has ``text``, the source text with
+the recipe's ``source_prefix`` before it, and ``target``, the text to write (absent from a test
+split without targets).
+
 Hub data sets and local files share `normalise_columns`, so a local copy of a Hub data set in the
 same layout (a folder with a README that declares its configs, or plain files) loads exactly like
 the Hub one.
@@ -36,6 +40,7 @@ from datasets import ClassLabel, Dataset, DatasetDict
 from datasets.exceptions import DatasetNotFoundError
 from transformers import (
     DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     PreTrainedTokenizerBase,
@@ -61,6 +66,18 @@ _TEXT_COLUMNS = ["text", "sentence", "tokens", "content", "review", "document"]
 _LABEL_COLUMNS = ["label", "labels", "ner_tags", "tags", "score", "target"]
 _PROMPT_COLUMNS = ["prompt", "instruction", "question", "input", "query"]
 _RESPONSE_COLUMNS = ["response", "completion", "answer", "output"]
+# Source and target columns of common summarization and text-to-text sets (XSum, CNN/DailyMail,
+# SAMSum, BillSum, ...); translation sets (WMT, OPUS) have a `translation` column instead.
+_SEQ2SEQ_COLUMNS = [
+    ("document", "summary"),
+    ("article", "highlights"),
+    ("article", "abstract"),
+    ("dialogue", "summary"),
+    ("text", "summary"),
+    ("source", "target"),
+    ("src", "tgt"),
+    ("input", "output"),
+]
 _ROLES = ("system", "user", "assistant")
 _SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"}
 _OPENERS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -111,6 +128,8 @@ def load_data(config: DataConfig, seed: int = 42) -> LoadedData:
         raw = load_hub_dataset(config.name, config.subset) if source == "hub" else load_files(config)
         if task == "instruct":
             splits, label_names = conversations(raw, config), None
+        elif task == "seq2seq":
+            splits, label_names = source_target_pairs(raw, config), None
         else:
             splits, label_names = normalise_columns(raw, config, task)
     if "validation" not in splits:
@@ -123,6 +142,9 @@ def load_data(config: DataConfig, seed: int = 42) -> LoadedData:
     ]:
         if limit is not None and name in splits and len(splits[name]) > limit:
             splits[name] = splits[name].shuffle(seed=seed).select(range(limit))
+    if task == "seq2seq" and config.source_prefix:  # after sampling: only the examples kept are rewritten
+        splits = splits.map(lambda batch: {"text": [config.source_prefix + text for text in batch["text"]]},
+                            batched=True)
     return LoadedData(splits, label_names, task)
 
 
@@ -378,10 +400,7 @@ def conversations(raw: DatasetDict, config: DataConfig) -> DatasetDict:
     """The splits of an instruction data set as one ``messages`` column of conversations: a
     ``messages`` column as it is (checked), or ``prompt_column`` / ``response_column`` (found
     among common names when not set) as one user turn and one assistant turn."""
-    splits = DatasetDict({_SPLIT_ALIASES.get(name, name): split for name, split in raw.items()
-                          if _SPLIT_ALIASES.get(name, name) in ("train", "validation", "test")})
-    if "train" not in splits:
-        raise AdapterCliError(f"data: no train split; the data set has {', '.join(raw) or 'none'}")
+    splits = _known_splits(raw)
     columns = splits["train"].column_names
     if "messages" in columns and not (config.prompt_column or config.response_column):
         for name, split in splits.items():
@@ -403,6 +422,77 @@ def conversations(raw: DatasetDict, config: DataConfig) -> DatasetDict:
 
     return DatasetDict({name: split.map(as_messages, remove_columns=split.column_names)
                         for name, split in splits.items()})
+
+
+def source_target_pairs(raw: DatasetDict, config: DataConfig) -> DatasetDict:
+    """The splits of a seq2seq data set as ``text`` (the source) and ``target`` columns, taken from
+    ``source_column`` and ``target_column`` (found among common pairs when not set), or from a
+    ``translation`` column of ``{language: text}`` rows with ``source_lang`` and ``target_lang``.
+    A test split may come without targets. Columns are selected and renamed, not rewritten, so a
+    large corpus is not copied before ``max_train_samples`` samples it."""
+    splits = _known_splits(raw)
+    columns = splits["train"].column_names
+    if config.source_column is None and config.target_column is None and "translation" in columns:
+        languages = [c.removeprefix("translation.") for c in splits["train"].flatten().column_names
+                     if c.startswith("translation.")]
+        if config.source_lang is None:
+            raise AdapterCliError(f"data.source_lang: the data has a translation column ({', '.join(languages)}); "
+                                  "set data.source_lang and data.target_lang")
+        for key, language in (("source_lang", config.source_lang), ("target_lang", config.target_lang)):
+            if language not in languages:
+                raise AdapterCliError(f"data.{key}: no language {language!r} in the translation column; it has "
+                                      f"{', '.join(languages)}")
+        splits = DatasetDict({name: split.flatten() for name, split in splits.items()})
+        source, target = f"translation.{config.source_lang}", f"translation.{config.target_lang}"
+    elif config.source_lang is not None:
+        raise AdapterCliError(f"data.source_lang: goes with a translation column of {{language: text}} rows; the data "
+                              f"has {', '.join(columns)} (set data.source_column and data.target_column instead)")
+    else:
+        source, target = config.source_column, config.target_column
+        pair = next(((a, b) for a, b in _SEQ2SEQ_COLUMNS if a in columns and b in columns
+                     and source in (None, a) and target in (None, b)), None)
+        source = source or (pair[0] if pair else next((a for a, _ in _SEQ2SEQ_COLUMNS if a in columns), None))
+        target = target or (pair[1] if pair else next((b for _, b in _SEQ2SEQ_COLUMNS if b in columns), None))
+        if source is None or target is None:
+            tried = ", ".join(f"{a}/{b}" for a, b in _SEQ2SEQ_COLUMNS)
+            key = "source_column" if source is None else "target_column"
+            raise AdapterCliError(f"data.{key}: no source and target columns found among {', '.join(columns)} "
+                                  f"(tried {tried}, translation); set data.source_column and data.target_column")
+    result = DatasetDict()
+    for name, split in splits.items():
+        wanted = {"source": source, "target": target}
+        if name == "test" and target not in split.column_names:
+            del wanted["target"]  # a test split may come without targets
+        for key, column in wanted.items():
+            _check_text_column(split, name, column, f"data.{key}_column")
+        split = split.select_columns(list(wanted.values()))
+        result[name] = split.rename_columns({old: new for new, old in (("text", source), ("target", target))
+                                             if old in split.column_names and old != new})
+    return result
+
+
+def _check_text_column(split: Dataset, split_name: str, column: str, key: str) -> None:
+    """`column` is in the split, holds strings and no nulls (read from the Arrow table: no row is
+    loaded into Python)."""
+    if column not in split.column_names:
+        raise AdapterCliError(f"{key}: no column {column!r} in the {split_name} split; it has "
+                              f"{', '.join(split.column_names)}")
+    feature = split.features[column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise AdapterCliError(f"{key}: {column} holds {getattr(feature, 'dtype', None) or type(feature).__name__}, "
+                              "not text")
+    missing = split.data.column(column).null_count
+    if missing:
+        raise AdapterCliError(f"{key}: {missing} rows of the {split_name} split have no {column} (null); remove them")
+
+
+def _known_splits(raw: DatasetDict) -> DatasetDict:
+    """The train, validation (also named dev, valid, val) and test splits; a train split is required."""
+    splits = DatasetDict({_SPLIT_ALIASES.get(name, name): split for name, split in raw.items()
+                          if _SPLIT_ALIASES.get(name, name) in ("train", "validation", "test")})
+    if "train" not in splits:
+        raise AdapterCliError(f"data: no train split; the data set has {', '.join(raw) or 'none'}")
+    return splits
 
 
 def _check_conversation(messages: Any, where: str) -> None:
@@ -506,13 +596,16 @@ def _ordered_label_names(values: Iterable[Any], task: str) -> list[str]:
 
 
 def tokenize_dataset(
-    splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, task: str, max_seq_length: int
+    splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, task: str, max_seq_length: int,
+    max_target_length: int | None = None,
 ) -> DatasetDict:
     """Tokenize every split without padding (the collator pads each batch).
 
     Returns columns ``input_ids``, ``attention_mask`` (and ``token_type_ids`` for BERT-like models)
     and, where the split has labels and the task is not language modelling, ``labels``. Tagging
     labels sit on each word's first sub-token; other sub-tokens and special tokens get -100.
+    Seq2seq labels are the target's token ids (the decoder's input is made from them by the
+    model), cut to `max_target_length` (default: `max_seq_length`).
     """
 
     if task == "instruct":
@@ -534,6 +627,11 @@ def tokenize_dataset(
                 ]
             return encoded
         encoded = tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_seq_length)
+        if task == "seq2seq":
+            if "target" in batch:
+                encoded["labels"] = tokenizer(text_target=batch["target"], truncation=True,
+                                              max_length=max_target_length or max_seq_length)["input_ids"]
+            return encoded
         if "label" in batch and task not in LM_TASKS:
             # BCE needs float targets; tensors built from these lists inherit the type.
             encoded["labels"] = (
@@ -619,7 +717,11 @@ def make_collator(
       generator seeded by `seed`; ``labels`` are the original ids there and -100 elsewhere.
     - causal_lm: ``labels`` are the ``input_ids`` with padding replaced by -100 (the model shifts
       them). A tokenizer without a pad token gets its end-of-sequence token as one.
+    - seq2seq: pads the sources, and the target ids in ``labels`` with -100 (the model builds its
+      decoder inputs from them).
     """
+    if task == "seq2seq":  # the targets are padded to their own longest, not the sources'
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
     if task in ("tagging", "instruct"):  # labels given per token: padded with -100
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -1,11 +1,14 @@
 """Evaluation metrics in plain numpy, so evaluation needs no network (no `evaluate.load`).
 
 Definitions follow scikit-learn (accuracy, F1, MCC), scipy (Pearson, Spearman with average ranks
-for ties) and seqeval's default mode (entity-level F1 for BIO tags).
+for ties), seqeval's default mode (entity-level F1 for BIO tags), Google's ``rouge_score``
+(ROUGE-L) and sacrebleu (chrF) for generated text.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -118,6 +121,66 @@ def entity_scores(predicted: Sequence[Sequence[str]], actual: Sequence[Sequence[
     }
 
 
+_NOT_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """``rouge_score``'s default tokenizer (no stemming): lowercase, split at every character that
+    is not an ASCII letter or digit."""
+    return [token for token in _NOT_ALPHANUMERIC.split(text.lower()) if token]
+
+
+def _longest_common_subsequence(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """ROUGE-L: the mean over examples of the F-measure of the longest common subsequence of words
+    (as ``rouge_score.RougeScorer(["rougeL"])`` scores each pair; 0 when either side has no words)."""
+    scores = []
+    for prediction, reference in zip(predictions, references, strict=True):
+        predicted, wanted = rouge_tokens(prediction), rouge_tokens(reference)
+        common = _longest_common_subsequence(wanted, predicted) if predicted and wanted else 0
+        precision = common / len(predicted) if predicted else 0.0
+        recall = common / len(wanted) if wanted else 0.0
+        scores.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+CHRF_CHAR_ORDER, CHRF_BETA = 6, 2
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """chrF on the 0-100 scale, as ``sacrebleu.CHRF()`` scores a corpus: character n-grams of
+    orders 1-6 with whitespace removed, no word n-grams, beta 2. The n-gram counts of all the
+    examples are summed first; precision and recall are averaged over the orders that have
+    n-grams on both sides, then combined into the F-beta score."""
+    totals = np.zeros((CHRF_CHAR_ORDER, 3))  # per order: predicted n-grams, reference n-grams, matches
+    for prediction, reference in zip(predictions, references, strict=True):
+        predicted, wanted = "".join(prediction.split()), "".join(reference.split())
+        for n in range(1, CHRF_CHAR_ORDER + 1):
+            ours = Counter(predicted[i : i + n] for i in range(len(predicted) - n + 1))
+            theirs = Counter(wanted[i : i + n] for i in range(len(wanted) - n + 1))
+            matches = sum(min(count, theirs[gram]) for gram, count in ours.items() if gram in theirs)
+            # sacrebleu counts no predicted n-grams where the reference has none of this order
+            totals[n - 1] += (ours.total() if theirs else 0, theirs.total(), matches)
+    both = (totals[:, 0] > 0) & (totals[:, 1] > 0)
+    if not both.any():
+        return 0.0
+    precision = float(np.mean(totals[both, 2] / totals[both, 0]))
+    recall = float(np.mean(totals[both, 2] / totals[both, 1]))
+    if precision + recall == 0:
+        return 0.0
+    factor = CHRF_BETA**2
+    return 100 * (1 + factor) * precision * recall / (factor * precision + recall)
+
+
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy", "f1", "f1_macro", "mcc"),
     "multilabel": ("f1_micro", "subset_accuracy"),
@@ -126,6 +189,7 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "mlm": ("accuracy",),
     "causal_lm": ("accuracy",),
     "instruct": ("accuracy",),  # of the answer tokens (the prompt is not scored)
+    "seq2seq": ("rougeL", "chrf"),  # of the generated texts against the targets
 }
 """The metrics `compute_metrics` reports for each task (evaluation adds ``loss``)."""
 
@@ -150,12 +214,17 @@ def compute_metrics(
         labels: the matching labels; -100 marks positions that are not scored.
         label_names: tag names of the ids, needed for tagging.
 
+    For seq2seq, `predictions` are the generated texts and `labels` the target texts.
+
     Returns:
         classification: accuracy, f1 (the positive class for two classes, else macro), f1_macro,
         mcc. multilabel: f1_micro, subset_accuracy. regression: pearson, spearman, mse. tagging:
         precision, recall, f1 (entity level), accuracy (token level). mlm/causal_lm: accuracy of
-        the scored tokens (for causal_lm each position predicts the next token).
+        the scored tokens (for causal_lm each position predicts the next token). seq2seq: rougeL
+        (0-1, as rouge_score), chrf (0-100, as sacrebleu).
     """
+    if task == "seq2seq":
+        return {"rougeL": rouge_l(predictions, labels), "chrf": chrf(predictions, labels)}
     labels = np.asarray(labels)
     if task == "classification":
         predicted = _class_ids(predictions)

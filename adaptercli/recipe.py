@@ -36,7 +36,7 @@ from adaptercli.assets import OFFLINE_DATASETS
 from adaptercli.errors import RecipeError
 from adaptercli.schema import INVALID, check_section, dataclass_in, did_you_mean, join, spec
 
-TASKS = ("classification", "multilabel", "regression", "tagging", "mlm", "causal_lm", "instruct")
+TASKS = ("classification", "multilabel", "regression", "tagging", "mlm", "causal_lm", "instruct", "seq2seq")
 HEAD_TYPES = ("classification", "multilabel", "regression", "tagging", "qa", "mlm", "causal_lm")
 COMPOSITION_TYPES = ("stack", "fuse", "parallel", "average", "split", "batch_split")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -169,6 +169,16 @@ class DataConfig:
             answers only.
         prompt_column: for ``instruct``, the column with the prompt; None tries common names.
         response_column: for ``instruct``, the column with the answer; None tries common names.
+            ``seq2seq`` trains an encoder-decoder (T5, BART, ...) with its own LM head to write the
+            target text from the source text (summarization, translation).
+        source_column: for ``seq2seq``, the column with the source text; None tries common pairs
+            (document/summary, article/highlights, text/summary, source/target, ...).
+        target_column: for ``seq2seq``, the column with the text to write; None tries common pairs.
+        source_lang: for ``seq2seq`` on a ``translation`` column of ``{language: text}`` rows (WMT,
+            OPUS), the language to translate from, e.g. ``en``.
+        target_lang: the language to translate into, e.g. ``fr``.
+        source_prefix: put before every source text, e.g. T5's ``"summarize: "`` or
+            ``"translate English to French: "``; ``adapter generate`` and ``predict`` add it too.
     """
 
     source: str | None = None
@@ -188,6 +198,11 @@ class DataConfig:
     task: str | None = spec(None, choices=TASKS)
     prompt_column: str | None = None
     response_column: str | None = None
+    source_column: str | None = None
+    target_column: str | None = None
+    source_lang: str | None = None
+    target_lang: str | None = None
+    source_prefix: str = ""
 
 
 @dataclass
@@ -203,8 +218,15 @@ class TrainConfig:
         batch_size: the global batch: under ``accelerate launch`` each process takes its share.
         gradient_checkpointing: recompute each layer's activations in the backward pass instead
             of keeping them (less memory, ~30% more compute).
+        compile: run the adapted model through ``torch.compile`` (TorchInductor; the first steps
+            and each new batch shape take a while to compile). Same results as eager, within
+            floating-point reordering.
         report_to: experiment trackers that also receive the metrics (through Accelerate):
             tensorboard, wandb, mlflow, trackio; ``metrics.jsonl`` is always written.
+        max_target_length: ``seq2seq``: target texts are cut to this many tokens, and evaluation
+            generates at most this many (``max_seq_length`` cuts the source texts).
+        generation_num_beams: ``seq2seq``: beams of the beam search that evaluation generates with
+            (1: greedy).
         The other fields mean what they mean in `transformers.TrainingArguments`.
     """
 
@@ -230,7 +252,10 @@ class TrainConfig:
     early_stopping_patience: int | None = spec(None, ge=1)
     max_seq_length: int = spec(128, ge=1)
     gradient_checkpointing: bool = False
+    compile: bool = False
     report_to: list[str] = spec(factory=list, choices=TRACKERS)
+    max_target_length: int = spec(128, ge=1)
+    generation_num_beams: int = spec(1, ge=1)
 
 
 @dataclass
@@ -476,10 +501,14 @@ def _check_semantics(recipe: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"data.task: data set {source} is for {offline_task}, got {task!r}")
 
     head = recipe.setdefault("head", {})
-    wanted_head = "causal_lm" if task == "instruct" else task  # instruction tuning trains a causal-LM head
+    # Instruction tuning trains a causal-LM head; seq2seq keeps the encoder-decoder's own LM head.
+    wanted_head = {"instruct": "causal_lm", "seq2seq": None}.get(task, task)
     head_type = head.setdefault("type", wanted_head)
-    if INVALID not in (task, head_type) and head_type != wanted_head:
+    if task == "seq2seq" and head_type is not None:
+        problems.append("head.type: a seq2seq run writes text with the model's own LM head; remove head.type")
+    elif INVALID not in (task, head_type) and head_type != wanted_head:
         problems.append(f"head.type: {head_type!r} does not match data.task {task!r}")
+    _check_seq2seq(recipe, task, problems)
 
     if recipe.get("train", {}).get("max_steps") == 0:
         problems.append("train.max_steps: must be -1 (train for num_epochs) or positive, got 0")
@@ -491,6 +520,30 @@ def _check_semantics(recipe: dict[str, Any], problems: list[str]) -> None:
         problems.append("model.quantization: a quantized base cannot be fine-tuned in full; train an adapter on it (QLoRA)")
     if adapter.get("freeze") is True and not adapter.get("load"):
         problems.append("adapter.freeze: only a loaded adapter can be frozen; set adapter.load")
+
+
+SEQ2SEQ_DATA_KEYS = ("source_column", "target_column", "source_lang", "target_lang", "source_prefix")
+
+
+def _check_seq2seq(recipe: dict[str, Any], task: Any, problems: list[str]) -> None:
+    """The ``data`` keys of seq2seq go with that task alone; what a seq2seq run cannot train."""
+    data = recipe.get("data", {})
+    if task is INVALID:
+        return
+    if task != "seq2seq":
+        for key in SEQ2SEQ_DATA_KEYS:
+            if data.get(key) not in (None, "", INVALID):
+                problems.append(f"data.{key}: only for data.task seq2seq (this recipe's task is {task})")
+        return
+    if (data.get("source_lang") is None) != (data.get("target_lang") is None):
+        problems.append("data.source_lang: set both data.source_lang and data.target_lang (the translation "
+                        "column's languages to translate from and into), or neither")
+    composition = recipe.get("composition") or {}
+    if composition.get("type") == "fuse":
+        problems.append("composition.type: fuse trains a fusion with a new head; a seq2seq run keeps the "
+                        "model's own LM head (use stack or average)")
+    if recipe.get("adapter", {}).get("freeze") is True:
+        problems.append("adapter.freeze: a seq2seq run has no head of its own to train over a frozen adapter")
 
 
 FULL_FINETUNING = "full"

@@ -1,7 +1,7 @@
 """Training, evaluation and prediction for a recipe — one readable loop, the steps in order.
 
-``train(recipe)`` builds the model (backbone frozen, adapter + head trainable), walks the data in a
-seeded order, and every ``save_steps`` writes a checkpoint atomically (adapter and head weights,
+``train(recipe)`` builds the model (backbone frozen, adapter + head trainable; a seq2seq run keeps
+the encoder-decoder's own LM head, frozen), walks the data in a seeded order, and every ``save_steps`` writes a checkpoint atomically (adapter and head weights,
 optimizer, scheduler, RNG and data position). ``train(recipe, resume=True)`` continues from the
 latest checkpoint and ends with the same adapter as an uninterrupted run.
 
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     ProjectConfiguration,
@@ -45,7 +46,7 @@ from rich.table import Table
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
 
 from .assets import resolve_model_path
 from .checks import member_folder, preflight
@@ -56,21 +57,24 @@ from .formats.common import read_json, write_json, write_weights
 from .heads import HeadConfig
 from .hub import hub_access, pinned
 from .metrics import IGNORE_INDEX, compute_metrics
-from .model import AdapterModel, AutoAdapterModel
+from .model import AdapterModel, AutoAdapterModel, ModelAdaptersMixin, init
 from .recipe import FULL_FINETUNING, Recipe, load_recipe, recipe_to_yaml
 
 # recipe head types -> AdapterHub head types
 _HEAD_TYPES = {"classification": "classification", "multilabel": "multilabel_classification",
                "regression": "regression", "tagging": "tagging", "qa": "question_answering",
                "mlm": "masked_lm", "causal_lm": "causal_lm", "instruct": "causal_lm"}
-TOKEN_TASKS = ("tagging", "mlm", "causal_lm", "instruct")  # a label per token; the others, one per example
+TOKEN_TASKS = ("tagging", "mlm", "causal_lm", "instruct", "seq2seq")  # a label per token; the others, one per example
 _CRASH_ENV = "ADAPTERCLI_TEST_KILL_AT_STEP"  # tests: SIGKILL the run right after this step
 
 
-def load_model(recipe: Recipe) -> tuple[AdapterModel, Any]:
-    """The recipe's backbone (frozen later by ``train_adapter``) and tokenizer. With
-    ``model.quantization`` the backbone's linear layers are loaded in 4 or 8 bits by bitsandbytes
-    (QLoRA); everything else, adapters and heads included, stays in full precision."""
+def load_model(recipe: Recipe) -> tuple[AdapterModel | ModelAdaptersMixin, Any]:
+    """The recipe's backbone (frozen later by ``train_adapter``) and tokenizer: an `AdapterModel`
+    (flexible heads), or for ``data.task: seq2seq`` the encoder-decoder with its own LM head
+    (``AutoModelForSeq2SeqLM`` given the adapter API by `adaptercli.init`), which writes the text
+    and computes the loss itself. With ``model.quantization`` the backbone's linear layers are
+    loaded in 4 or 8 bits by bitsandbytes (QLoRA); everything else, adapters and heads included,
+    stays in full precision."""
     m = recipe.model
     path = resolve_model_path(m.name_or_path)
     kwargs: dict[str, Any] = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
@@ -87,7 +91,10 @@ def load_model(recipe: Recipe) -> tuple[AdapterModel, Any]:
                 kwargs["quantization_config"] = quantization_config(m.quantization)
                 kwargs.setdefault("dtype", torch.float32)  # norms, embeddings: kept in full precision
                 kwargs["device_map"] = {"": PartialState().device}  # this process's device
-            model = AutoAdapterModel.from_pretrained(path, layout=m.layout, **kwargs)
+            if recipe.data.task == "seq2seq":
+                model = init(AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs), layout=m.layout)
+            else:
+                model = AutoAdapterModel.from_pretrained(path, layout=m.layout, **kwargs)
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         local = Path(path).exists()
         hint = "" if local else (" — it is not a local folder and the Hugging Face Hub could not be reached; "
@@ -124,7 +131,8 @@ def attach_adapter(model: AdapterModel, recipe: Recipe) -> str:
     """Add the recipe's new adapter, or load its pretrained one; returns the adapter's name."""
     name = recipe.adapter.name
     if recipe.adapter.load:  # a frozen adapter gets a new head for this task; else its own is trained on
-        model.load_adapter(recipe.adapter.load, load_as=name, with_head=not recipe.adapter.freeze)
+        with_head = not recipe.adapter.freeze and isinstance(model, AdapterModel)  # seq2seq: the model's own
+        model.load_adapter(recipe.adapter.load, load_as=name, with_head=with_head)
     else:
         model.add_adapter(name, {"method": recipe.adapter.method, **recipe.adapter.config})
     return name
@@ -153,10 +161,11 @@ def setup_of(recipe: Recipe, members: list[str]) -> Stack | Fuse:
     return Stack(*members, name)
 
 
-def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
+def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel | ModelAdaptersMixin, Any]:
     """Backbone + what the recipe trains + its head, ready to train: a new or loaded adapter (over
     frozen stacked members), an adapter started from the weighted average of the members, or an
-    AdapterFusion layer over frozen members."""
+    AdapterFusion layer over frozen members. A seq2seq model gets no head: its own LM head stays
+    frozen, like the rest of the backbone."""
     model, tokenizer = load_model(recipe)
     comp, name = recipe.composition, recipe.adapter.name
     members = load_members(model, recipe) if comp is not None and comp.type in ("stack", "fuse") else []
@@ -170,7 +179,8 @@ def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
         model.add_adapter_fusion(setup_of(recipe, members), comp.kwargs.get("config", "dynamic"))
     elif recipe.adapter.method != FULL_FINETUNING:
         attach_adapter(model, recipe)
-    if name not in model.heads:
+    own_head = not isinstance(model, AdapterModel)  # seq2seq: the encoder-decoder's LM head
+    if not own_head and name not in model.heads:
         head = recipe.head
         kind = _HEAD_TYPES[head.type or data.task]
         labels = data.label_names or []
@@ -180,16 +190,19 @@ def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel, Any]:
     setup = setup_of(recipe, members)
     if recipe.adapter.method == FULL_FINETUNING:  # the baseline: every weight trains, no adapter
         model.freeze_model(False)
-        model.active_head = name
+        if not own_head:
+            model.active_head = name
         model.train()
     elif isinstance(setup, Fuse):
         model.train_adapter_fusion(setup)  # the members stay frozen; the fusion layers and the head train
     else:
         model.train_adapter(name)
         model.set_active_adapters(setup)  # run the stacked members too, train only `name`
-        if recipe.adapter.freeze:
-            for p in model._adapter_state.adapter_parameters(name).values():
-                p.requires_grad_(False)
+        frozen = dict(model._adapter_state.adapter_parameters(name)) if recipe.adapter.freeze else {}
+        if own_head:  # an untied LM head counts as the model's "static head": keep it frozen all the same
+            frozen.update(model._head_parameters(name))
+        for p in frozen.values():
+            p.requires_grad_(False)
     return model, tokenizer
 
 
@@ -202,8 +215,8 @@ def save_trained(model: AdapterModel, folder: Path, recipe: Recipe) -> None:
         write_weights(folder / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
     elif recipe.composition is not None and recipe.composition.type == "fuse":
         model.save_adapter_fusion(folder, recipe.adapter.name, with_head=True)
-    else:
-        model.save_adapter(folder, recipe.adapter.name)
+    else:  # a seq2seq model's own LM head is part of the base model: not saved
+        model.save_adapter(folder, recipe.adapter.name, with_head=isinstance(model, AdapterModel))
 
 
 @dataclass
@@ -252,12 +265,50 @@ def _collate(collator: Callable, split, indices: list[int]) -> dict[str, torch.T
     return collator([split[i] for i in indices])
 
 
+@dataclass
+class TextGeneration:
+    """How a seq2seq model writes its text: greedy (``num_beams`` 1) or beam search, sampled
+    instead when ``temperature`` > 0; at most ``max_new_tokens`` tokens, decoded without special
+    tokens. Evaluation scores what it writes against the targets; `adapter predict` and `adapter
+    generate` print it."""
+
+    tokenizer: Any
+    max_new_tokens: int
+    num_beams: int = 1
+    temperature: float = 0.0
+
+    def __call__(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 synced: bool = False) -> list[str]:
+        """The texts written for a batch of sources. ``synced``: every process runs the same number
+        of forward passes, also after its own texts ended (FSDP2 gathers weights in each pass)."""
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
+                             num_beams=self.num_beams, synced_gpus=synced, **sampling)
+        return self.decode(ids)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Token ids (label padding -100 allowed) as texts."""
+        ids = ids.masked_fill(ids == IGNORE_INDEX, self.tokenizer.pad_token_id)
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def text_generation(recipe: Recipe, tokenizer: Any) -> TextGeneration | None:
+    """How a seq2seq run's evaluation generates; None for the other tasks, scored from the logits."""
+    if recipe.data.task != "seq2seq":
+        return None
+    return TextGeneration(tokenizer, recipe.train.max_target_length, recipe.train.generation_num_beams)
+
+
 def evaluate(model: AdapterModel, split, collator: Callable, task: str, label_names: list[str] | None,
-             batch_size: int, device: torch.device, accelerator: Accelerator | None = None) -> dict[str, float]:
-    """Loss and task metrics of ``model`` on a tokenized split. Under several processes each takes
-    its share of every batch and the results are gathered, so every process returns the metrics a
-    single process computes (every process must call it)."""
+             batch_size: int, device: torch.device, accelerator: Accelerator | None = None,
+             generation: TextGeneration | None = None) -> dict[str, float]:
+    """Loss and task metrics of ``model`` on a tokenized split. A seq2seq model (``generation``
+    given, see `text_generation`) is scored on the texts it writes for the sources, compared with
+    the targets. Under several processes each takes its share of every batch and the results are
+    gathered, so every process returns the metrics a single process computes (every process must
+    call it)."""
     world = accelerator.num_processes if accelerator is not None else 1
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     model.eval()
     results = []  # per batch: (rows, loss, loss units, predictions, labels) of this process's share
     with torch.no_grad():
@@ -266,13 +317,19 @@ def evaluate(model: AdapterModel, split, collator: Callable, task: str, label_na
             rows, real = _share(len(full["input_ids"]), accelerator)
             batch = {k: v[rows].to(device) for k, v in full.items()}
             out = model(**batch)
+            written = None if generation is None else \
+                generation(unwrapped, batch["input_ids"], batch["attention_mask"], synced=world > 1)
             if not real:
                 continue  # ran only to keep the processes' collective operations in step
-            logits = out.logits.float()
-            if task in TOKEN_TASKS:
-                logits = logits.argmax(-1)  # keep ids only: full-vocabulary logits would not fit
+            if written is not None:
+                predicted, gold = written, generation.decode(batch["labels"])
+            else:
+                logits = out.logits.float()
+                if task in TOKEN_TASKS:
+                    logits = logits.argmax(-1)  # keep ids only: full-vocabulary logits would not fit
+                predicted, gold = logits.cpu().numpy(), batch["labels"].cpu().numpy()
             results.append((start, len(full["input_ids"]), out.loss.item(), _loss_units(batch["labels"], task),
-                            logits.cpu().numpy(), batch["labels"].cpu().numpy()))
+                            predicted, gold))
     model.train()
     if world > 1:  # every process gets every share; within a batch, shares are in process order
         results = sorted(gather_object(results), key=lambda r: r[0])
@@ -282,11 +339,14 @@ def evaluate(model: AdapterModel, split, collator: Callable, task: str, label_na
         shares.setdefault(start, (rows, []))[1].append((loss, units))
         predictions.append(predicted)
         labels.append(gold)
-    if task in TOKEN_TASKS:  # pad token-level batches to one length
-        width = max(p.shape[1] for p in predictions)
-        predictions = [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-100) for p in predictions]
-        labels = [np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=-100) for y in labels]
-    metrics = compute_metrics(task, np.concatenate(predictions), np.concatenate(labels), label_names)
+    if generation is not None:  # lists of texts
+        metrics = compute_metrics(task, [t for b in predictions for t in b], [t for b in labels for t in b])
+    else:
+        if task in TOKEN_TASKS:  # pad token-level batches to one length
+            width = max(p.shape[1] for p in predictions)
+            predictions = [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-100) for p in predictions]
+            labels = [np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=-100) for y in labels]
+        metrics = compute_metrics(task, np.concatenate(predictions), np.concatenate(labels), label_names)
     # the mean over examples of each batch's loss (a token-level batch's: over its scored tokens)
     metrics["loss"] = float(sum(rows * _batch_loss(parts) for rows, parts in shares.values()) / len(split))
     return metrics
@@ -440,7 +500,7 @@ def _plot(history: list[dict[str, Any]], path: Path, metric: str | None) -> None
         axes[0].plot(*zip(*train, strict=True), marker="." if len(train) < 20 else None, label="train loss")
     if evals:
         axes[0].plot([h["step"] for h in evals], [h["loss"] for h in evals], "o-", label="eval loss")
-        key = metric or next((k for k in ("accuracy", "f1", "pearson", "f1_micro") if k in evals[0]), None)
+        key = metric or next((k for k in ("accuracy", "f1", "pearson", "f1_micro", "rougeL") if k in evals[0]), None)
         if key:
             axes[1].plot([h["step"] for h in evals], [h[key] for h in evals], "o-", color="tab:green")
             axes[1].set_title(f"eval {key}")
@@ -511,8 +571,13 @@ def _accelerator(recipe: Recipe) -> Accelerator:
     """One Accelerator per run: mixed precision, trackers, and the launch's processes (if any)."""
     cfg, out = recipe.train, Path(recipe.output_dir)
     mixed = cfg.mixed_precision if torch.cuda.is_available() or cfg.mixed_precision == "bf16" else "no"
+    # Accelerate keeps the first Accelerator's settings (mixed precision, compile) for the whole
+    # process; a second run in the same process (the Python API, reproduce.py) gets its own. The
+    # launch's processes (PartialState) stay as they are.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=mixed, log_with=list(cfg.report_to) or None,
+        dynamo_backend="inductor" if cfg.compile else "no",  # prepare() compiles the model, unwrap_model undoes it
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "trackers")),
         # full fine-tuning leaves weights without a gradient (BERT's pooler); adapters and heads use all theirs
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.adapter.method == FULL_FINETUNING)])
@@ -656,7 +721,7 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, acc
     model, tokenizer = prepare_model(recipe, data)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    tokenized = tokenize_dataset(data.splits, tokenizer, data.task, cfg.max_seq_length)
+    tokenized = tokenize_dataset(data.splits, tokenizer, data.task, cfg.max_seq_length, cfg.max_target_length)
     train_split, eval_split = tokenized["train"], tokenized["validation"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -687,6 +752,7 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, acc
     if cfg.report_to:
         accelerator.init_trackers(name, config=_tracker_config(recipe))
     collator = make_collator(tokenizer, data.task, seed=cfg.seed)
+    generation = text_generation(recipe, tokenizer)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     eval_every = cfg.eval_steps or steps_per_epoch
     kill_at = int(os.environ.get(_CRASH_ENV, "0"))
@@ -708,7 +774,8 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, acc
                 save_trained(whole, folder, recipe)
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(model, eval_split, collator, data.task, data.label_names, eval_bs, device, accelerator)
+        metrics = evaluate(model, eval_split, collator, data.task, data.label_names, eval_bs, device, accelerator,
+                           generation)
         log_entry({"step": progress.step, "eval": True, **metrics})
         key = cfg.metric_for_best or "loss"
         value = metrics.get(key)
@@ -893,15 +960,22 @@ def evaluate_run(run_dir: str | Path, split: str = "validation") -> dict[str, fl
     data = load_data(recipe.data, seed=recipe.train.seed)
     if split not in data.splits:
         raise AdapterCliError(f"the data has no '{split}' split (has: {', '.join(data.splits)})")
-    tokenized = tokenize_dataset(data.splits, tokenizer, data.task, recipe.train.max_seq_length)
+    tokenized = tokenize_dataset(data.splits, tokenizer, data.task, recipe.train.max_seq_length,
+                                 recipe.train.max_target_length)
     collator = make_collator(tokenizer, data.task, seed=recipe.train.seed)
     return evaluate(model, tokenized[split], collator, data.task, data.label_names,
-                    recipe.train.eval_batch_size or recipe.train.batch_size, model.device)
+                    recipe.train.eval_batch_size or recipe.train.batch_size, model.device,
+                    generation=text_generation(recipe, tokenizer))
 
 
 def predict(run_dir: str | Path, texts: list[str]) -> list[dict[str, Any]]:
-    """Label and probability (or value) for each text, with a run's adapter."""
+    """Label and probability (or value) for each text, with a run's adapter; a seq2seq run's
+    generated text (as its evaluation generates: greedy or ``train.generation_num_beams``)."""
     recipe, model, tokenizer, name = load_run(run_dir)
+    generation = text_generation(recipe, tokenizer)
+    if generation is not None:
+        written = write_texts(recipe, model, generation, texts)
+        return [{"text": text, "generated": output} for text, output in zip(texts, written, strict=True)]
     head = model.heads[name]
     kind = head.config.head_type
     if kind not in ("classification", "multilabel_classification", "regression"):
@@ -925,16 +999,39 @@ def predict(run_dir: str | Path, texts: list[str]) -> list[dict[str, Any]]:
     return results
 
 
+def write_texts(recipe: Recipe, model: Any, generation: TextGeneration, sources: list[str]) -> list[str]:
+    """What a seq2seq run writes for each source text (``data.source_prefix`` put before it, as in
+    training), in batches of ``train.eval_batch_size``."""
+    size = recipe.train.eval_batch_size or recipe.train.batch_size
+    written: list[str] = []
+    for start in range(0, len(sources), size):
+        batch = [recipe.data.source_prefix + source for source in sources[start : start + size]]
+        enc = generation.tokenizer(batch, padding=True, truncation=True, max_length=recipe.train.max_seq_length,
+                                   return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            written += generation(model, enc["input_ids"], enc["attention_mask"])
+    return written
+
+
 def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0) -> list[str]:
+             seed: int = 0, num_beams: int = 1) -> list[str]:
     """Continue each prompt with a causal-LM run's adapter: an instruction-tuned run (``data.task:
     instruct``) reads the prompt as a user turn of the tokenizer's chat template and answers it;
     a ``causal_lm`` run continues the text. Greedy unless ``temperature`` > 0; stops at the end of
-    the answer (the tokenizer's end-of-sequence or end-of-turn token) or after ``max_new_tokens``."""
+    the answer (the tokenizer's end-of-sequence or end-of-turn token) or after ``max_new_tokens``.
+    A seq2seq run reads each prompt as a source text and writes its target (summary, translation),
+    with the KV cache; ``num_beams`` > 1 searches with that many beams."""
     recipe, model, tokenizer, name = load_run(run_dir)
+    if recipe.data.task == "seq2seq":
+        torch.manual_seed(seed)  # `model.generate` samples with torch's global generator
+        return write_texts(recipe, model, TextGeneration(tokenizer, max_new_tokens, num_beams, temperature), prompts)
     kind = model.heads[name].config.head_type if name in model.heads else None
     if kind != "causal_lm":
-        raise AdapterCliError(f"generate needs a causal-LM run (data.task instruct or causal_lm); this run's head is '{kind}'")
+        raise AdapterCliError(f"generate needs a causal-LM run (data.task instruct or causal_lm) or a seq2seq run; "
+                              f"this run's head is '{kind}'")
+    if num_beams > 1:
+        raise AdapterCliError("--num-beams: beam search is for seq2seq runs; a causal-LM run answers greedily or "
+                              "sampled (--temperature)")
     chat = recipe.data.task == "instruct"
     stop = {tokenizer.eos_token_id, *_as_list(getattr(model.config, "eos_token_id", None))} - {None}
     stop |= {i for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>") if (i := tokenizer.convert_tokens_to_ids(t))
