@@ -123,10 +123,10 @@ def table(records: list[dict], tasks: list[str], methods: list[str]) -> str:
     lines = ["| task (metric) | " + " | ".join("full FT" if m == "full" else m for m in methods) + " |",
              "|---|" + "---:|" * len(methods)]
     for task in tasks:
-        cells, metric = [], ""
+        cells = []
+        metric = yaml.safe_load((RECIPES / f"{task}.yaml").read_text())["train"]["metric_for_best"]
         for method in methods:
             values = [r["value"] for r in records if r["task"] == task and r["method"] == method]
-            metric = next((r["metric"] for r in records if r["task"] == task), metric)
             cells.append(f"{100 * statistics.mean(values):.1f}" if values else "—")
         lines.append(f"| {task} ({metric}) | " + " | ".join(cells) + " |")
     params = {m: next((r["trainable_params"] for r in records if r["method"] == m and r["task"] == tasks[0]), None)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         done = {(r["task"], r["method"], r["seed"]): r for r in map(json.loads, done_file.read_text().splitlines())}
     elif jobs:
         out.mkdir(parents=True, exist_ok=True)
-        done_file.write_text("")
+        done_file.write_text("")  # a fresh run forgets the jobs of the last one
     for task, method, seed in jobs:
         record = done.get((task, method, seed))
         if record is None:
