@@ -185,14 +185,20 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 def test_ctrl_c_says_how_to_resume(tmp_path: Path, tiny_bert_dir: Path, data_csv: Path) -> None:
     recipe = write_recipe(tmp_path, tiny_bert_dir, data_csv, max_steps=100000, save_steps=1)
+    # Ctrl-C's default action, whatever this test inherited: a non-interactive shell starts background
+    # jobs (a CI runner's `bash .ci/run &`) with SIGINT ignored, and Python then installs no handler.
     process = subprocess.Popen([*CLI, "train", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=ENV, cwd=tmp_path)
+                               text=True, env=ENV, cwd=tmp_path,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     latest = tmp_path / "run/checkpoints/latest.json"
     deadline = time.time() + 120
     while not latest.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # never leave a training run behind
     assert process.returncode == 1, stderr
     assert "Traceback" not in stderr
     assert f"interrupted; the latest checkpoint is kept, continue with: adapter train {recipe} --resume" in stderr
