@@ -56,7 +56,7 @@ repro: install
 reproduce: install
 	$(BIN)/python scripts/reproduce.py --write-readme --resume
 
-# What CI runs: SMS spam, subsampled, full fine-tuning and the seven core methods (~6 min on 2 idle cores).
+# What CI runs: SMS spam, subsampled, full fine-tuning and the seven core methods (~4 min on 2 idle cores).
 reproduce-quick: install
 	$(BIN)/python scripts/reproduce.py --quick
 

@@ -9,7 +9,7 @@ several seeds so that noise alone does not fail. A job is the task's recipe with
 adapter size on disk and wall time are recorded; a metric below its band fails the run, with the
 numbers.
 
-    .venv/bin/python scripts/reproduce.py --quick          # CI: one task, subsampled, ~5 min on 2 cores
+    .venv/bin/python scripts/reproduce.py --quick          # CI: one task, subsampled, ~4 min on 2 idle cores
     .venv/bin/python scripts/reproduce.py                  # the table: every task x every method
     .venv/bin/python scripts/reproduce.py --write-readme   # ... and put it in README.md
     .venv/bin/python scripts/reproduce.py --quick --seeds 1,2,3 --no-check --out runs/bands.json   # set bands
