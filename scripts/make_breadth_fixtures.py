@@ -98,22 +98,17 @@ def base_config(arch: str):
         return t.CLIPVisionConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                   intermediate_size=INTERMEDIATE, image_size=IMAGE, patch_size=IMAGE // 2,
                                   attention_dropout=0.0)
-    if arch == "bart":
-        return t.BartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-                            encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=INTERMEDIATE,
-                            decoder_ffn_dim=INTERMEDIATE, max_position_embeddings=MAX_POS, dropout=0.0,
-                            attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-                            eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    if arch in ("bart", "mbart"):  # the same shape; mBART differs in its pre-LN layers, not its config
+        config = t.BartConfig if arch == "bart" else t.MBartConfig
+        return config(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                      encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=INTERMEDIATE,
+                      decoder_ffn_dim=INTERMEDIATE, max_position_embeddings=MAX_POS, dropout=0.0,
+                      attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+                      eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
     if arch == "t5":
         return t.T5Config(vocab_size=VOCAB, d_model=HIDDEN, num_layers=LAYERS, num_heads=HEADS, d_ff=INTERMEDIATE,
                           d_kv=HIDDEN // HEADS, dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=0,
                           eos_token_id=1, decoder_start_token_id=0)
-    if arch == "mbart":
-        return t.MBartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-                             encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=INTERMEDIATE,
-                             decoder_ffn_dim=INTERMEDIATE, max_position_embeddings=MAX_POS, dropout=0.0,
-                             attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-                             eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
     if arch == "mt5":  # gated-GELU FFN (wi_0, wi_1), as the released mT5
         return t.MT5Config(vocab_size=VOCAB, d_model=HIDDEN, num_layers=LAYERS, num_heads=HEADS, d_ff=INTERMEDIATE,
                            d_kv=HIDDEN // HEADS, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
