@@ -19,6 +19,8 @@ from typing import Any
 
 from .assets import resolve_model_path
 from .errors import AdapterCliError, RecipeError
+from .formats import read_adapter
+from .locate import local_folder, looks_local
 from .metrics import METRIC_NAMES
 from .recipe import Recipe
 
@@ -57,17 +59,6 @@ def preflight(recipe: Recipe, *, load_hub_data: bool = True) -> Preflight:
     if problems:
         raise RecipeError(problems)
     return Preflight(data, notes)
-
-
-def member_folder(source: str) -> str:
-    """A composition member as written in a recipe: a run folder stands for its ``adapter/``."""
-    run_adapter = Path(source).expanduser() / "adapter"
-    return str(run_adapter) if (run_adapter / "adapter_config.json").is_file() else source
-
-
-def looks_local(name: str) -> bool:
-    """True for what can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``), not a Hub id (``org/name``)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _check_model(recipe: Recipe, problems: list[str]) -> dict[str, Any] | None:
@@ -137,18 +128,16 @@ def _check_metric(recipe: Recipe, data: Any, problems: list[str]) -> None:
 
 def _check_composition(recipe: Recipe, base_config: dict[str, Any] | None, problems: list[str]) -> None:
     """Each composition member is an adapter folder (or a Hub id) made for the same base model."""
-    from .formats import read_adapter
-
     if recipe.composition is None:
         return
     configs = {}
-    for index, member in enumerate(recipe.composition.adapters):
+    for index, source in enumerate(recipe.composition.adapters):
         where = f"composition.adapters[{index}]"
-        member = member_folder(member)
-        if not Path(member).expanduser().exists() and not looks_local(member):
-            continue  # a Hub id: fetched when the run starts
+        member = local_folder(source)
+        if member is None and not looks_local(source):
+            continue  # a Hub or index id: fetched when the run starts
         try:
-            loaded = read_adapter(Path(member).expanduser(), with_head=False)
+            loaded = read_adapter(member or Path(source).expanduser(), with_head=False)
         except AdapterCliError as error:
             problems.append(f"{where}: {error}")
             continue
@@ -218,3 +207,8 @@ def _check_optional_packages(recipe: Recipe, problems: list[str]) -> None:
     if recipe.model.quantization and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"model.quantization: {recipe.model.quantization} loading needs bitsandbytes "
                         "(pip install bitsandbytes)")
+
+
+def member_folder(source: str) -> str:  # TEMPORARY until train.py's split lands (runs.load_members calls locate)
+    folder = local_folder(source)
+    return str(folder) if folder is not None else source

@@ -315,11 +315,11 @@ def export(
     console.print(f"pushed commit {result.pushed.commit} to {escape(result.pushed.url)}", highlight=False,
                   soft_wrap=True)
     if index_folder is not None:
+        from .export import add_to_index
         from .hub import split_revision
-        from .index import add
 
         repo_id = split_revision(result.dest)[0]
-        path, descriptor = add(index_folder, source, org=org or repo_id.split("/")[0], repo=repo_id,
+        path, descriptor = add_to_index(index_folder, source, org=org or repo_id.split("/")[0], repo=repo_id,
                                revision=result.pushed.commit, force=force)
         console.print(f"added {descriptor.id} to the index ({escape(str(path))})", highlight=False, soft_wrap=True)
 
@@ -364,14 +364,13 @@ def hub_add(
 ) -> None:
     """Describe a run's adapter in an index (task, data set, base model, method, metrics, files
     and their sha256), so `adapter hub search` finds it and `task/dataset@org` loads it."""
-    from .export import open_source
+    from .export import add_to_index, open_source
     from .hub import split_revision
-    from .index import add
 
     index = _local_index(index)
     source = open_source(run_dir, base_model=base_model, task=task, dataset=dataset)
     repo_id, at = split_revision(repo) if repo else (None, None)
-    path, descriptor = add(index, source, org=org or (repo_id.split("/")[0] if repo_id else "local"), repo=repo_id,
+    path, descriptor = add_to_index(index, source, org=org or (repo_id.split("/")[0] if repo_id else "local"), repo=repo_id,
                            revision=at, description=description, force=force)
     console.print(f"added {descriptor.id} ({descriptor.method} on {descriptor.model.get('name') or descriptor.model.get('type')}) "
                   f"to {escape(str(path))}", highlight=False, soft_wrap=True)

@@ -21,3 +21,7 @@ class RecipeError(AdapterCliError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class AdapterError(AdapterCliError):
+    """Misuse of the adapter API: unknown names, collisions, wrong state."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import json
 import re
 import shutil
@@ -26,13 +27,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .assets import OFFLINE_MODEL_HUB_IDS, OFFLINE_MODELS, packaged_path
 from .errors import AdapterCliError
 from .formats import adapterhub, card, peft, read_adapter, task_heads
-from .formats.common import LoadedAdapter, LoadedFusion, read_json, write_json
+from .formats.common import LoadedAdapter, LoadedFusion, read_json, write_json, write_text
 from .formats.fusion import CONFIG as FUSION_CONFIG
 from .formats.fusion import read_fusion
-from .hub import Pushed, is_repo_id, push_folder, split_revision
+from .hub import Pushed, download, is_repo_id, push_folder, split_revision
+from .index import ADAPTER_FILES, AdapterIndexError, Descriptor, sha256_of
+from .locate import locate
 
 TARGETS = ("native", "hub", "peft", "adapterhub", "merged")
 DEFAULT_LICENSE = "apache-2.0"
@@ -213,11 +218,8 @@ def _task_of_head(head) -> str | None:
 
 def _member_folders(recipe, names: list[str]) -> dict[str, Path]:
     """A fusion run's members as folders (Hub ids downloaded), by the names the fusion uses."""
-    from .checks import member_folder
-    from .index import locate_adapter
-
     sources = recipe.composition.adapters if recipe.composition else []
-    return {name: locate_adapter(member_folder(src)) for name, src in zip(names, sources, strict=False)}
+    return {name: locate(src) for name, src in zip(names, sources, strict=False)}
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -394,3 +396,56 @@ def export(source: Source, to: str, dest: str, *, force: bool = False, private: 
     about.notes = notes
     card.write(folder, about)
     return ExportResult(dest, _listing(folder), notes)
+
+
+# -- the adapter index's write side -------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", text).strip("-") or "x"
+
+
+def add_to_index(index: Path, source: Source, *, org: str = "local", repo: str | None = None, revision: str | None = None,
+        description: str = "", force: bool = False) -> tuple[Path, Descriptor]:
+    """Write a descriptor for ``source`` into the index folder ``index`` (the index's write side).
+    With ``repo``, its files are that Hub repository's at ``revision`` (pinned to the commit; its
+    weights must be byte-identical to ``source``'s); without, a native export (card included) is
+    kept beside the descriptor. Returns the descriptor's path and the descriptor."""
+    about = source.card
+    if about.kind == "fusion":
+        raise AdapterIndexError("an AdapterFusion cannot be indexed yet; index its members, and share the fusion "
+                                "with `adapter export --to hub`")
+    task, dataset, org = _slug(about.task or "task"), _slug(about.dataset or "data"), _slug(org)
+    model = about.base_model or about.model_type or "model"
+    stem = f"{_slug(model.replace('/', '--'))}_{about.method}"
+    folder = index / task / dataset / org
+    path = folder / f"{stem}.yaml"
+    if path.exists() and not force:
+        raise AdapterIndexError(f"{path} exists (an adapter for {task}/{dataset}@{org} on {model} with "
+                                f"{about.method}); pass --force to replace it")
+    if repo:
+        files_at, commit = download(repo, revision, allow_patterns=list(ADAPTER_FILES))
+        for name in ("adapter.safetensors", "head.safetensors"):
+            local, remote = source.folder / name, files_at / name
+            if local.is_file() and (not remote.is_file() or sha256_of(local) != sha256_of(remote)):
+                raise AdapterIndexError(f"{repo}@{commit}: {name} differs from {source.folder}; push this adapter "
+                                        "first (adapter export --to hub)")
+        location: dict[str, Any] = {"repo": repo, "revision": commit}
+    else:
+        files_at = folder / stem
+        if files_at.exists():
+            shutil.rmtree(files_at)
+        export(source, "native", str(files_at))
+        location = {"path": stem}
+    names = sorted(p.name for p in files_at.iterdir() if p.is_file() and p.name in ADAPTER_FILES)
+    files = {**location, "format": "adaptercli", "sha256": {n: sha256_of(files_at / n) for n in names}}
+    head = {"type": about.head_type, "labels": about.labels} if about.head_type else None
+    descriptor = Descriptor(
+        task=task, dataset=dataset, org=org, name=about.name,
+        model={"name": about.base_model, "type": about.model_type, "hidden_size": about.hidden_size},
+        method=about.method, config=about.config, files=files, head=head,
+        metrics={k: round(v, 6) for k, v in about.metrics.items()}, description=description,
+        added=datetime.date.today().isoformat())
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(path, yaml.safe_dump(descriptor.to_dict(), sort_keys=False, allow_unicode=True))
+    descriptor.path = path
+    return path, descriptor

@@ -8,13 +8,13 @@ An index is a folder (a git checkout works as is), a git repository (``git+URL``
 one holds the id ``task/dataset@org``, the task, data set, base model (Hub id, type, hidden
 size), method and config, head, metrics, where the files are (a Hub repository at a commit, or a
 folder beside the descriptor) and the sha256 of every file. Ids resolve through the index
-(`locate_adapter`), and files whose sha256 differs from the descriptor's are refused.
+(:func:`adaptercli.locate.locate`), and files whose sha256 differs from the descriptor's are refused.
+This module is the index's read side; adding a descriptor (``export.add_to_index``) exports files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import os
 import re
@@ -26,12 +26,12 @@ from typing import Any
 import yaml
 
 from .errors import AdapterCliError
-from .hub import HubError, download, download_adapter, is_repo_id, split_revision
+from .hub import download, split_revision
 
 INDEX_ENV = "ADAPTERCLI_INDEX"
-_ID = re.compile(r"(?P<task>[\w.-]+)/(?P<dataset>[\w.-]+)@(?P<org>[\w.-]+)")
+ID_PATTERN = re.compile(r"(?P<task>[\w.-]+)/(?P<dataset>[\w.-]+)@(?P<org>[\w.-]+)")
 _FILE_NAME = re.compile(r"[\w.-]+(/[\w.-]+)*")
-_ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors", "head_config.json", "head.safetensors",
+ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors", "head_config.json", "head.safetensors",
                   "adapter_fusion_config.json", "adapter_fusion.safetensors", "pytorch_adapter.bin",
                   "pytorch_model_head.bin", "model_head.safetensors", "adapter_model.safetensors")
 
@@ -138,7 +138,7 @@ def descriptors(folder: Path) -> list[Descriptor]:
     return found
 
 
-# -- adding, searching ---------------------------------------------------------------------------
+# -- searching ---------------------------------------------------------------------------
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
@@ -146,59 +146,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "-", text).strip("-") or "x"
-
-
-def add(index: Path, source, *, org: str = "local", repo: str | None = None, revision: str | None = None,
-        description: str = "", force: bool = False) -> tuple[Path, Descriptor]:
-    """Write a descriptor for ``source`` (an `export.Source`) into the index folder ``index``.
-    With ``repo``, its files are that Hub repository's at ``revision`` (pinned to the commit; its
-    weights must be byte-identical to ``source``'s); without, a native export (card included) is
-    kept beside the descriptor. Returns the descriptor's path and the descriptor."""
-    from .export import export
-
-    about = source.card
-    if about.kind == "fusion":
-        raise AdapterIndexError("an AdapterFusion cannot be indexed yet; index its members, and share the fusion "
-                                "with `adapter export --to hub`")
-    task, dataset, org = _slug(about.task or "task"), _slug(about.dataset or "data"), _slug(org)
-    model = about.base_model or about.model_type or "model"
-    stem = f"{_slug(model.replace('/', '--'))}_{about.method}"
-    folder = index / task / dataset / org
-    path = folder / f"{stem}.yaml"
-    if path.exists() and not force:
-        raise AdapterIndexError(f"{path} exists (an adapter for {task}/{dataset}@{org} on {model} with "
-                                f"{about.method}); pass --force to replace it")
-    if repo:
-        files_at, commit = download(repo, revision, allow_patterns=list(_ADAPTER_FILES))
-        for name in ("adapter.safetensors", "head.safetensors"):
-            local, remote = source.folder / name, files_at / name
-            if local.is_file() and (not remote.is_file() or sha256_of(local) != sha256_of(remote)):
-                raise AdapterIndexError(f"{repo}@{commit}: {name} differs from {source.folder}; push this adapter "
-                                        "first (adapter export --to hub)")
-        location: dict[str, Any] = {"repo": repo, "revision": commit}
-    else:
-        files_at = folder / stem
-        if files_at.exists():
-            shutil.rmtree(files_at)
-        export(source, "native", str(files_at))
-        location = {"path": stem}
-    names = sorted(p.name for p in files_at.iterdir() if p.is_file() and p.name in _ADAPTER_FILES)
-    files = {**location, "format": "adaptercli", "sha256": {n: sha256_of(files_at / n) for n in names}}
-    head = {"type": about.head_type, "labels": about.labels} if about.head_type else None
-    descriptor = Descriptor(
-        task=task, dataset=dataset, org=org, name=about.name,
-        model={"name": about.base_model, "type": about.model_type, "hidden_size": about.hidden_size},
-        method=about.method, config=about.config, files=files, head=head,
-        metrics={k: round(v, 6) for k, v in about.metrics.items()}, description=description,
-        added=datetime.date.today().isoformat())
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(descriptor.to_dict(), sort_keys=False, allow_unicode=True))
-    descriptor.path = path
-    return path, descriptor
 
 
 def search(found: list[Descriptor], *, task: str | None = None, dataset: str | None = None, model: str | None = None,
@@ -255,37 +202,3 @@ def fetch(descriptor: Descriptor, index: Path) -> Path:
             raise AdapterIndexError(f"{descriptor.id}: {name} has sha256 {actual[:16]}..., the index records "
                               f"{str(expected)[:16]}...; refusing to load it")
     return folder
-
-
-def locate_adapter(source: str | Path, revision: str | None = None, *, index: str | Path | None = None,
-                   model_type: str | None = None, hidden_size: int | None = None) -> Path:
-    """The local folder an adapter name stands for: a folder as it is; ``task/dataset@org``
-    through the index (``index`` or $ADAPTERCLI_INDEX), its files checked; ``org/name`` or
-    ``org/name@revision`` downloaded from the Hub (``revision`` pins it too)."""
-    path = Path(source).expanduser()
-    text = str(source)
-    if path.exists() or not is_repo_id(text):
-        return path
-    index = index or os.environ.get(INDEX_ENV)
-    if index and _ID.fullmatch(text):
-        folder = open_index(index)
-        listed = descriptors(folder)
-        matches = find(listed, text, model_type=model_type, hidden_size=hidden_size)
-        if not matches and find(listed, text):
-            others = ", ".join(sorted({f"{d.model.get('type')} (hidden size {d.model.get('hidden_size')})"
-                                       for d in find(listed, text)}))
-            raise AdapterIndexError(f"{text}: the index has it for {others}, not for this {model_type} model "
-                                    f"(hidden size {hidden_size})")
-        if len(matches) > 1:
-            choices = "; ".join(f"{d.model.get('name') or d.model.get('type')} {d.method}" for d in matches)
-            raise AdapterIndexError(f"{text}: {len(matches)} adapters in the index fit this model ({choices}); "
-                              "pick one with `adapter hub show` and load its folder or repository")
-        if matches:
-            return fetch(matches[0], folder)
-    try:
-        return download_adapter(text, revision)
-    except HubError as error:
-        if _ID.fullmatch(text) and not index:
-            raise HubError(f"{error} (for an AdapterHub-style id task/dataset@org, pass index= or set "
-                           f"{INDEX_ENV})") from None
-        raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import re
@@ -26,208 +25,22 @@ from transformers.modeling_outputs import ModelOutput
 from . import composition
 from .architectures import (
     Architecture,
-    UnsupportedArchitectureError,
     architecture_for,
-    check_layout,
-    fit_architecture,
-    get_module,
-    layout_from_dict,
-    transformer_layers,
 )
-from .errors import AdapterCliError
+from .errors import AdapterError
 from .heads import HeadConfig, PredictionHead
+from .locate import locate
 from .methods import FAMILIES, LoRAConfig, MethodConfig, family_of, method_name, resolve_config
+from .methods.family import AdapterRecord, AdapterState, FusionRecord, key_pattern
 from .methods.fusion import FusionConfig, FusionRecorder, resolve_fusion_config
+from .model_io import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
 
 
-class AdapterError(AdapterCliError):
-    """Misuse of the adapter API: unknown names, collisions, wrong state."""
-
-
-@dataclasses.dataclass
-class AdapterRecord:
-    name: str
-    config: MethodConfig
-    base_model: str | None = None  # the model a loaded adapter was trained on, as its file says
-
-    @property
-    def method(self) -> str:
-        return method_name(self.config)
-
-
-@dataclasses.dataclass
-class FusionRecord:
-    name: str
-    members: list[str]
-    config: FusionConfig
-
-
-# Fusion layers count as adapter weights (not backbone) in summaries; a fusion name never equals
-# an adapter name, so an adapter's own pattern does not reach them.
-_ADAPTER_KEY = (r"(^|\.)(adapters|loras|prefix_tunings|prefix_gates|invertible_adapters|adapter_fusion_layer|"
-                r"shared_parameters|refts|prompt_tunings)\.{name}\.")
-_FUSION_KEY = r"(^|\.)adapter_fusion_layer\.{name}\."
-# Inputs of a backbone forward that carry the batch on dim 0 (replicated for Parallel).
-_BATCH_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "decoder_input_ids",
-                 "decoder_attention_mask")
-
-
-class AdapterState:
-    """Everything adaptercli keeps about one model: its adapters, what is active, the hooks.
-    ``layout``: the model's entry when the table has none (see ``architectures.layout_from_dict``)."""
-
-    def __init__(self, model: nn.Module, layout: Architecture | dict | None = None):
-        self.model = model
-        self.backbone: nn.Module = model.base_model
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.model_type: str = config.model_type
-        self.arch: Architecture | None = architecture_for(self.model_type, required=False)
-        self.unfit = ""  # why the table's entry for this model type does not fit this model
-        if layout is not None:
-            self.arch = layout if isinstance(layout, Architecture) else layout_from_dict(layout, self.model_type)
-            check_layout(self.backbone, self.arch)
-        elif self.arch is not None:
-            self.arch, self.unfit = fit_architecture(self.backbone, self.arch)
-        self.hidden_size: int = getattr(config, "hidden_size", None) or config.dim
-        self.num_layers: int = getattr(config, "num_hidden_layers", None) or config.n_layers
-        if self.arch is not None:  # the layers that hold adapters (ALBERT: its shared layers, once each)
-            self.num_layers = len(transformer_layers(self.backbone, self.arch))
-        heads = getattr(config, "num_attention_heads", None) or config.n_heads
-        self.num_kv_heads: int = getattr(config, "num_key_value_heads", None) or heads
-        self.head_dim: int = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or self.hidden_size // heads
-        self.adapters: dict[str, AdapterRecord] = {}
-        self.fusions: dict[str, FusionRecord] = {}
-        self.active: composition.CompositionBlock | None = None
-        self.handles: list = []
-        self.merged: set[str] = set()
-        self.recorders: list[FusionRecorder] = []
-        self.forward_mask: torch.Tensor | None = None  # the current forward's attention mask (when needed)
-
-    @property
-    def root(self) -> nn.Module:
-        """Where adapter modules that belong to no layer live (invertible adapters, prefix pools,
-        shared tensors): the backbone, or the part of it a layout names (AdapterHub's base_model)."""
-        return get_module(self.backbone, self.arch.root) if self.arch is not None else self.backbone
-
-    @property
-    def invertible_root(self) -> nn.Module:
-        """Where invertible adapters live (an encoder-decoder's encoder, as in AdapterHub's files)."""
-        if self.arch is not None and self.arch.invertible_root:
-            return get_module(self.backbone, self.arch.invertible_root)
-        return self.root
-
-    def require_architecture(self, what: str) -> Architecture:
-        """The table entry, or an error saying that ``what`` needs one (and which types have one)."""
-        if self.arch is None and self.unfit:
-            raise UnsupportedArchitectureError(
-                f"{what}: the architecture table's '{self.model_type}' entry does not fit this "
-                f"{type(self.backbone).__name__} ({self.unfit}); LoRA and IA3 still work when you name the modules "
-                "with `target_modules`, every method with `layout=`")
-        return self.arch or architecture_for(self.model_type, what=what)
-
-    def record(self, name: str) -> AdapterRecord:
-        if name not in self.adapters:
-            known = ", ".join(self.adapters) or "none"
-            raise AdapterError(f"no adapter named '{name}' (adapters on this model: {known})")
-        return self.adapters[name]
-
-    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        """The adapter's parameters, keyed by their path inside the backbone."""
-        pattern = re.compile(_ADAPTER_KEY.format(name=re.escape(name)))
-        return {k: p for k, p in self.backbone.named_parameters(remove_duplicate=False) if pattern.search(k)}
-
-    def fusion(self, name: str) -> FusionRecord:
-        if name not in self.fusions:
-            known = ", ".join(self.fusions) or "none"
-            raise composition.CompositionError(
-                f"no AdapterFusion named '{name}' (fusions on this model: {known}); add it with "
-                f"add_adapter_fusion or load_adapter_fusion")
-        return self.fusions[name]
-
-    def fusion_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        pattern = re.compile(_FUSION_KEY.format(name=re.escape(name)))
-        return {k: p for k, p in self.backbone.named_parameters(remove_duplicate=False) if pattern.search(k)}
-
-    def check_setup(self, setup: composition.CompositionBlock) -> None:
-        """Every adapter and fusion exists, every block runs with its adapters' methods."""
-        for name in setup.flatten():
-            self.record(name)
-        composition.check_support(
-            setup, method_of=lambda n: self.adapters[n].method, family_of=lambda n: self.adapters[n].config.family,
-            supported={f.name: f.blocks for f in FAMILIES.values()})
-        merged = [n for n in setup.flatten() if n in self.merged]
-        if merged and not composition.is_plain_stack(setup):
-            raise AdapterError(f"adapter(s) {', '.join(merged)} are merged into the weights and run for every row; "
-                               f"unmerge_adapter them to use them in {type(setup).__name__}")
-        for block in composition.blocks_in(setup):
-            if isinstance(block, composition.Fuse):
-                record = self.fusion(block.name)
-                members = [c if isinstance(c, str) else c.last() for c in block.children]
-                if members != record.members:
-                    raise composition.CompositionError(
-                        f"fusion '{block.name}' fuses {record.members}, not {members}")
-
-    def activate(self, setup: composition.CompositionBlock | None) -> None:
-        if setup is not None:
-            self.check_setup(setup)  # before anything changes: a refused setup leaves the old one running
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        handles: list = []
-        if setup is not None and (setup.parallel_channels > 1 or any(
-                isinstance(b, composition.Fuse) for b in composition.blocks_in(setup))):
-            prepare = _InputPreparer(self, setup.parallel_channels)
-            handles.append(self.backbone.register_forward_pre_hook(prepare, with_kwargs=True))
-        try:
-            for family in FAMILIES.values():
-                handles += family.activate(self, setup)
-        except Exception:
-            for handle in handles:
-                handle.remove()
-            self.active = None
-            raise
-        self.handles = handles
-        self.active = setup
-
-    def on_fusion_attention(self, fusion: str, present: list[str], probs: torch.Tensor, *, layer: int,
-                            site: str) -> None:
-        """Called by every fusion layer with its softmax [B, T, members present]."""
-        if not self.recorders:
-            return
-        mask = self.forward_mask
-        if mask is not None:
-            mask = mask[:, -probs.shape[1]:] if mask.dim() == 2 and mask.shape[0] == probs.shape[0] else None
-        for recorder in self.recorders:
-            recorder.add(fusion, self.fusions[fusion].members, present, layer, site, probs, mask)
-
-
-class _InputPreparer:
-    """Backbone pre-hook: replicates the batch for Parallel (row ``i*B + b`` is a copy of row
-    ``b``) and keeps the attention mask for fusion-attention recording."""
-
-    def __init__(self, state: AdapterState, channels: int):
-        self.state, self.channels = state, channels
-        parameters = inspect.signature(state.backbone.forward).parameters.values()
-        self.positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs = {**dict(zip(self.positional, args, strict=False)), **kwargs}
-        if self.channels > 1:
-            reference = kwargs.get("input_ids")
-            reference = kwargs.get("inputs_embeds") if reference is None else reference
-            batch = reference.shape[0]
-            for key in _BATCH_INPUTS:
-                value = kwargs.get(key)
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-                    kwargs[key] = value.repeat(self.channels, *[1] * (value.dim() - 1))
-        self.state.forward_mask = kwargs.get("attention_mask")
-        return (), kwargs
-
-
-def _swap_name(key: str, old: str, new: str) -> str:
+def _swap_name(key: str, old: str, new: str, containers: tuple[str, ...]) -> str:
     """The same weight of adapter ``new``: ``...loras.<old>.lora_A`` -> ``...loras.<new>.lora_A``."""
-    pattern = re.compile(_ADAPTER_KEY.format(name=re.escape(old)))
-    return pattern.sub(lambda m: m.group(0).replace(f".{old}.", f".{new}."), key, count=1)
+    return key_pattern(containers, old).sub(lambda m: m.group(0).replace(f".{old}.", f".{new}."), key, count=1)
+
+
 
 
 class ModelAdaptersMixin:
@@ -251,7 +64,7 @@ class ModelAdaptersMixin:
         with torch.device(next(self.parameters()).device):  # adapters live beside the weights they change
             family_of(method_config).add(state, name, method_config)
         self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
-        state.adapters[name] = AdapterRecord(name, method_config)
+        state.adapters[name] = AdapterRecord(name, method_config, method_name(method_config))
         if set_active:
             self.set_active_adapters(name)
 
@@ -427,17 +240,13 @@ class ModelAdaptersMixin:
                             with_head: bool | str = False) -> None:
         """Write a fusion (``adapter_fusion_config.json`` + ``adapter_fusion.safetensors``) and,
         with ``with_head``, the head named like it (or the head named by the string)."""
-        from .formats import save_adapter_fusion
-
         save_adapter_fusion(self, Path(save_directory), self._fusion_name(adapter_names), with_head)
 
     def load_adapter_fusion(self, path: str | Path, load_as: str | None = None, set_active: bool = False,
                             with_head: bool = True) -> str:
         """Load a fusion folder saved by adaptercli or AdapterHub 1.x (its members must be loaded
         already); returns its name."""
-        from .formats import load_adapter_fusion
-
-        name = load_adapter_fusion(self, Path(path), load_as, with_head)
+        name = load_adapter_fusion(self, locate(path), load_as, with_head)
         if set_active:
             members = self._adapter_state.fusions[name].members
             self.set_active_adapters(composition.Fuse(*members, name=name if name != ",".join(members) else None))
@@ -488,7 +297,7 @@ class ModelAdaptersMixin:
                 for key, param in target.items():
                     parts = []
                     for name, source, w in zip(adapter_list, sources, weights, strict=True):
-                        value = source[_swap_name(key, adapter_name, name)]
+                        value = source[_swap_name(key, adapter_name, name, state.containers)]
                         negate_a_only = combine_strategy == "lora_linear_only_negate_b" and key.endswith("lora_A")
                         parts.append((abs(w) if negate_a_only else w) * value)
                     param.copy_(sum(parts))
@@ -558,8 +367,6 @@ class ModelAdaptersMixin:
         """Write adapter ``name`` (and its head) to ``save_directory`` (parents are created).
         ``format="peft"`` writes a LoRA folder that PEFT loads; ``format="adapterhub"`` one that
         AdapterHub ``adapters`` 1.x loads (what ``adapter export --to adapterhub`` writes)."""
-        from .formats import save_adapter
-
         save_adapter(self, Path(save_directory), name, with_head=with_head, format=format)
 
     def load_adapter(self, path: str | Path, load_as: str | None = None, with_head: bool = True,
@@ -567,11 +374,8 @@ class ModelAdaptersMixin:
         """Load an adapter saved by adaptercli, AdapterHub ``adapters`` or PEFT; returns its name.
         ``path``: a folder, a Hub id (``org/name``, ``org/name@revision``; or ``revision=``) or an
         AdapterHub-style id ``task/dataset@org`` found in the adapter ``index`` (or $ADAPTERCLI_INDEX)."""
-        from .formats import load_adapter
-        from .index import locate_adapter
-
         state = self._adapter_state
-        folder = locate_adapter(path, revision, index=index, model_type=state.model_type, hidden_size=state.hidden_size)
+        folder = locate(path, revision, index=index, model_type=state.model_type, hidden_size=state.hidden_size)
         name = load_adapter(self, folder, load_as=load_as, with_head=with_head)
         if set_active:
             self.set_active_adapters(name)
@@ -583,7 +387,7 @@ class ModelAdaptersMixin:
         merged; then the backbone. ``as_table=True`` returns the rows as a plain-text table
         (AdapterHub's layout), ready to print."""
         state = self._adapter_state
-        is_adapter = re.compile(_ADAPTER_KEY.format(name=r"[^.]+"))
+        is_adapter = key_pattern(state.containers)
         backbone = [p for k, p in state.backbone.named_parameters() if not is_adapter.search(k)]
         total = sum(p.numel() for p in backbone)
         active = state.active.flatten() if state.active else []
@@ -640,7 +444,7 @@ def init(model: nn.Module, layout: Architecture | dict | None = None) -> nn.Modu
     cls = type(model)
     if cls not in _INITIALISED:
         _INITIALISED[cls] = type(f"{cls.__name__}WithAdapters", (ModelAdaptersMixin, cls), {})
-    state = AdapterState(model, layout)  # before changing the class: a bad layout leaves the model as it was
+    state = AdapterState(model, FAMILIES, layout)  # before changing the class: a bad layout leaves the model as it was
     model.__class__ = _INITIALISED[cls]
     model._adapter_state = state
     return model
@@ -668,7 +472,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         self.config = backbone.config
         self.heads = nn.ModuleDict()
         self.active_head: str | None = None
-        self._adapter_state = AdapterState(self, layout)
+        self._adapter_state = AdapterState(self, FAMILIES, layout)
 
     @property
     def base_model(self) -> PreTrainedModel:

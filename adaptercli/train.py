@@ -141,7 +141,7 @@ def attach_adapter(model: AdapterModel, recipe: Recipe) -> str:
 def load_members(model: AdapterModel, recipe: Recipe) -> list[str]:
     """Load the composition's member adapters (frozen; heads left behind), each under its saved
     name, or that name plus its position when two members share one."""
-    from .formats import read_adapter
+    from .formats import read_adapter  # noqa: F401
 
     names: list[str] = []
     for index, source in enumerate(recipe.composition.adapters if recipe.composition else []):

@@ -21,7 +21,7 @@ from .common import (
     AdapterFileError,
     LoadedAdapter,
     LoadedFusion,
-    _atomic,
+    atomic_write,
     read_json,
     read_weights,
     write_json,
@@ -222,7 +222,7 @@ def _write_tensors(folder: Path, safetensors_name: str, pickle_name: str, weight
     ``torch.load(weights_only=True)``: tensors only, no code)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     write_weights(folder / safetensors_name, tensors)
-    _atomic(folder / pickle_name, lambda tmp: torch.save(tensors, tmp))
+    atomic_write(folder / pickle_name, lambda tmp: torch.save(tensors, tmp))
 
 
 def write(folder: Path, loaded: LoadedAdapter, base_model: str | None, num_layers: int | None,

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .common import _atomic
+from .common import atomic_write
 
 CARD = "README.md"
 # The library each exported folder is for, as the Hub names it.
@@ -153,7 +153,7 @@ def render(card: AdapterCard) -> str:
 
 def write(folder: Path, card: AdapterCard) -> None:
     text = render(card)
-    _atomic(folder / CARD, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / CARD, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_metadata(text: str) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder and rename it into place, so a crash
     leaves either the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,9 +113,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic(path, write)
+    atomic_write(path, write)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_weights(path: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))

@@ -12,10 +12,11 @@ from typing import Any
 
 import yaml
 
-from .base import ConfigError, MethodConfig, MethodFamily, did_you_mean, family_config
+from .base import ConfigError, MethodConfig, did_you_mean, family_config
 from .bottleneck import PRESETS as _BN_PRESETS
 from .bottleneck import BnConfig, BottleneckFamily
 from .bottleneck import identify as _identify_bn
+from .family import MethodFamily
 from .lora import IA3_PRESET, LoRAConfig
 from .lora_variants import LoRAVariantsFamily, is_vera
 from .prefix_tuning import PrefixTuningConfig, PrefixTuningFamily

@@ -1,4 +1,4 @@
-"""What every adapter method shares: its typed config and the interface a method family implements.
+"""What every adapter method shares: its typed config (the family interface is in ``family.py``).
 
 A *family* is one way of changing the model (bottleneck modules around sub-layers, low-rank or
 scaling deltas on linear layers, prefixes joined to attention). A *method* is a named preset of a
@@ -10,18 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
-
-import torch.nn as nn
-from torch.utils.hooks import RemovableHandle
+from typing import Any, ClassVar
 
 from ..errors import AdapterCliError
 from ..schema import check_section
 from ..schema import did_you_mean as _did_you_mean
-
-if TYPE_CHECKING:
-    from ..composition import CompositionBlock
-    from ..model import AdapterState
 
 
 class ConfigError(AdapterCliError):
@@ -92,53 +85,3 @@ def family_config(config: MethodConfig, family: str) -> MethodConfig | None:
     if config.family == family:
         return config
     return next((c for c in getattr(config, "configs", ()) if c.family == family), None)
-
-
-class MethodFamily:
-    """How one family of methods attaches to a model. Subclasses implement these hooks; each
-    receives the model's :class:`~adaptercli.model.AdapterState` (backbone, architecture table
-    entry, hidden size) and works on the unmodified Hugging Face modules."""
-
-    name: ClassVar[str] = ""
-    config_class: ClassVar[type[MethodConfig]] = MethodConfig
-
-    def add(self, state: AdapterState, name: str, config: MethodConfig) -> None:
-        """Create the adapter's modules (registered inside the model, so they move with .to())."""
-        raise NotImplementedError
-
-    def delete(self, state: AdapterState, name: str) -> None:
-        """Remove the adapter's modules."""
-        for module in list(state.backbone.modules()):
-            for container in self.containers:
-                holder = getattr(module, container, None)
-                if isinstance(holder, nn.ModuleDict) and name in holder:
-                    del holder[name]
-
-    containers: ClassVar[tuple[str, ...]] = ()
-
-    # The composition blocks this family can run (see composition.check_support).
-    blocks: ClassVar[tuple[str, ...]] = ("Stack",)
-
-    def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
-        """Install the forward hooks that run this family's adapters in ``setup`` (None: none) and
-        return their handles. Only places with an active adapter get a hook, so inactive adapters
-        cost nothing per forward."""
-        raise NotImplementedError
-
-    def active_names(self, state: AdapterState, setup: CompositionBlock | None) -> list[str]:
-        """The adapters of this family (or with a part of it) in ``setup``, in order of first appearance."""
-        if setup is None:
-            return []
-        return [n for n in setup.flatten()
-                if n in state.adapters and family_config(state.adapters[n].config, self.name) is not None]
-
-    def frozen_parameters(self, state: AdapterState, name: str) -> set[str]:
-        """Keys (as in ``adapter_parameters``) of the adapter's tensors that are saved but never
-        trained (VeRA's shared random matrices, ReFT's orthogonal base)."""
-        return set()
-
-    def merge(self, state: AdapterState, name: str) -> None:
-        raise ConfigError(f"adapters of the '{self.name}' family cannot be merged into the weights")
-
-    def unmerge(self, state: AdapterState, name: str) -> None:
-        raise ConfigError(f"adapters of the '{self.name}' family cannot be merged into the weights")

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -33,12 +33,10 @@ from transformers.activations import ACT2FN, get_activation
 from ..architectures import Site, get_module, layers_with_parts
 from ..composition import CompositionBlock, CompositionError, Fuse, is_plain_stack, row_groups, run
 from ..schema import spec
-from .base import ConfigError, MethodConfig, MethodFamily
+from .base import ConfigError, MethodConfig
+from .family import AdapterState, MethodFamily
 from .fusion import FusionConfig, FusionLayer
 from .phm import PHMLayer, shared_parameters
-
-if TYPE_CHECKING:
-    from ..model import AdapterState
 
 # Activation names a bottleneck (or prefix MLP) accepts: transformers' table plus AdapterHub's leakyrelu.
 ACTIVATIONS: tuple[str, ...] = tuple(sorted({*ACT2FN, "leakyrelu"}))

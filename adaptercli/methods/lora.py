@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -28,10 +28,8 @@ from torch.utils.hooks import RemovableHandle
 from ..architectures import get_module, layers_with_parts
 from ..composition import CompositionBlock, is_plain_stack, run
 from ..schema import spec
-from .base import ConfigError, MethodConfig, MethodFamily
-
-if TYPE_CHECKING:
-    from ..model import AdapterState
+from .base import ConfigError, MethodConfig
+from .family import AdapterState, MethodFamily
 
 
 @dataclasses.dataclass

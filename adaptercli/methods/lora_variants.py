@@ -21,16 +21,13 @@ only when a config asks for a variant.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from .base import ConfigError
+from .family import AdapterState
 from .lora import LoRA, LoRAConfig, LoRAFamily, _features, _is_conv1d
-
-if TYPE_CHECKING:
-    from ..model import AdapterState
 
 
 def is_variant(config: LoRAConfig) -> bool:

@@ -14,16 +14,15 @@ the layer (``...adapter_down.0.W_left``, ``...adapter_up.b``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from .bottleneck import BnConfig
+# ``config`` below is a bottleneck config (BnConfig, its phm_* fields), typed by its base class:
+# bottleneck.py imports this module.
+from .base import ConfigError, MethodConfig
 
 
-def _init_weight(tensor: torch.Tensor, config: BnConfig) -> None:
+def _init_weight(tensor: torch.Tensor, config: MethodConfig) -> None:
     """Each of the ``n`` slices: Glorot (normal or uniform) or N(0, phm_init_range)."""
     for piece in tensor:
         if config.hypercomplex_nonlinearity == "glorot-uniform":
@@ -34,7 +33,7 @@ def _init_weight(tensor: torch.Tensor, config: BnConfig) -> None:
             nn.init.xavier_normal_(piece)
 
 
-def _init_rule(tensor: torch.Tensor, config: BnConfig, scale: float) -> None:
+def _init_rule(tensor: torch.Tensor, config: MethodConfig, scale: float) -> None:
     if config.phm_c_init == "uniform":
         nn.init.uniform_(tensor, -scale, scale)
     else:
@@ -51,7 +50,7 @@ def _rule_shapes(n: int, factorized: bool) -> dict[str, tuple[int, ...]]:
     return {"phm_rule_left": (n, n, 1), "phm_rule_right": (n, 1, n)} if factorized else {"phm_rule": (n, n, n)}
 
 
-def shared_parameters(config: BnConfig, hidden_size: int, width: int) -> nn.ParameterDict:
+def shared_parameters(config: MethodConfig, hidden_size: int, width: int) -> nn.ParameterDict:
     """The tensors one adapter's PHM layers share (empty when they share nothing)."""
     shared = nn.ParameterDict()
     n = config.phm_dim
@@ -76,14 +75,12 @@ class PHMLayer(nn.Module):
     registered once on the backbone); ``position`` ("down" or "up") picks its shared weights.
     """
 
-    def __init__(self, in_features: int, out_features: int, position: str, config: BnConfig,
+    def __init__(self, in_features: int, out_features: int, position: str, config: MethodConfig,
                  shared: nn.ParameterDict | None):
         super().__init__()
         n = config.phm_dim
         for size, what in ((in_features, "input"), (out_features, "output")):
             if size % n:
-                from .base import ConfigError
-
                 raise ConfigError(f"phm_dim: the PHM layer's {what} size {size} is not divisible by phm_dim {n} "
                                   "(change reduction_factor or phm_dim)")
         self.in_features, self.out_features, self.position = in_features, out_features, position

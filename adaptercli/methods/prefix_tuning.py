@@ -24,7 +24,7 @@ import dataclasses
 import math
 import sys
 import types
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -36,11 +36,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..architectures import get_module, layers_with_parts, transformer_layers
 from ..composition import CompositionBlock, is_plain_stack, run
 from ..schema import spec
-from .base import ConfigError, MethodConfig, MethodFamily, family_config
+from .base import ConfigError, MethodConfig, family_config
 from .bottleneck import ACTIVATIONS, _activation
-
-if TYPE_CHECKING:
-    from ..model import AdapterState
+from .family import AdapterState, MethodFamily
 
 
 @dataclasses.dataclass

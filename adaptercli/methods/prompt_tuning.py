@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -24,10 +24,8 @@ from torch.utils.hooks import RemovableHandle
 from ..architectures import get_module, transformer_layers
 from ..composition import CompositionBlock
 from ..schema import spec
-from .base import ConfigError, MethodConfig, MethodFamily
-
-if TYPE_CHECKING:
-    from ..model import AdapterState
+from .base import ConfigError, MethodConfig
+from .family import AdapterState, MethodFamily
 
 
 @dataclasses.dataclass

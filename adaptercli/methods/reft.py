@@ -16,7 +16,7 @@ have their own unit unless ``tied_weights``. Parameter names follow AdapterHub's
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -25,11 +25,9 @@ from torch.utils.hooks import RemovableHandle
 from ..architectures import transformer_layers
 from ..composition import CompositionBlock
 from ..schema import spec
-from .base import ConfigError, MethodConfig, MethodFamily
+from .base import ConfigError, MethodConfig
 from .bottleneck import ACTIVATIONS, _activation
-
-if TYPE_CHECKING:
-    from ..model import AdapterState
+from .family import AdapterState, MethodFamily
 
 
 @dataclasses.dataclass

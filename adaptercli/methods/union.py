@@ -15,19 +15,17 @@ find their member through ``family_config``). Overrides address a member by fami
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from torch.utils.hooks import RemovableHandle
 
 from ..composition import CompositionBlock
-from .base import ConfigError, MethodConfig, MethodFamily, did_you_mean
+from .base import ConfigError, MethodConfig, did_you_mean
 from .bottleneck import PRESETS as BN_PRESETS
 from .bottleneck import BnConfig
+from .family import AdapterState, MethodFamily
 from .lora import LoRAConfig
 from .prefix_tuning import PrefixTuningConfig
-
-if TYPE_CHECKING:
-    from ..model import AdapterState
 
 MEMBERS: dict[str, type[MethodConfig]] = {"bottleneck": BnConfig, "lora": LoRAConfig, "prefix_tuning": PrefixTuningConfig}
 

@@ -1,0 +1,172 @@
+"""Loading and saving adapters and fusions on a model: the formats read a folder into plain data
+(:mod:`adaptercli.formats`); this module checks that the data fits the model (hidden size, model
+type, every key and shape) and only then adds it, and turns a model's adapter back into data to write.
+
+The functions take a model that has the adapter API (``init`` or ``AdapterModel``); the model's
+``load_adapter`` / ``save_adapter`` (and the fusion ones) call them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .formats import AdapterFileError, adapterhub, native, peft, read_adapter
+from .formats.common import LoadedAdapter, LoadedFusion
+from .formats.fusion import read_fusion, write_fusion
+from .methods import LoRAConfig
+from .methods.family import FUSION_CONTAINER, key_pattern
+
+# ``model`` below: a transformers model with the adapter API (``ModelAdaptersMixin``), typed as Any
+# because model.py imports this module.
+
+
+def _rename(weights: dict[str, torch.Tensor], old: str, new: str, containers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The weights of adapter ``old`` under the name ``new``."""
+    pattern = key_pattern(containers, old)
+    return {pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}.{new}.", k): v for k, v in weights.items()}
+
+
+def load_adapter(model: Any, path: Path, load_as: str | None, with_head: bool) -> str:
+    state = model._adapter_state
+    loaded = read_adapter(path, with_head, getattr(state.backbone, "base_model_prefix", "") or "")
+    name = load_as or loaded.saved_name
+    if loaded.hidden_size and loaded.hidden_size != state.hidden_size:
+        raise AdapterFileError(
+            f"{path}: adapter was saved for a {loaded.model_type} model with hidden size {loaded.hidden_size}; "
+            f"this {state.model_type} model has hidden size {state.hidden_size}"
+        )
+    if loaded.model_type and loaded.model_type != state.model_type:
+        raise AdapterFileError(f"{path}: adapter was saved for a {loaded.model_type} model; this model is {state.model_type}")
+    upgraded = state.arch.upgrade_keys(loaded.weights) if state.arch is not None else loaded.weights
+    weights = _rename(upgraded, loaded.saved_name, name, state.containers)
+    model.add_adapter(name, loaded.config)
+    state.adapters[name].base_model = loaded.model_name
+    try:
+        _copy_into(state.adapter_parameters(name), weights, path, "adapter")
+        if with_head and (loaded.head_weights or loaded.head_config):
+            _load_head(model, loaded, name, path)
+    except Exception:
+        model.delete_adapter(name)  # never leave a half-loaded adapter behind
+        raise
+    return name
+
+
+def _copy_into(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    if missing or unexpected:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys
+        )
+        raise AdapterFileError(f"{path}: {what} weights do not fit this model ({detail})")
+    with torch.no_grad():
+        for key, param in params.items():
+            value = weights[key]
+            if value.shape != param.shape:
+                raise AdapterFileError(f"{path}: {key} has shape {tuple(value.shape)}, this model expects {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+
+
+def _load_head(model: Any, loaded: LoadedAdapter | LoadedFusion, name: str, path: Path) -> None:
+    heads = getattr(model, "heads", None)
+    if loaded.head_is_static or heads is None:
+        if heads is not None and loaded.head_is_static:
+            raise AdapterFileError(f"{path}: the head was saved from a transformers task model; load it into the same model class")
+        if heads is None and not loaded.head_is_static:
+            raise AdapterFileError(f"{path}: has a flexible head; load it into an AdapterModel (AutoAdapterModel) or pass with_head=False")
+        _copy_into(model._head_parameters(name), loaded.head_weights, path, "head")
+        return
+    model.add_head(name, loaded.head_config, overwrite_ok=True)
+    weights = _rename(loaded.head_weights, loaded.head_name or loaded.saved_name, name, ("heads",))
+    _copy_into(model._head_parameters(name), weights, path, "head")
+
+
+def save_adapter(model: Any, folder: Path, name: str, with_head: bool, format: str) -> None:
+    state = model._adapter_state
+    record = state.record(name)
+    if name in state.merged:
+        raise AdapterFileError(f"adapter '{name}' is merged into the weights; unmerge_adapter('{name}') before saving it")
+    weights = state.adapter_parameters(name)
+    model_name = str(getattr(model.config, "_name_or_path", "") or "")
+    if format == "peft":
+        config = record.config
+        if not isinstance(config, LoRAConfig) or config.composition_mode != "add" or state.arch and state.arch.fused_qkv and not config.target_modules:
+            raise AdapterFileError(f"adapter '{name}' ({record.method}) cannot be written as PEFT LoRA; "
+                                   "PEFT export supports LoRA adapters on separate q/k/v projections or target_modules")
+        prefix = "" if state.backbone is model or hasattr(model, "heads") else f"{state.backbone.base_model_prefix}."
+        fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in state.backbone.modules() if hasattr(m, "loras"))
+        peft.write(folder, weights, {"r": config.r, "alpha": config.alpha, "dropout": config.dropout,
+                                     "use_rslora": config.use_rslora, "fan_in_fan_out": fan_in_fan_out,
+                                     "model_name": model_name}, prefix)
+        return
+    if format == "adapterhub":  # our folder first, then the same conversion as `adapter export --to adapterhub`
+        with tempfile.TemporaryDirectory() as scratch:
+            save_adapter(model, Path(scratch), name, with_head, "native")
+            folder.mkdir(parents=True, exist_ok=True)
+            adapterhub.write(folder, read_adapter(Path(scratch)), model_name or None, state.num_layers, with_head)
+        return
+    if format != "native":
+        raise AdapterFileError(f"unknown adapter format '{format}' (native, adapterhub or peft)")
+    meta = {"name": name, "method": record.method, "config": record.config.to_dict(), "model_type": state.model_type,
+            "hidden_size": state.hidden_size, "num_layers": state.num_layers, "model_name": model_name,
+            "model_class": type(model).__name__.removesuffix("WithAdapters")}
+    head = None
+    head_params = model._head_parameters(name) if with_head else {}
+    heads = getattr(model, "heads", None)
+    if with_head and (head_params or (heads is not None and name in heads)):
+        head_meta = {"name": name, "model_type": state.model_type, "hidden_size": state.hidden_size}
+        if heads is not None:
+            head_meta["config"] = heads[name].config.to_dict()
+        else:
+            head_meta["static"] = True
+        head = (head_meta, dict(head_params))
+    native.write(folder, meta, dict(weights), head)
+
+
+def load_adapter_fusion(model: Any, path: Path, load_as: str | None, with_head: bool) -> str:
+    """Read an AdapterFusion folder (ours or AdapterHub's), check it fits, add it; its members
+    must already be on the model."""
+    state = model._adapter_state
+    loaded = read_fusion(path, with_head)
+    if loaded.hidden_size and loaded.hidden_size != state.hidden_size:
+        raise AdapterFileError(
+            f"{path}: fusion was saved for a {loaded.model_type} model with hidden size {loaded.hidden_size}; "
+            f"this {state.model_type} model has hidden size {state.hidden_size}")
+    if loaded.model_type and loaded.model_type != state.model_type:
+        raise AdapterFileError(f"{path}: fusion was saved for a {loaded.model_type} model; this model is {state.model_type}")
+    name = load_as or loaded.saved_name
+    model.add_adapter_fusion(loaded.members, config=loaded.config, name=name)
+    try:
+        upgraded = state.arch.upgrade_keys(loaded.weights) if state.arch is not None else loaded.weights
+        weights = _rename(upgraded, loaded.saved_name, name, (FUSION_CONTAINER,))
+        _copy_into(state.fusion_parameters(name), weights, path, "fusion")
+        if with_head and (loaded.head_weights or loaded.head_config):
+            _load_head(model, loaded, load_as or loaded.head_name or name, path)
+    except Exception:
+        model.delete_adapter_fusion(name)  # never leave a half-loaded fusion behind
+        raise
+    return name
+
+
+def save_adapter_fusion(model: Any, folder: Path, name: str, with_head: bool | str) -> None:
+    state = model._adapter_state
+    record = state.fusion(name)
+    meta = {"name": name, "adapter_names": record.members, "config": record.config.to_dict(),
+            "model_type": state.model_type, "hidden_size": state.hidden_size, "num_layers": state.num_layers,
+            "model_name": str(getattr(model.config, "_name_or_path", "") or ""),
+            "model_class": type(model).__name__.removesuffix("WithAdapters")}
+    head = None
+    if with_head:
+        head_name = with_head if isinstance(with_head, str) else name
+        heads = getattr(model, "heads", None)
+        if heads is None or head_name not in heads:
+            raise AdapterFileError(f"no head named '{head_name}' to save with fusion '{name}' "
+                                   f"(heads: {', '.join(heads or []) or 'none'})")
+        head = ({"name": head_name, "model_type": state.model_type, "hidden_size": state.hidden_size,
+                 "config": heads[head_name].config.to_dict()}, dict(model._head_parameters(head_name)))
+    write_fusion(folder, meta, dict(state.fusion_parameters(name)), head)
