@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from .assets import resolve_model_path
+from .composition import BLOCKS, CompositionError, check_support
 from .errors import AdapterCliError, RecipeError
 from .formats import read_adapter
 from .locate import local_folder, looks_local
+from .methods import FAMILIES, get_method, method_name
 from .metrics import METRIC_NAMES
 from .recipe import Recipe
 
@@ -158,14 +160,12 @@ def _check_composition(recipe: Recipe, base_config: dict[str, Any] | None, probl
 
 def _check_block(recipe: Recipe, configs: dict[str, Any], problems: list[str]) -> None:
     """The members' methods (and the trained adapter's) can run in the recipe's block."""
-    from .composition import Average, CompositionError, Fuse, Stack, check_support
-    from .methods import FAMILIES, get_method, method_name
 
     kind, names = recipe.composition.type, list(configs)
     if kind == "stack" and not recipe.adapter.load:
         configs = {**configs, recipe.adapter.name: get_method(recipe.adapter.method).make_config(recipe.adapter.config)}
         names = list(configs)
-    block = {"stack": Stack, "fuse": Fuse, "average": Average}[kind](*names)
+    block = BLOCKS[kind](*names)
     try:
         check_support(block, lambda n: method_name(configs[n]), lambda n: configs[n].family,
                       {family.name: family.blocks for family in FAMILIES.values()})

@@ -185,6 +185,11 @@ ALLOWED_NESTING: dict[type[CompositionBlock], tuple[type, ...]] = {
 }
 
 
+# Each block by the name a recipe gives it (``composition.type``).
+BLOCKS: dict[str, type[CompositionBlock]] = {"stack": Stack, "fuse": Fuse, "parallel": Parallel, "average": Average,
+                                             "split": Split, "batch_split": BatchSplit}
+
+
 def _names(types: tuple[type, ...]) -> str:
     return ", ".join("adapter names" if t is str else t.__name__ for t in types)
 

@@ -50,7 +50,7 @@ from adaptercli.assets import OFFLINE_DATASETS, offline_dataset_path
 from adaptercli.errors import AdapterCliError
 from adaptercli.hub import hub_access
 from adaptercli.metrics import IGNORE_INDEX
-from adaptercli.recipe import DataConfig
+from adaptercli.recipe import DataSection
 
 LM_TASKS = ("mlm", "causal_lm", "instruct")
 
@@ -106,7 +106,7 @@ class LoadedData:
     task: str
 
 
-def load_data(config: DataConfig, seed: int = 42) -> LoadedData:
+def load_data(config: DataSection, seed: int = 42) -> LoadedData:
     """Load the data set a recipe's ``data`` section describes.
 
     Args:
@@ -183,7 +183,7 @@ def load_hub_dataset(name: str | None, subset: str | None = None) -> DatasetDict
         raise AdapterCliError(f"could not load dataset {label}: {error}".splitlines()[0]) from None
 
 
-def load_files(config: DataConfig) -> DatasetDict:
+def load_files(config: DataSection) -> DatasetDict:
     """Load ``train_file``/``validation_file``/``test_file`` in the format ``config.source``.
 
     Compressed files (``.gz``, ``.bz2``, ...) are read transparently.
@@ -347,7 +347,7 @@ _OFFLINE_READERS: dict[str, Callable[[Path], tuple[Dataset, list[str] | None]]] 
 
 
 def normalise_columns(
-    raw: DatasetDict, config: DataConfig, task: str
+    raw: DatasetDict, config: DataSection, task: str
 ) -> tuple[DatasetDict, list[str] | None]:
     """Rename a data set's splits and columns to the common shape and encode its labels.
 
@@ -396,7 +396,7 @@ def normalise_columns(
     return encode_labels(renamed, task, config.labels, config.label_map)
 
 
-def conversations(raw: DatasetDict, config: DataConfig) -> DatasetDict:
+def conversations(raw: DatasetDict, config: DataSection) -> DatasetDict:
     """The splits of an instruction data set as one ``messages`` column of conversations: a
     ``messages`` column as it is (checked), or ``prompt_column`` / ``response_column`` (found
     among common names when not set) as one user turn and one assistant turn."""
@@ -424,7 +424,7 @@ def conversations(raw: DatasetDict, config: DataConfig) -> DatasetDict:
                         for name, split in splits.items()})
 
 
-def source_target_pairs(raw: DatasetDict, config: DataConfig) -> DatasetDict:
+def source_target_pairs(raw: DatasetDict, config: DataSection) -> DatasetDict:
     """The splits of a seq2seq data set as ``text`` (the source) and ``target`` columns, taken from
     ``source_column`` and ``target_column`` (found among common pairs when not set), or from a
     ``translation`` column of ``{language: text}`` rows with ``source_lang`` and ``target_lang``.

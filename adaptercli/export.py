@@ -35,6 +35,7 @@ from .formats import adapterhub, card, peft, read_adapter, task_heads
 from .formats.common import LoadedAdapter, LoadedFusion, read_json, write_json, write_text
 from .formats.fusion import CONFIG as FUSION_CONFIG
 from .formats.fusion import read_fusion
+from .heads import recipe_head_type
 from .hub import Pushed, download, is_repo_id, push_folder, split_revision
 from .index import ADAPTER_FILES, AdapterIndexError, Descriptor, sha256_of
 from .locate import locate
@@ -209,11 +210,7 @@ def _method(loaded: LoadedAdapter) -> str:
 
 
 def _task_of_head(head) -> str | None:
-    if head is None:
-        return None
-    return {"classification": "classification", "multilabel_classification": "multilabel", "regression": "regression",
-            "tagging": "tagging", "question_answering": "qa", "masked_lm": "mlm", "causal_lm": "causal_lm"}.get(
-        head.head_type)
+    return None if head is None else recipe_head_type(head.head_type)
 
 
 def _member_folders(recipe, names: list[str]) -> dict[str, Path]:

@@ -18,8 +18,17 @@ from transformers.activations import get_activation
 
 from .errors import AdapterCliError
 
-HEAD_TYPES = ("classification", "multilabel_classification", "regression", "tagging", "question_answering",
-              "masked_lm", "causal_lm")
+# The head types a recipe names (``head.type``, short) and the head type each builds (AdapterHub's
+# names, as saved in ``head_config.json``). The one list of head types; the others derive from it.
+RECIPE_HEADS = {"classification": "classification", "multilabel": "multilabel_classification",
+                "regression": "regression", "tagging": "tagging", "qa": "question_answering", "mlm": "masked_lm",
+                "causal_lm": "causal_lm"}
+HEAD_TYPES = tuple(RECIPE_HEADS.values())
+
+
+def recipe_head_type(head_type: str) -> str | None:
+    """The recipe's name for a head type (``question_answering`` -> ``qa``); None for an unknown one."""
+    return next((short for short, full in RECIPE_HEADS.items() if full == head_type), None)
 
 
 @dataclass

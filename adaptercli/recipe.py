@@ -33,12 +33,14 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from adaptercli.assets import OFFLINE_DATASETS
+from adaptercli.composition import BLOCKS
 from adaptercli.errors import RecipeError
+from adaptercli.heads import RECIPE_HEADS
 from adaptercli.schema import INVALID, check_section, dataclass_in, did_you_mean, join, spec
 
 TASKS = ("classification", "multilabel", "regression", "tagging", "mlm", "causal_lm", "instruct", "seq2seq")
-HEAD_TYPES = ("classification", "multilabel", "regression", "tagging", "qa", "mlm", "causal_lm")
-COMPOSITION_TYPES = ("stack", "fuse", "parallel", "average", "split", "batch_split")
+HEAD_TYPES = tuple(RECIPE_HEADS)
+COMPOSITION_TYPES = tuple(BLOCKS)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll")
 # Compression suffixes that the readers undo transparently, so `x.csv.gz` is a csv file.
@@ -61,7 +63,7 @@ LAUNCH_CONFIGS = "accelerate"
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     """The frozen base model.
 
     Attributes:
@@ -89,7 +91,7 @@ class ModelConfig:
 
 
 @dataclass
-class AdapterConfig:
+class AdapterSection:
     """The adapter to train.
 
     Attributes:
@@ -109,7 +111,7 @@ class AdapterConfig:
 
 
 @dataclass
-class HeadConfig:
+class HeadSection:
     """The prediction head on top of the model.
 
     Attributes:
@@ -128,7 +130,7 @@ class HeadConfig:
 
 
 @dataclass
-class CompositionConfig:
+class CompositionSection:
     """How several adapters combine (AdapterHub composition blocks).
 
     Attributes:
@@ -143,7 +145,7 @@ class CompositionConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     """Where the examples come from and how their columns map to text and labels.
 
     Attributes:
@@ -206,7 +208,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     """Optimisation, evaluation and checkpointing.
 
     Attributes:
@@ -262,12 +264,12 @@ class TrainConfig:
 class Recipe:
     """One training run: model, adapter, head, optional composition, data, training and output."""
 
-    model: ModelConfig = spec(factory=ModelConfig)
-    adapter: AdapterConfig = spec(factory=AdapterConfig)
-    head: HeadConfig = spec(factory=HeadConfig)
-    composition: CompositionConfig | None = None
-    data: DataConfig = spec(factory=DataConfig)
-    train: TrainConfig = spec(factory=TrainConfig)
+    model: ModelSection = spec(factory=ModelSection)
+    adapter: AdapterSection = spec(factory=AdapterSection)
+    head: HeadSection = spec(factory=HeadSection)
+    composition: CompositionSection | None = None
+    data: DataSection = spec(factory=DataSection)
+    train: TrainSection = spec(factory=TrainSection)
     output_dir: str = MISSING
 
 
@@ -409,7 +411,7 @@ def _declared_method(layer: DictConfig) -> str | None:
 
 def _merge_layers(layers: list[tuple[str, DictConfig]], problems: list[str]) -> DictConfig:
     """Merge named layers; a layer's ``adapter.config`` is kept only if it belongs to the final method."""
-    method = AdapterConfig.method
+    method = AdapterSection.method
     owners = []
     for _, layer in layers:
         method = _declared_method(layer) or method
@@ -598,7 +600,7 @@ def _check_method_config(adapter: dict[str, Any], problems: list[str]) -> None:
     brings its own config."""
     from adaptercli.methods import ConfigError, get_method
 
-    method, config = adapter.get("method", AdapterConfig.method), adapter.get("config", {})
+    method, config = adapter.get("method", AdapterSection.method), adapter.get("config", {})
     if adapter.get("load") or INVALID in (method, config):
         return
     if method == FULL_FINETUNING:

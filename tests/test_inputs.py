@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from adaptercli.data import load_data
-from adaptercli.recipe import DataConfig, load_recipe
+from adaptercli.recipe import DataSection, load_recipe
 
 TEXTS = ["a fine, warm film", "dull", 'the "best" one', "utterly bad\tand long", "ok"]
 LABELS = ["pos", "neg", "pos", "neg", "pos"]
@@ -70,7 +70,7 @@ FORMATS = ["csv", "tsv", "json", "jsonl", "parquet", "conll"]
 def test_every_format_and_compression_reads(fmt: str, compression: str, tmp_path: Path) -> None:
     path = _input_file(tmp_path, fmt, compression)
     task = "tagging" if fmt == "conll" else "classification"
-    _assert_examples(load_data(DataConfig(source=fmt, train_file=str(path), validation_file=str(path), task=task)), fmt)
+    _assert_examples(load_data(DataSection(source=fmt, train_file=str(path), validation_file=str(path), task=task)), fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -20,7 +20,7 @@ from adaptercli.data import encode_conversation, load_data, make_collator, token
 from adaptercli.errors import AdapterCliError
 from adaptercli.heads import HeadConfig
 from adaptercli.model import AutoAdapterModel
-from adaptercli.recipe import DataConfig, load_recipe
+from adaptercli.recipe import DataSection, load_recipe
 from adaptercli.train import evaluate, prepare_model, train
 from tests.conftest import write_recipe
 
@@ -47,7 +47,7 @@ def chat_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_both_formats_give_the_same_conversations(chat_files: dict[str, Path]) -> None:
-    loaded = {kind: load_data(DataConfig(source=kind, train_file=str(path), task="instruct"))
+    loaded = {kind: load_data(DataSection(source=kind, train_file=str(path), task="instruct"))
               for kind, path in chat_files.items()}
     for data in loaded.values():
         assert data.splits["train"].column_names == ["messages"] and data.label_names is None
@@ -59,10 +59,10 @@ def test_bad_conversations_are_reported(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(AdapterCliError, match="data: train row 0: the conversation has no assistant turn"):
-        load_data(DataConfig(source="jsonl", train_file=str(path), task="instruct"))
+        load_data(DataSection(source="jsonl", train_file=str(path), task="instruct"))
     path.write_text(json.dumps({"text": "hi"}) + "\n")
     with pytest.raises(AdapterCliError, match="data.prompt_column: instruction data needs a messages column"):
-        load_data(DataConfig(source="jsonl", train_file=str(path), task="instruct"))
+        load_data(DataSection(source="jsonl", train_file=str(path), task="instruct"))
 
 
 def test_only_the_answers_are_labelled(tiny_llama_dir: Path) -> None:
@@ -84,7 +84,7 @@ def test_masked_prompt_tokens_contribute_no_loss(tiny_llama_dir: Path, chat_file
     """The gradient of the loss reaches no logit that predicts a prompt token, and the loss is the
     mean cross-entropy over the answer tokens alone."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    data = load_data(DataConfig(source="jsonl", train_file=str(chat_files["jsonl"]), task="instruct"))
+    data = load_data(DataSection(source="jsonl", train_file=str(chat_files["jsonl"]), task="instruct"))
     split = tokenize_dataset(data.splits, tokenizer, "instruct", 64)["train"]
     batch = make_collator(tokenizer, "instruct")([split[i] for i in range(4)])
     model = AutoAdapterModel.from_pretrained(tiny_llama_dir)

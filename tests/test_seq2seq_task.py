@@ -31,7 +31,7 @@ from adaptercli.cli import app
 from adaptercli.data import load_data, source_target_pairs
 from adaptercli.errors import AdapterCliError, RecipeError
 from adaptercli.metrics import METRIC_NAMES, chrf, compute_metrics, rouge_l
-from adaptercli.recipe import DataConfig, load_recipe
+from adaptercli.recipe import DataSection, load_recipe
 from adaptercli.train import generate, prepare_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,48 +98,48 @@ def _splits(**columns: list) -> DatasetDict:
                                             ("source", "target")])
 def test_source_and_target_columns_are_found_by_name(source: str, target: str) -> None:
     raw = _splits(**{"id": [1, 2], source: ["a long text", "another one"], target: ["short", "brief"]})
-    splits = source_target_pairs(raw, DataConfig(task="seq2seq"))
+    splits = source_target_pairs(raw, DataSection(task="seq2seq"))
     assert splits["train"].column_names == ["text", "target"]
     assert splits["train"]["text"] == ["a long text", "another one"] and splits["train"]["target"] == ["short", "brief"]
     raw["test"] = Dataset.from_dict({source: ["no summary yet"]})
-    assert source_target_pairs(raw, DataConfig(task="seq2seq"))["test"].column_names == ["text"]  # still generated for
+    assert source_target_pairs(raw, DataSection(task="seq2seq"))["test"].column_names == ["text"]  # still generated for
 
 
 def test_translation_column_and_source_prefix(tmp_path: Path) -> None:
     rows = [{"id": i, "translation": {"en": f"the cat {i}", "fr": f"le chat {i}"}} for i in range(20)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = DataConfig(source="jsonl", train_file=str(tmp_path / "train.jsonl"), task="seq2seq", source_lang="en",
+    config = DataSection(source="jsonl", train_file=str(tmp_path / "train.jsonl"), task="seq2seq", source_lang="en",
                         target_lang="fr", source_prefix="translate English to French: ")
     data = load_data(config)
     row = data.splits["train"][0]
     assert set(row) == {"text", "target"} and data.task == "seq2seq" and data.label_names is None
     assert row["text"].startswith("translate English to French: the cat ") and row["target"].startswith("le chat ")
     assert len(data.splits["train"]) + len(data.splits["validation"]) == 20  # 10% held out
-    reverse = load_data(DataConfig(**{**config.__dict__, "source_lang": "fr", "target_lang": "en", "source_prefix": ""}))
+    reverse = load_data(DataSection(**{**config.__dict__, "source_lang": "fr", "target_lang": "en", "source_prefix": ""}))
     assert reverse.splits["train"][0]["text"].startswith("le chat ")
     # the Hub's WMT sets declare the column as a `Translation` feature
     wmt = Dataset.from_dict({"translation": [{"de": "die Katze", "en": "the cat"}]},
                             features=Features({"translation": Translation(languages=["de", "en"])}))
-    pairs = source_target_pairs(DatasetDict(train=wmt), DataConfig(task="seq2seq", source_lang="de", target_lang="en"))
+    pairs = source_target_pairs(DatasetDict(train=wmt), DataSection(task="seq2seq", source_lang="de", target_lang="en"))
     assert pairs["train"][0] == {"text": "die Katze", "target": "the cat"}
 
 
 @pytest.mark.parametrize("raw, config, message", [
-    (_splits(document=["a"], summary=["b"]), DataConfig(task="seq2seq", target_column="headline"),
+    (_splits(document=["a"], summary=["b"]), DataSection(task="seq2seq", target_column="headline"),
      "data.target_column: no column 'headline' in the train split; it has document, summary"),
-    (_splits(body=["a"], title=["b"]), DataConfig(task="seq2seq"),
+    (_splits(body=["a"], title=["b"]), DataSection(task="seq2seq"),
      "data.source_column: no source and target columns found among body, title (tried document/summary, "),
-    (_splits(translation=[{"de": "a", "en": "b"}]), DataConfig(task="seq2seq"),
+    (_splits(translation=[{"de": "a", "en": "b"}]), DataSection(task="seq2seq"),
      "data.source_lang: the data has a translation column (de, en); set data.source_lang and data.target_lang"),
-    (_splits(translation=[{"de": "a", "en": "b"}]), DataConfig(task="seq2seq", source_lang="de", target_lang="fr"),
+    (_splits(translation=[{"de": "a", "en": "b"}]), DataSection(task="seq2seq", source_lang="de", target_lang="fr"),
      "data.target_lang: no language 'fr' in the translation column; it has de, en"),
-    (_splits(document=["a"], summary=["b"]), DataConfig(task="seq2seq", source_lang="de", target_lang="en"),
+    (_splits(document=["a"], summary=["b"]), DataSection(task="seq2seq", source_lang="de", target_lang="en"),
      "data.source_lang: goes with a translation column"),
-    (_splits(document=["a"], summary=[3]), DataConfig(task="seq2seq"), "data.target_column: summary holds int64, not text"),
-    (_splits(document=["a", "b"], summary=["c", None]), DataConfig(task="seq2seq"),
+    (_splits(document=["a"], summary=[3]), DataSection(task="seq2seq"), "data.target_column: summary holds int64, not text"),
+    (_splits(document=["a", "b"], summary=["c", None]), DataSection(task="seq2seq"),
      "data.target_column: 1 rows of the train split have no summary (null); remove them"),
 ])
-def test_bad_columns_give_one_clear_message(raw: DatasetDict, config: DataConfig, message: str) -> None:
+def test_bad_columns_give_one_clear_message(raw: DatasetDict, config: DataSection, message: str) -> None:
     with pytest.raises(AdapterCliError) as caught:
         source_target_pairs(raw, config)
     assert str(caught.value).startswith(message), str(caught.value)
