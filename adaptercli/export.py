@@ -297,7 +297,7 @@ def _write_merged(source: Source, dest: Path) -> tuple[list[str], str]:
         raise AdapterCliError("--to merged: give the run folder (its recipe names the base model and tokenizer)")
     _require_adapter(source, "merged")
     _, model, tokenizer, name = load_run(source.run)
-    state = model._adapter_state
+    state = model.adapter_state
     active = model.active_adapters.flatten() if model.active_adapters else [name]
     for adapter in active:
         method = state.adapters[adapter].method

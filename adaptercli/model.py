@@ -46,14 +46,14 @@ def _swap_name(key: str, old: str, new: str, containers: tuple[str, ...]) -> str
 class ModelAdaptersMixin:
     """Adapter methods for a transformers model. Use :func:`init` rather than inheriting."""
 
-    _adapter_state: AdapterState
+    adapter_state: AdapterState
 
     # -- adding and removing ---------------------------------------------------------------
     def add_adapter(self, name: str, config: str | dict | MethodConfig | None = None, *,
                     overwrite_ok: bool = False, set_active: bool = False) -> None:
         """Add a new adapter ``name`` with a method config (``"lora"``, ``"seq_bn[reduction_factor=8]"``,
         a dict or a config object). Its parameters are created inside the model."""
-        state = self._adapter_state
+        state = self.adapter_state
         if name in state.adapters:
             if not overwrite_ok:
                 raise AdapterError(f"an adapter named '{name}' already exists (use overwrite_ok=True to replace it)")
@@ -69,7 +69,7 @@ class ModelAdaptersMixin:
             self.set_active_adapters(name)
 
     def delete_adapter(self, name: str) -> None:
-        state = self._adapter_state
+        state = self.adapter_state
         record = state.record(name)
         if name in state.merged:
             self.unmerge_adapter(name)
@@ -88,15 +88,15 @@ class ModelAdaptersMixin:
     def set_active_adapters(self, setup: str | list | composition.CompositionBlock | None) -> None:
         """Run these adapters in every forward pass (None: none): a name, a composition block, or
         a list (a Stack; a list inside it is a Fuse: ``[["a", "b"], "c"]``)."""
-        self._adapter_state.activate(composition.parse(setup))
+        self.adapter_state.activate(composition.parse(setup))
 
     @property
     def active_adapters(self) -> composition.CompositionBlock | None:
-        return self._adapter_state.active
+        return self.adapter_state.active
 
     @property
     def adapters_config(self) -> dict[str, MethodConfig]:
-        return {n: r.config for n, r in self._adapter_state.adapters.items()}
+        return {n: r.config for n, r in self.adapter_state.adapters.items()}
 
     # -- training ------------------------------------------------------------------------------
     def freeze_model(self, freeze: bool = True) -> None:
@@ -108,7 +108,7 @@ class ModelAdaptersMixin:
         block = composition.parse(setup)
         self.set_active_adapters(block)
         self.freeze_model(True)
-        state = self._adapter_state
+        state = self.adapter_state
         for name in block.flatten():
             frozen = family_of(state.adapters[name].config).frozen_parameters(state, name)  # e.g. VeRA's shared matrices
             for key, p in state.adapter_parameters(name).items():
@@ -121,7 +121,7 @@ class ModelAdaptersMixin:
         """Recompute each transformer layer's activations, adapters included, in the backward pass
         instead of keeping them: less memory for ~30% more compute. Non-reentrant checkpointing,
         so gradients reach the adapters of a frozen model (no input needs ``requires_grad``)."""
-        backbone = self._adapter_state.backbone
+        backbone = self.adapter_state.backbone
         if not getattr(backbone, "supports_gradient_checkpointing", False):
             raise AdapterError(f"{type(backbone).__name__} does not support gradient checkpointing")
         enable = getattr(backbone, "activation_checkpointing_enable", None)  # transformers >= 5.23
@@ -137,7 +137,7 @@ class ModelAdaptersMixin:
         """Add an AdapterFusion layer over bottleneck adapters (a ``Fuse``, a list or ``"a,b"``) at
         every place they all sit; ``config`` is "dynamic", "static", a dict or a FusionConfig.
         Returns its name (default: the members joined by commas)."""
-        state = self._adapter_state
+        state = self.adapter_state
         if isinstance(adapter_names, composition.Fuse):
             members = [c if isinstance(c, str) else c.last() for c in adapter_names.children]
             name = name or adapter_names.name
@@ -171,7 +171,7 @@ class ModelAdaptersMixin:
         return name
 
     def delete_adapter_fusion(self, adapter_names: composition.Fuse | list[str] | str) -> None:
-        state = self._adapter_state
+        state = self.adapter_state
         name = self._fusion_name(adapter_names)
         state.fusion(name)
         if state.active is not None and any(isinstance(b, composition.Fuse) and b.name == name
@@ -192,7 +192,7 @@ class ModelAdaptersMixin:
         block = composition.parse(setup if not isinstance(setup, list) else [setup])
         self.set_active_adapters(block)
         self.freeze_model(True)
-        state = self._adapter_state
+        state = self.adapter_state
         fuses = [b for b in composition.blocks_in(block) if isinstance(b, composition.Fuse)]
         if not fuses:
             raise composition.CompositionError(f"train_adapter_fusion needs a Fuse block, got {block!r}")
@@ -211,7 +211,7 @@ class ModelAdaptersMixin:
     def get_fusion_regularization_loss(self) -> torch.Tensor | None:
         """``0.01 * ||W_v - I||^2`` summed over the trainable value matrices of fusions whose config
         asks for regularisation (add it to the training loss); None when there is none."""
-        state = self._adapter_state
+        state = self.adapter_state
         total = None
         for record in state.fusions.values():
             if not record.config.regularization or not record.config.value:
@@ -230,11 +230,11 @@ class ModelAdaptersMixin:
         ``with`` block: ``recorder.result()[fusion].weights[i, j]`` is the mean softmax weight place
         ``i`` (layer, site) gave member ``j``, over non-padded tokens."""
         recorder = FusionRecorder()
-        self._adapter_state.recorders.append(recorder)
+        self.adapter_state.recorders.append(recorder)
         try:
             yield recorder
         finally:
-            self._adapter_state.recorders.remove(recorder)
+            self.adapter_state.recorders.remove(recorder)
 
     def save_adapter_fusion(self, save_directory: str | Path, adapter_names: composition.Fuse | list[str] | str,
                             with_head: bool | str = False) -> None:
@@ -248,7 +248,7 @@ class ModelAdaptersMixin:
         already); returns its name."""
         name = load_adapter_fusion(self, locate(path), load_as, with_head)
         if set_active:
-            members = self._adapter_state.fusions[name].members
+            members = self.adapter_state.fusions[name].members
             self.set_active_adapters(composition.Fuse(*members, name=name if name != ",".join(members) else None))
         return name
 
@@ -261,7 +261,7 @@ class ModelAdaptersMixin:
         """Add ``adapter_name`` whose weights are the weighted average of ``adapter_list``'s (same
         config). LoRA also offers ``combine_strategy="lora_delta_w_svd"``: the weighted sum of the
         deltas ``scaling * B A``, truncated by SVD to rank ``svd_rank`` (exact when the rank suffices)."""
-        state = self._adapter_state
+        state = self.adapter_state
         if isinstance(adapter_list, dict):
             adapter_list, weights = list(adapter_list), list(adapter_list.values())
         if not adapter_list:
@@ -316,9 +316,9 @@ class ModelAdaptersMixin:
         if heads is not None:
             if name not in heads:
                 return {}
-            shared = {id(p) for p in self._adapter_state.backbone.parameters()}
+            shared = {id(p) for p in self.adapter_state.backbone.parameters()}
             return {k: p for k, p in heads[name].named_parameters(prefix=f"heads.{name}") if id(p) not in shared}
-        backbone = self._adapter_state.backbone
+        backbone = self.adapter_state.backbone
         if backbone is self:
             return {}
         inside = {id(p) for p in backbone.parameters()}
@@ -347,7 +347,7 @@ class ModelAdaptersMixin:
     # -- merging -------------------------------------------------------------------------------------
     def merge_adapter(self, name: str) -> None:
         """Fold a LoRA/IA3 adapter into the model's weights: same outputs, no inference overhead."""
-        state = self._adapter_state
+        state = self.adapter_state
         if name in state.merged:
             return
         family_of(state.record(name).config).merge(state, name)
@@ -355,7 +355,7 @@ class ModelAdaptersMixin:
         state.activate(state.active)  # merged adapters get no hook
 
     def unmerge_adapter(self, name: str) -> None:
-        state = self._adapter_state
+        state = self.adapter_state
         if name not in state.merged:
             raise AdapterError(f"adapter '{name}' is not merged")
         family_of(state.record(name).config).unmerge(state, name)
@@ -374,7 +374,7 @@ class ModelAdaptersMixin:
         """Load an adapter saved by adaptercli, AdapterHub ``adapters`` or PEFT; returns its name.
         ``path``: a folder, a Hub id (``org/name``, ``org/name@revision``; or ``revision=``) or an
         AdapterHub-style id ``task/dataset@org`` found in the adapter ``index`` (or $ADAPTERCLI_INDEX)."""
-        state = self._adapter_state
+        state = self.adapter_state
         folder = locate(path, revision, index=index, model_type=state.model_type, hidden_size=state.hidden_size)
         name = load_adapter(self, folder, load_as=load_as, with_head=with_head)
         if set_active:
@@ -386,7 +386,7 @@ class ModelAdaptersMixin:
         """One row per adapter: name, method, parameters, % of the backbone, active, trainable,
         merged; then the backbone. ``as_table=True`` returns the rows as a plain-text table
         (AdapterHub's layout), ready to print."""
-        state = self._adapter_state
+        state = self.adapter_state
         is_adapter = key_pattern(state.containers)
         backbone = [p for k, p in state.backbone.named_parameters() if not is_adapter.search(k)]
         total = sum(p.numel() for p in backbone)
@@ -439,14 +439,14 @@ def init(model: nn.Module, layout: Architecture | dict | None = None) -> nn.Modu
         if layout is not None:
             raise AdapterError("this model already has the adapter API; pass layout= on the first init")
         return model
-    if not isinstance(model, PreTrainedModel) and not isinstance(model, AdapterModel):
+    if not isinstance(model, PreTrainedModel):
         raise AdapterError(f"adaptercli.init expects a transformers model, not {type(model).__name__}")
     cls = type(model)
     if cls not in _INITIALISED:
         _INITIALISED[cls] = type(f"{cls.__name__}WithAdapters", (ModelAdaptersMixin, cls), {})
     state = AdapterState(model, FAMILIES, layout)  # before changing the class: a bad layout leaves the model as it was
     model.__class__ = _INITIALISED[cls]
-    model._adapter_state = state
+    model.adapter_state = state
     return model
 
 
@@ -472,7 +472,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         self.config = backbone.config
         self.heads = nn.ModuleDict()
         self.active_head: str | None = None
-        self._adapter_state = AdapterState(self, FAMILIES, layout)
+        self.adapter_state = AdapterState(self, FAMILIES, layout)
 
     @property
     def base_model(self) -> PreTrainedModel:
@@ -489,7 +489,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
 
     @property
     def is_causal(self) -> bool:
-        arch = self._adapter_state.arch
+        arch = self.adapter_state.arch
         return bool(arch is not None and arch.causal or getattr(self.config, "is_decoder", False))
 
     def add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False, set_active: bool = True) -> None:
@@ -497,7 +497,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
             raise AdapterError(f"a head named '{name}' already exists (use overwrite_ok=True to replace it)")
         embeddings = self.base_model.get_input_embeddings()
         dropout = float(getattr(self.config, "hidden_dropout_prob", 0.1) or 0.0)
-        head = PredictionHead(config, self._adapter_state.hidden_size, dropout, self.is_causal, embeddings)
+        head = PredictionHead(config, self.adapter_state.hidden_size, dropout, self.is_causal, embeddings)
         self.heads[name] = head.to(self.device).train(self.training)  # an eval model gets an eval head (dropout)
         if set_active:
             self.active_head = name
@@ -532,7 +532,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         """As for any model; also makes the head named like the setup's output (a Fuse's name,
         else its last adapter) the active head, when there is one (AdapterHub does the same)."""
         super().set_active_adapters(setup)
-        active = self._adapter_state.active
+        active = self.adapter_state.active
         if active is not None and composition.head_name(active) in self.heads:
             self.active_head = composition.head_name(active)
 
@@ -543,13 +543,13 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
             return head
         if self.active_head in self.heads:
             return self.active_head
-        active = self._adapter_state.active
+        active = self.adapter_state.active
         name = composition.head_name(active) if active else None
         return name if name in self.heads else None
 
     def _inverse_for(self, node: str | composition.CompositionBlock | None) -> nn.Module | None:
         """The invertible adapter an LM head undoes: the one of the first adapter that ran."""
-        inv = getattr(self._adapter_state.invertible_root, "invertible_adapters", None)
+        inv = getattr(self.adapter_state.invertible_root, "invertible_adapters", None)
         first = node if isinstance(node, str) or node is None else node.first()
         return inv[first] if inv is not None and first in inv else None
 
@@ -561,7 +561,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]
         attention_mask, labels = _with_prompt_positions(hidden, attention_mask, labels)
-        active = self._adapter_state.active
+        active = self.adapter_state.active
         groups = composition.row_groups(active, hidden.shape[0]) if active is not None and head is None else []
         if len(groups) <= 1:
             name = self._current_head(head)

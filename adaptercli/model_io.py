@@ -31,7 +31,7 @@ def _rename(weights: dict[str, torch.Tensor], old: str, new: str, containers: tu
 
 
 def load_adapter(model: Any, path: Path, load_as: str | None, with_head: bool) -> str:
-    state = model._adapter_state
+    state = model.adapter_state
     loaded = read_adapter(path, with_head, getattr(state.backbone, "base_model_prefix", "") or "")
     name = load_as or loaded.saved_name
     if loaded.hidden_size and loaded.hidden_size != state.hidden_size:
@@ -87,7 +87,7 @@ def _load_head(model: Any, loaded: LoadedAdapter | LoadedFusion, name: str, path
 
 
 def save_adapter(model: Any, folder: Path, name: str, with_head: bool, format: str) -> None:
-    state = model._adapter_state
+    state = model.adapter_state
     record = state.record(name)
     if name in state.merged:
         raise AdapterFileError(f"adapter '{name}' is merged into the weights; unmerge_adapter('{name}') before saving it")
@@ -131,7 +131,7 @@ def save_adapter(model: Any, folder: Path, name: str, with_head: bool, format: s
 def load_adapter_fusion(model: Any, path: Path, load_as: str | None, with_head: bool) -> str:
     """Read an AdapterFusion folder (ours or AdapterHub's), check it fits, add it; its members
     must already be on the model."""
-    state = model._adapter_state
+    state = model.adapter_state
     loaded = read_fusion(path, with_head)
     if loaded.hidden_size and loaded.hidden_size != state.hidden_size:
         raise AdapterFileError(
@@ -154,7 +154,7 @@ def load_adapter_fusion(model: Any, path: Path, load_as: str | None, with_head: 
 
 
 def save_adapter_fusion(model: Any, folder: Path, name: str, with_head: bool | str) -> None:
-    state = model._adapter_state
+    state = model.adapter_state
     record = state.fusion(name)
     meta = {"name": name, "adapter_names": record.members, "config": record.config.to_dict(),
             "model_type": state.model_type, "hidden_size": state.hidden_size, "num_layers": state.num_layers,

@@ -212,7 +212,7 @@ def train_sequential(trainer: Trainer) -> dict[str, Any]:
 
 def adapter_file(model: nn.Module, method: str) -> dict[str, int]:
     name = method.replace("+", "p")
-    state = model._adapter_state
+    state = model.adapter_state
     params = {id(p): p for p in state.adapter_parameters(name).values()}.values()
     raw = sum(p.numel() * p.element_size() for p in params)
     with tempfile.TemporaryDirectory() as folder:

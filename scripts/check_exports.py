@@ -108,7 +108,7 @@ def make(folder: Path) -> None:
                                             labels, bias=head["bias"]))
         g = torch.Generator().manual_seed(2)
         with torch.no_grad():
-            for p in [*model._adapter_state.adapter_parameters(case).values(), *model._head_parameters(case).values()]:
+            for p in [*model.adapter_state.adapter_parameters(case).values(), *model._head_parameters(case).values()]:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
         io = _inputs()
         model.eval()  # the head was added after eval(): no dropout

@@ -51,7 +51,7 @@ def perturb():
     def apply(model, name: str, scale: float = 0.05, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for p in model._adapter_state.adapter_parameters(name).values():
+            for p in model.adapter_state.adapter_parameters(name).values():
                 p.add_(scale * torch.randn(p.shape, generator=g))
 
     return apply

@@ -30,7 +30,7 @@ model.add_adapter("a", "lora")
 model.train_adapter("a")
 torch.manual_seed(1)
 with torch.no_grad():
-    for p in model._adapter_state.adapter_parameters("a").values():
+    for p in model.adapter_state.adapter_parameters("a").values():
         p.add_(torch.randn_like(p))
 whole = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
 for layer in model.layers:

@@ -142,7 +142,7 @@ def test_decoder_cross_attention_adapters_sit_where_adapterhub_puts_them(name: s
     inputs, _ = _inputs(io)
     model = _load(case, "eager")
     model.load_adapter(ROOT / case["adapter_dir"], set_active=True)
-    cross = {k: p for k, p in model._adapter_state.adapter_parameters("ref").items() if re.search(CROSS_KEYS[name], k)}
+    cross = {k: p for k, p in model.adapter_state.adapter_parameters("ref").items() if re.search(CROSS_KEYS[name], k)}
     assert {re.match(r"^decoder\.(?:layers|block)\.(\d+)", k).group(1) for k in cross} == {"0", "1"}
     with torch.no_grad():
         for p in cross.values():

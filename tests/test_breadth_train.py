@@ -43,7 +43,7 @@ def test_method_trains_from_a_recipe(method: str, tmp_path: Path, tiny_bert_dir:
 
     def recording(recipe, data):
         model, tokenizer = build(recipe, data)
-        state = model._adapter_state
+        state = model.adapter_state
         initial.update({k: p.detach().clone() for k, p in state.adapter_parameters("tiny").items()})
         trained["model"], trained["tokenizer"] = model, tokenizer
         return model, tokenizer

@@ -22,7 +22,7 @@ def _gradients(model, name: str, ids: torch.Tensor, mask: torch.Tensor) -> dict[
     torch.manual_seed(0)  # the same dropout masks in both runs
     hidden = model(input_ids=ids, attention_mask=mask)[0]  # (prompt tuning makes it longer than ids)
     hidden.pow(2).mean().backward()
-    return {k: p.grad.clone() for k, p in model._adapter_state.adapter_parameters(name).items() if p.grad is not None}
+    return {k: p.grad.clone() for k, p in model.adapter_state.adapter_parameters(name).items() if p.grad is not None}
 
 
 @pytest.mark.parametrize("arch,method", CASES)

@@ -196,13 +196,13 @@ def test_lora_average_equals_the_svd_merge_of_the_deltas(perturb) -> None:
     low = _outputs(model, "svd4", ids, mask).last_hidden_state
     bare = _outputs(model, None, ids, mask).last_hidden_state
     assert 1e-6 < (low - want).abs().max() < (want - bare).abs().max()  # rank 4: close, not exact
-    assert model._adapter_state.adapters["svd4"].config.r == 4
+    assert model.adapter_state.adapters["svd4"].config.r == 4
 
 
 def test_average_adapter_linear_averages_the_weights(perturb) -> None:
     model, names = _model_with("bert", ["seq_bn_inv", "seq_bn_inv"], perturb)
     model.average_adapter("avg", ["a0", "a1"], weights=[1, 3])
-    state = model._adapter_state
+    state = model.adapter_state
     for key, value in state.adapter_parameters("avg").items():
         a0 = state.adapter_parameters("a0")[key.replace(".avg.", ".a0.")]
         a1 = state.adapter_parameters("a1")[key.replace(".avg.", ".a1.")]

@@ -59,7 +59,7 @@ def test_adapterhub_fusion_with_head_and_model_prefix() -> None:
     for name in ("bn_a", "bn_b"):
         model.load_adapter(FIXTURES / "adapters" / name)
     name = model.load_adapter_fusion(FIXTURES / "fusion/fuse_static_head", set_active=True)
-    assert name in model.heads and model._adapter_state.fusions[name].config.value is False  # "static"
+    assert name in model.heads and model.adapter_state.fusions[name].config.value is False  # "static"
     with torch.no_grad():
         logits = model(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).logits
     assert torch.allclose(logits, io["expected"], atol=1e-4)
@@ -87,7 +87,7 @@ def test_native_fusion_folder_round_trips(tmp_path: Path) -> None:
     model = _base()
     model.add_adapter_fusion(Fuse("bn_a", "bn_b", "bn_c"), "dynamic")
     with torch.no_grad():
-        for p in model._adapter_state.fusion_parameters("bn_a,bn_b,bn_c").values():
+        for p in model.adapter_state.fusion_parameters("bn_a,bn_b,bn_c").values():
             p.add_(0.05 * torch.randn_like(p))
     model.set_active_adapters(Fuse("bn_a", "bn_b", "bn_c"))
     with torch.no_grad():
@@ -134,19 +134,19 @@ def test_train_adapter_fusion_trains_only_fusion_and_head() -> None:
     assert trainable and all(".adapter_fusion_layer.a,b." in n or n.startswith("heads.task.") for n in trainable)
     assert any(n.startswith("heads.task.") for n in trainable) and model.training
     ids, mask = batch()
-    frozen = {k: v.clone() for k, v in model._adapter_state.adapter_parameters("a").items()}
-    fusion = {k: v.clone() for k, v in model._adapter_state.fusion_parameters("a,b").items()}
+    frozen = {k: v.clone() for k, v in model.adapter_state.adapter_parameters("a").items()}
+    fusion = {k: v.clone() for k, v in model.adapter_state.fusion_parameters("a,b").items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1])).loss
     reg = model.get_fusion_regularization_loss()
     assert reg is not None and 0 <= reg.item() < 1e-6  # W_v starts at the identity
     (loss + reg).backward()
     optimizer.step()
-    assert all(torch.equal(v, model._adapter_state.adapter_parameters("a")[k]) for k, v in frozen.items())
-    assert any(not torch.equal(v, model._adapter_state.fusion_parameters("a,b")[k]) for k, v in fusion.items())
+    assert all(torch.equal(v, model.adapter_state.adapter_parameters("a")[k]) for k, v in frozen.items())
+    assert any(not torch.equal(v, model.adapter_state.fusion_parameters("a,b")[k]) for k, v in fusion.items())
     assert model.get_fusion_regularization_loss().item() > reg.item()
     model.train_adapter_fusion(Fuse("a", "b"), unfreeze_adapters=True)
-    assert all(p.requires_grad for p in model._adapter_state.adapter_parameters("b").values())
+    assert all(p.requires_grad for p in model.adapter_state.adapter_parameters("b").values())
 
 
 def test_nested_list_shorthand_runs_a_fusion(perturb) -> None:
@@ -197,7 +197,7 @@ def three():
 def test_bad_members_are_refused(three, members, message: str) -> None:
     with pytest.raises(CompositionError, match=message):
         three.add_adapter_fusion(members)
-    assert not three._adapter_state.fusions
+    assert not three.adapter_state.fusions
 
 
 def test_fusion_name_collisions_and_unknown_config(three) -> None:
@@ -205,7 +205,7 @@ def test_fusion_name_collisions_and_unknown_config(three) -> None:
     with pytest.raises(adaptercli.AdapterCliError, match="already exists"):
         three.add_adapter_fusion(["a", "b"])
     three.add_adapter_fusion(["a", "b"], "static", overwrite_ok=True)
-    assert three._adapter_state.fusions["a,b"].config.value is False
+    assert three.adapter_state.fusions["a,b"].config.value is False
     with pytest.raises(adaptercli.AdapterCliError, match="unknown fusion config 'dynamik'"):
         three.add_adapter_fusion(["a", "b"], "dynamik", name="other")
     with pytest.raises(adaptercli.AdapterCliError, match="fuses \\['a', 'b'\\], not \\['b', 'a'\\]"):
@@ -217,7 +217,7 @@ def test_missing_member_on_load_is_refused() -> None:
     model.load_adapter(FIXTURES / "adapters/bn_a")
     with pytest.raises(CompositionError, match=r"needs adapter\(s\) bn_b, bn_c, which are not on this model"):
         model.load_adapter_fusion(FIXTURES / "fusion/fuse_dynamic")
-    assert not model._adapter_state.fusions
+    assert not model.adapter_state.fusions
 
 
 def test_fusion_for_another_hidden_size_or_model_type_is_refused(tmp_path: Path) -> None:
@@ -231,7 +231,7 @@ def test_fusion_for_another_hidden_size_or_model_type_is_refused(tmp_path: Path)
         (folder / "adapter_fusion_config.json").write_text(json.dumps(meta))
         with pytest.raises(AdapterFileError, match=message):
             model.load_adapter_fusion(folder)
-    assert not model._adapter_state.fusions
+    assert not model.adapter_state.fusions
 
 
 def test_members_from_different_base_models_are_refused(tmp_path: Path) -> None:
@@ -251,7 +251,7 @@ def test_members_from_different_base_models_are_refused(tmp_path: Path) -> None:
 def test_deleting_a_member_deletes_its_fusions(three) -> None:
     three.add_adapter_fusion(["a", "b"], set_active=True)
     three.delete_adapter("b")
-    assert not three._adapter_state.fusions and three.active_adapters is None
+    assert not three.adapter_state.fusions and three.active_adapters is None
     assert not [n for n, _ in three.named_parameters() if "adapter_fusion_layer" in n]
     with pytest.raises(CompositionError, match="no AdapterFusion named 'a,b'"):
         three.delete_adapter_fusion(["a", "b"])

@@ -30,7 +30,7 @@ def test_sixteen_steps_learn_the_task(method: str, tmp_path: Path, sentiment_csv
 
     def recording_initial_weights(recipe, data):
         model, tokenizer = build(recipe, data)
-        adapter = model._adapter_state.adapter_parameters(recipe.adapter.name)
+        adapter = model.adapter_state.adapter_parameters(recipe.adapter.name)
         initial.update({key: p.detach().clone() for key, p in adapter.items()})
         return model, tokenizer
 

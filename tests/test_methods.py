@@ -81,7 +81,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(model_type: str, method: str
         hooked = model(input_ids=ids, attention_mask=mask).last_hidden_state
         model.merge_adapter("a")
         merged = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert not model._adapter_state.handles, "a merged adapter must run no hook"
+    assert not model.adapter_state.handles, "a merged adapter must run no hook"
     assert torch.allclose(hooked, merged, atol=1e-5)
     model.unmerge_adapter("a")
     for key, value in model.state_dict().items():
@@ -110,9 +110,9 @@ def test_inactive_adapters_install_no_hooks() -> None:
     model = adaptercli.init(tiny_model("bert"))
     for i, method in enumerate(["seq_bn", "lora", "prefix_tuning", "ia3"]):
         model.add_adapter(f"a{i}", method)
-    assert model._adapter_state.handles == []
+    assert model.adapter_state.handles == []
     model.set_active_adapters("a1")
-    assert len(model._adapter_state.handles) == 4  # query and value in two layers
+    assert len(model.adapter_state.handles) == 4  # query and value in two layers
 
 
 def test_stack_runs_adapters_in_order(perturb) -> None:
@@ -205,6 +205,6 @@ def test_delete_adapter_removes_parameters_and_hooks(method: str) -> None:
     model.add_adapter("a", method, set_active=True)
     model.delete_adapter("a")
     assert {k for k, _ in model.named_parameters()} == before
-    assert model._adapter_state.handles == [] and model.active_adapters is None
+    assert model.adapter_state.handles == [] and model.active_adapters is None
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, bare)

@@ -32,7 +32,7 @@ def test_generation_with_cache_equals_without(method: str) -> None:
     bare = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     model.add_adapter("a", method)
     with torch.no_grad():
-        for key, p in model._adapter_state.adapter_parameters("a").items():
+        for key, p in model.adapter_state.adapter_parameters("a").items():
             if ".parametrizations." not in key:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     model.set_active_adapters("a")

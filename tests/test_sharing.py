@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_model, write_recipe
 from hub_server import HubServer, find_olah
 from safetensors.torch import load_file
@@ -32,7 +33,6 @@ from typer.testing import CliRunner
 import adaptercli
 from adaptercli.cli import app
 from adaptercli.export import base_model_id
-from adaptercli.formats.card import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -40,6 +40,15 @@ runner = CliRunner()
 OFFLINE = {"HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"}
 BASE = "google/bert_uncased_L-2_H-128_A-2"  # the Hub id the tiny test model stands in for
 TEXTS = ["great movie number 7", "awful movie number 3 , really"]
+
+
+def read_metadata(text: str) -> dict:
+    """The YAML front matter of a model card ({} when it has none)."""
+    if not text.startswith("---"):
+        return {}
+    data = yaml.safe_load(text[3:].partition("\n---")[0])
+    return data if isinstance(data, dict) else {}
+
 # Runs steps in a fresh process (which reads HF_ENDPOINT): load an adapter by name into a base
 # model and record its logits (or the error), search an index, or edit a file. Prints the results.
 STEPS = """
@@ -474,7 +483,7 @@ def test_a_fusion_run_exports_with_its_members(tmp_path: Path, tiny_bert_dir: Pa
     model.add_adapter_fusion(["alpha", "beta"], name="target")
     model.add_classification_head("target", num_labels=2)
     with torch.no_grad():
-        for p in model._adapter_state.fusion_parameters("target").values():
+        for p in model.adapter_state.fusion_parameters("target").values():
             p.add_(0.1 * torch.randn_like(p))
     model.save_adapter_fusion(tmp_path / "fuse/run/adapter", "target", with_head=True)
     recipe = write_recipe(tmp_path / "fuse", tiny_bert_dir, sentiment_csv, name="target",

@@ -18,7 +18,7 @@ import adaptercli
 
 
 def _adapter(model, name: str) -> dict[str, torch.Tensor]:
-    return {k: p.detach() for k, p in model._adapter_state.adapter_parameters(name).items()}
+    return {k: p.detach() for k, p in model.adapter_state.adapter_parameters(name).items()}
 
 
 def _bottleneck_hooks(bare, weights: list[dict[str, torch.Tensor]], names: list[str]) -> list:

@@ -45,7 +45,7 @@ def test_every_accepted_method_changes_the_output_and_deactivates(model_type: st
         model.add_adapter("a", method + support_matrix.TINY_SETTINGS.get(method, ""))
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for key, p in model._adapter_state.adapter_parameters("a").items():
+            for key, p in model.adapter_state.adapter_parameters("a").items():
                 # Not ReFT's orthogonal parametrisation: nudging its ±1 diagonal below 1 zeroes R.
                 if ".parametrizations." not in key:
                     p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -76,7 +76,7 @@ def test_prefix_tuning_sdpa_equals_eager_where_adapterhub_has_no_reference(model
         model.add_adapter("p", "prefix_tuning[prefix_length=5,bottleneck_size=16]")
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for p in model._adapter_state.adapter_parameters("p").values():
+            for p in model.adapter_state.adapter_parameters("p").values():
                 p.add_(0.5 * torch.randn(p.shape, generator=g))
         model.set_active_adapters("p")
         with torch.no_grad():

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .common import atomic_write
+from .common import write_text
 
 CARD = "README.md"
 # The library each exported folder is for, as the Hub names it.
@@ -153,13 +153,4 @@ def render(card: AdapterCard) -> str:
 
 def write(folder: Path, card: AdapterCard) -> None:
     text = render(card)
-    atomic_write(folder / CARD, lambda tmp: Path(tmp).write_text(text))
-
-
-def read_metadata(text: str) -> dict[str, Any]:
-    """The front matter of a card's text ({} when it has none)."""
-    if not text.startswith("---"):
-        return {}
-    front, _, _ = text[3:].partition("\n---")
-    data = yaml.safe_load(front)
-    return data if isinstance(data, dict) else {}
+    write_text(folder / CARD, text)
