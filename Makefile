@@ -44,8 +44,10 @@ demo: install
 fusion-demo: install
 	$(BIN)/python scripts/fusion_demo.py --publish docs
 
+# ruff, and the layers contracts in pyproject.toml (every import points down; see README "Layout").
 lint: install
 	$(BIN)/ruff check adaptercli tests scripts
+	$(BIN)/lint-imports --no-cache
 
 repro: install
 	$(BIN)/python -m pytest -q -m slow

@@ -324,7 +324,11 @@ def export(
         console.print(f"added {descriptor.id} to the index ({escape(str(path))})", highlight=False, soft_wrap=True)
 
 
-hub_app = typer.Typer(help="An adapter index: add runs, search by task, data set, model and method, show one.",
+# Named after AdapterHub's "Hub" (its index of shared adapters), which this group reproduces; what
+# it works on is an adapter index. Pushing files to the Hugging Face Hub is `adapter export --to hub`.
+hub_app = typer.Typer(help="The adapter index (AdapterHub's Hub: YAML descriptors of shared adapters, loaded by "
+                           "id task/dataset@org): add runs, search by task, data set, model and method, show one. "
+                           "To push files to the Hugging Face Hub, use `adapter export --to hub`.",
                       no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 IndexOpt = Annotated[str | None, typer.Option("--index", help="Index: a folder, a git URL or hf:org/name (default: $ADAPTERCLI_INDEX).")]
