@@ -232,7 +232,7 @@ def summary(
     """Show the adapter's parameter table: name, method, parameters, % of the model, active, trainable."""
     path = Path(target)
     if path.is_dir():
-        from .train import load_run
+        from .runs import load_run
 
         recipe, model, _, name = load_run(path)
         fusion_report = path / "fusion_attention.json"
@@ -246,7 +246,7 @@ def summary(
             model.train_adapter(name)
     else:
         from .recipe import load_recipe
-        from .train import attach_adapter, load_model
+        from .runs import attach_adapter, load_model
 
         recipe = load_recipe(_recipe_path(target), overrides or [])
         model = load_model(recipe)[0]

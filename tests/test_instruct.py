@@ -21,7 +21,8 @@ from adaptercli.errors import AdapterCliError
 from adaptercli.heads import HeadConfig
 from adaptercli.model import AutoAdapterModel
 from adaptercli.recipe import DataConfig, load_recipe
-from adaptercli.train import evaluate, prepare_model, train
+from adaptercli.runs import prepare_model
+from adaptercli.train import evaluate, train
 from tests.conftest import write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from adaptercli.cli import app
 from adaptercli.recipe import load_recipe
-from adaptercli.train import evaluate_run, load_run, train
+from adaptercli.runs import load_run
+from adaptercli.train import evaluate_run, train
 from tests.conftest import write_recipe
 
 bitsandbytes = pytest.importorskip("bitsandbytes")
