@@ -10,7 +10,7 @@ Run folder: ``adapter/`` (final adapter + head, native format; the best one when
 ``curves.png`` (and ``trackers/`` for ``train.report_to: [tensorboard]``).
 
 The same loop runs under ``accelerate launch`` (DDP, FSDP2, DeepSpeed): every process takes its
-share of every batch and only the main process writes (see "several processes" below).
+share of every batch and only the main process writes (see `adaptercli.distributed`).
 """
 
 from __future__ import annotations
@@ -21,27 +21,20 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from accelerate import Accelerator, DistributedType
-from accelerate.state import AcceleratorState
 from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    ProjectConfiguration,
-    broadcast_object_list,
     gather_object,
 )
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from .checkpoints import (
@@ -53,12 +46,13 @@ from .checkpoints import (
 )
 from .checks import preflight
 from .data import LoadedData, chat_text, load_data, make_collator, tokenize_dataset
+from .distributed import full_weights, main_process_lock, make_accelerator, share, tracker_config
 from .errors import AdapterCliError
 from .formats.common import write_json
 from .metrics import IGNORE_INDEX, compute_metrics
 from .model import AdapterModel
-from .recipe import FULL_FINETUNING, Recipe, recipe_to_yaml
-from .runs import load_run, prepare_model, run_lock, save_trained, with_absolute_paths
+from .recipe import Recipe, recipe_to_yaml
+from .runs import load_run, prepare_model, save_trained, with_absolute_paths
 
 TOKEN_TASKS = ("tagging", "mlm", "causal_lm", "instruct", "seq2seq")  # a label per token; the others, one per example
 _CRASH_ENV = "ADAPTERCLI_TEST_KILL_AT_STEP"  # tests: SIGKILL the run right after this step
@@ -128,7 +122,7 @@ def evaluate(model: AdapterModel, split, collator: Callable, task: str, label_na
     with torch.no_grad():
         for start in range(0, len(split), batch_size):
             full = _collate(collator, split, list(range(start, min(start + batch_size, len(split)))))
-            rows, real = _share(len(full["input_ids"]), accelerator)
+            rows, real = share(len(full["input_ids"]), accelerator)
             batch = {k: v[rows].to(device) for k, v in full.items()}
             out = model(**batch)
             written = None if generation is None else \
@@ -202,68 +196,6 @@ def _plot(history: list[dict[str, Any]], path: Path, metric: str | None) -> None
     os.replace(tmp, path)
 
 
-# --- several processes: accelerate launch ----------------------------------------------------------
-# Every process runs the same loop over the same global batches (the order is a function of the seed
-# and epoch); each takes a contiguous share of every batch. DDP averages the processes' gradients, so
-# each share's mean loss is weighted by its part of the batch's loss units (examples, or scored tokens
-# for token-level tasks): the step then equals one process's step on the whole batch. Only the main
-# process writes files, prints and reports to trackers; FSDP2 and DeepSpeed ZeRO-3 weights are
-# gathered whole before anything is saved.
-
-
-def _accelerator(recipe: Recipe) -> Accelerator:
-    """One Accelerator per run: mixed precision, trackers, and the launch's processes (if any)."""
-    cfg, out = recipe.train, Path(recipe.output_dir)
-    mixed = cfg.mixed_precision if torch.cuda.is_available() or cfg.mixed_precision == "bf16" else "no"
-    # Accelerate keeps the first Accelerator's settings (mixed precision, compile) for the whole
-    # process; a second run in the same process (the Python API, reproduce.py) gets its own. The
-    # launch's processes (PartialState) stay as they are.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=mixed, log_with=list(cfg.report_to) or None,
-        dynamo_backend="inductor" if cfg.compile else "no",  # prepare() compiles the model, unwrap_model undoes it
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "trackers")),
-        # full fine-tuning leaves weights without a gradient (BERT's pooler); adapters and heads use all theirs
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.adapter.method == FULL_FINETUNING)])
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise AdapterCliError("FSDP: adaptercli trains with FSDP2; set fsdp_version: 2 in the accelerate config "
-                              "(see configs/accelerate/fsdp.yaml)")
-    if kind == DistributedType.DEEPSPEED and cfg.gradient_accumulation_steps > 1:
-        raise AdapterCliError("train.gradient_accumulation_steps: not supported under DeepSpeed yet; raise "
-                              "train.batch_size instead (each process takes batch_size / processes examples)")
-    return accelerator
-
-
-@contextlib.contextmanager
-def _main_process_lock(accelerator: Accelerator, out: Path) -> Iterator[None]:
-    """`run_lock`, held by the main process; every process learns whether it was taken."""
-    with contextlib.ExitStack() as stack:
-        problem = None
-        if accelerator.is_main_process:
-            try:
-                stack.enter_context(run_lock(out))
-            except AdapterCliError as exc:
-                problem = str(exc)
-        if accelerator.num_processes > 1:
-            problem = broadcast_object_list([problem])[0]
-        if problem:
-            raise AdapterCliError(problem)
-        yield
-
-
-def _share(rows: int, accelerator: Accelerator | None) -> tuple[slice, bool]:
-    """This process's rows of a batch: a contiguous slice, and whether it holds any. A process
-    whose share is empty runs row 0 anyway (its loss multiplied by 0), so that every process runs
-    the same forward and backward passes and their collective operations stay in step."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return slice(0, rows), True
-    per = math.ceil(rows / accelerator.num_processes)
-    start = min(accelerator.process_index * per, rows)
-    stop = min(start + per, rows)
-    return (slice(start, stop), True) if start < stop else (slice(0, 1), False)
-
-
 def _loss_units(labels: torch.Tensor, task: str) -> int:
     """How many terms a batch's mean loss averages: its scored tokens for token-level tasks (a
     causal LM scores each position's next token), else its examples."""
@@ -272,50 +204,6 @@ def _loss_units(labels: torch.Tensor, task: str) -> int:
     if task in ("causal_lm", "instruct"):
         labels = labels[:, 1:]
     return int((labels != IGNORE_INDEX).sum())
-
-
-@contextlib.contextmanager
-def _full_weights(accelerator: Accelerator, model: Any) -> Iterator[AdapterModel]:
-    """The unwrapped model, its trainable weights whole on the main process while inside, to save
-    them. FSDP2 and DeepSpeed ZeRO-3 keep only a shard of each weight on each process: they are
-    gathered here (collectively: every process enters), so a saved adapter is never a shard."""
-    unwrapped = accelerator.unwrap_model(model)
-    trainable = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
-            yield unwrapped
-        return
-    whole = [(n, p.full_tensor()) for n, p in trainable if isinstance(p, DTensor)]  # FSDP2
-    swapped = []
-    if accelerator.is_main_process:
-        for name, value in whole:
-            owner, _, leaf = name.rpartition(".")
-            module = unwrapped.get_submodule(owner)
-            swapped.append((module, leaf, module._parameters[leaf]))
-            module._parameters[leaf] = nn.Parameter(value, requires_grad=True)
-    try:
-        yield unwrapped
-    finally:
-        for module, leaf, sharded in swapped:
-            module._parameters[leaf] = sharded
-
-
-def _tracker_config(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as flat ``section.key`` values that every tracker accepts (lists and None as text)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            flat[prefix] = value if isinstance(value, bool | int | float | str) else str(value)
-
-    walk("", OmegaConf.to_container(OmegaConf.structured(recipe)))
-    return flat
 
 
 def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, float]:
@@ -328,11 +216,11 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     if not resume and (ckpt_dir / "latest.json").exists():
         raise AdapterCliError(f"{out} already holds a run; use --resume to continue it or choose another output_dir")
     data = preflight(recipe).data  # the recipe's files, model folder and metric, before anything loads
-    accelerator = _accelerator(recipe)
+    accelerator = make_accelerator(recipe)
     console = console or Console()
     if not accelerator.is_main_process:
         console = Console(quiet=True)
-    with _main_process_lock(accelerator, out):
+    with main_process_lock(accelerator, out):
         final = _train(recipe, data, resume, console, accelerator)
         if accelerator.is_main_process and recipe.composition is not None and recipe.composition.type == "fuse":
             console.print(fusion_table(fusion_attention_report(out)))
@@ -394,7 +282,7 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, acc
             for entry in progress.history:
                 log.write(json.dumps(entry) + "\n")
     if cfg.report_to:
-        accelerator.init_trackers(name, config=_tracker_config(recipe))
+        accelerator.init_trackers(name, config=tracker_config(recipe))
     collator = make_collator(tokenizer, data.task, seed=cfg.seed)
     generation = text_generation(recipe, tokenizer)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
@@ -413,7 +301,7 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, acc
         accelerator.log({f"{kind}/{k}": v for k, v in entry.items() if k not in ("step", "eval")}, step=entry["step"])
 
     def save(folder: Path) -> None:  # every process gathers the weights, the main one writes them
-        with _full_weights(accelerator, model) as whole:
+        with full_weights(accelerator, model) as whole:
             if main:
                 save_trained(whole, folder, recipe)
 
@@ -451,7 +339,7 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, acc
                 step_loss = torch.zeros((), device=device)
                 for i, indices in enumerate(group):
                     whole = _collate(collator, train_split, indices)  # the global batch; this process's share:
-                    rows, real = _share(len(indices), accelerator)
+                    rows, real = share(len(indices), accelerator)
                     batch = {k: v[rows].to(device) for k, v in whole.items()}
                     last = i == len(group) - 1  # processes exchange gradients once per step
                     with accelerator.no_sync(model) if processes > 1 and not last else contextlib.nullcontext():
@@ -489,7 +377,7 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, acc
                         console.print(f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
                         stop = True
                 if progress.step % cfg.save_steps == 0 or stop:
-                    with _full_weights(accelerator, model) as whole_model:
+                    with full_weights(accelerator, model) as whole_model:
                         save_checkpoint(ckpt_dir, whole_model, optimizer, scheduler, progress, name, write=main)
                     if main:
                         prune_checkpoints(ckpt_dir, cfg.save_total_limit)

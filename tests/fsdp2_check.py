@@ -1,8 +1,8 @@
 """FSDP2 on CPU processes (gloo), for tests/test_distributed.py: ``torchrun --standalone
 --nproc_per_node 2 tests/fsdp2_check.py``. Accelerate runs FSDP on GPUs only, so this shards a tiny
-Llama with torch's ``fully_shard`` itself and checks what train.py does under FSDP2: the adapter is
-gathered whole for saving (and saved), the shards come back, and the optimizer state saved whole
-is cut back into the same shards."""
+Llama with torch's ``fully_shard`` itself and checks what distributed.py and checkpoints.py do under
+FSDP2: the adapter is gathered whole for saving (and saved), the shards come back, and the
+optimizer state saved whole is cut back into the same shards."""
 
 import sys
 import tempfile
@@ -19,8 +19,8 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adaptercli  # noqa: E402
 from adaptercli.checkpoints import full_optimizer_state, shard_like  # noqa: E402
+from adaptercli.distributed import full_weights  # noqa: E402
 from adaptercli.formats import read_adapter  # noqa: E402
-from adaptercli.train import _full_weights  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 
 dist.init_process_group("gloo")
@@ -46,7 +46,7 @@ model(input_ids=ids)[0].pow(2).mean().backward()
 opt.step()
 acc = types.SimpleNamespace(unwrap_model=lambda m: m, distributed_type=DistributedType.FSDP, state=None,
                             is_main_process=rank == 0)
-with _full_weights(acc, model) as m:
+with full_weights(acc, model) as m:
     if rank == 0:
         got = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
         assert all(not isinstance(p, DTensor) for p in got.values())
