@@ -21,8 +21,9 @@ from transformers import BertConfig, BertModel
 
 from adaptercli.assets import resolve_model_path
 from adaptercli.distributed import share
+from adaptercli.evaluation import loss_units
 from adaptercli.recipe import load_recipe
-from adaptercli.train import _loss_units, train
+from adaptercli.train import train
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 # accelerate 1.x runs `--cpu --num_processes N` as one process (several need mpirun); --multi_gpu
@@ -154,7 +155,7 @@ def test_weighted_shares_add_up_to_the_whole_batch(task: str) -> None:
         Processes.process_index = rank
         part, real = share(rows, Processes)
         assert real
-        shares.append(loss_of(part) * 2 * _loss_units(labels[part], task) / _loss_units(labels, task))
+        shares.append(loss_of(part) * 2 * loss_units(labels[part], task) / loss_units(labels, task))
     torch.testing.assert_close(sum(shares) / 2, loss_of(slice(0, rows)))
     Processes.num_processes, Processes.process_index = 8, 7  # 7 rows, 8 processes: the last has none
     assert share(rows, Processes) == (slice(0, 1), False)
