@@ -238,7 +238,7 @@ def summary(
         fusion_report = path / "fusion_attention.json"
         if recipe.composition is not None and recipe.composition.type == "fuse":
             model.train_adapter_fusion(model.active_adapters)  # show what training it would update
-            from .train import fusion_attention_report, fusion_table
+            from .reports import fusion_attention_report, fusion_table
 
             report = json.loads(fusion_report.read_text()) if fusion_report.exists() else fusion_attention_report(path)
             console.print(fusion_table(report))
