@@ -114,14 +114,14 @@ def full_weights(accelerator: Accelerator, model: Any) -> Iterator[AdapterModel]
 
 def tracker_config(recipe: Recipe) -> dict[str, Any]:
     """The recipe as flat ``section.key`` values that every tracker accepts (lists and None as text)."""
+    return _flat("", OmegaConf.to_container(OmegaConf.structured(recipe)))
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    """``value`` as ``prefix.key`` entries, nested dicts walked depth first."""
+    if not isinstance(value, dict):
+        return {prefix: value if isinstance(value, bool | int | float | str) else str(value)}
     flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            flat[prefix] = value if isinstance(value, bool | int | float | str) else str(value)
-
-    walk("", OmegaConf.to_container(OmegaConf.structured(recipe)))
+    for key, item in value.items():
+        flat.update(_flat(f"{prefix}.{key}" if prefix else str(key), item))
     return flat
