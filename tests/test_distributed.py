@@ -185,8 +185,9 @@ def test_shipped_launch_configs_parse(name: str, tmp_path: Path) -> None:
 
 def test_fsdp2_saves_whole_adapters_and_reshards_the_optimizer_state() -> None:
     """Accelerate runs FSDP on GPUs only; tests/fsdp2_check.py shards a tiny Llama with torch's
-    fully_shard on 2 CPU processes and checks distributed.py's gathering (a saved adapter holds whole
-    weights, never a shard) and its whole-tensor optimizer state cut back into the same shards."""
+    fully_shard on 2 CPU processes and checks the gathering in distributed.py (a saved adapter holds
+    whole weights, never a shard) and checkpoints.py's whole-tensor optimizer state cut back into the
+    same shards."""
     torchrun = str(Path(sys.executable).parent / "torchrun")
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(Path(__file__).parent / "fsdp2_check.py")],
                             capture_output=True, text=True, env=ENV, timeout=600)
