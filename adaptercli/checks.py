@@ -207,8 +207,3 @@ def _check_optional_packages(recipe: Recipe, problems: list[str]) -> None:
     if recipe.model.quantization and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"model.quantization: {recipe.model.quantization} loading needs bitsandbytes "
                         "(pip install bitsandbytes)")
-
-
-def member_folder(source: str) -> str:  # TEMPORARY until train.py's split lands (runs.load_members calls locate)
-    folder = local_folder(source)
-    return str(folder) if folder is not None else source

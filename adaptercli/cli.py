@@ -161,7 +161,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="Which split to evaluate.")] = "validation",
 ) -> None:
     """Evaluate a trained run's adapter on its data."""
-    from .train import evaluate_run
+    from .inference import evaluate_run
 
     metrics = evaluate_run(run_dir, split)
     table = Table(title=f"{run_dir} — {split}")
@@ -181,7 +181,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
 ) -> None:
     """Predict the label (and its probability) of each text with a trained run's adapter; a seq2seq run writes each text's summary or translation."""
-    from .train import predict as run
+    from .inference import predict as run
 
     items = list(texts or [])
     if file is not None:
@@ -214,7 +214,7 @@ def generate(
     num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Seq2seq runs: beam search with this many beams (1: greedy).")] = 1,
 ) -> None:
     """Answer each prompt with a trained causal-LM run's adapter (the chat template of an instruction-tuned run frames the prompt), or write a seq2seq run's summary or translation of it (after its data.source_prefix), to try the result."""
-    from .train import generate as run
+    from .inference import generate as run
 
     answers = run(run_dir, prompts, max_new_tokens, temperature, seed, num_beams)
     for prompt, answer in zip(prompts, answers, strict=True):
@@ -232,13 +232,13 @@ def summary(
     """Show the adapter's parameter table: name, method, parameters, % of the model, active, trainable."""
     path = Path(target)
     if path.is_dir():
-        from .train import load_run
+        from .runs import load_run
 
         recipe, model, _, name = load_run(path)
         fusion_report = path / "fusion_attention.json"
         if recipe.composition is not None and recipe.composition.type == "fuse":
             model.train_adapter_fusion(model.active_adapters)  # show what training it would update
-            from .train import fusion_attention_report, fusion_table
+            from .reports import fusion_attention_report, fusion_table
 
             report = json.loads(fusion_report.read_text()) if fusion_report.exists() else fusion_attention_report(path)
             console.print(fusion_table(report))
@@ -246,7 +246,7 @@ def summary(
             model.train_adapter(name)
     else:
         from .recipe import load_recipe
-        from .train import attach_adapter, load_model
+        from .runs import attach_adapter, load_model
 
         recipe = load_recipe(_recipe_path(target), overrides or [])
         model = load_model(recipe)[0]

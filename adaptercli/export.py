@@ -291,7 +291,7 @@ def _write_merged(source: Source, dest: Path) -> tuple[list[str], str]:
     import torch
     import transformers
 
-    from .train import load_run
+    from .runs import load_run
 
     if source.run is None:
         raise AdapterCliError("--to merged: give the run folder (its recipe names the base model and tokenizer)")

@@ -1,4 +1,4 @@
-"""Training, evaluation and prediction for a recipe — one readable loop, the steps in order.
+"""Training a recipe's adapter — one readable loop, the steps in order.
 
 ``train(recipe)`` builds the model (backbone frozen, adapter + head trainable; a seq2seq run keeps
 the encoder-decoder's own LM head, frozen), walks the data in a seeded order, and every ``save_steps`` writes a checkpoint atomically (adapter and head weights,
@@ -10,668 +10,52 @@ Run folder: ``adapter/`` (final adapter + head, native format; the best one when
 ``curves.png`` (and ``trackers/`` for ``train.report_to: [tensorboard]``).
 
 The same loop runs under ``accelerate launch`` (DDP, FSDP2, DeepSpeed): every process takes its
-share of every batch and only the main process writes (see "several processes" below).
+share of every batch and only the main process writes (see `adaptercli.distributed`).
+
+What the loop uses lives beside it: the model built from the recipe in `adaptercli.runs`,
+checkpoints in `adaptercli.checkpoints`, evaluation in `adaptercli.evaluation`, the curves and
+fusion reports in `adaptercli.reports`; the commands on a finished run (eval, predict, generate)
+are `adaptercli.inference`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
-import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
-from accelerate import Accelerator, DistributedType, PartialState
-from accelerate.state import AcceleratorState
-from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    ProjectConfiguration,
-    broadcast_object_list,
-    gather_object,
-)
-from omegaconf import OmegaConf
+from accelerate import Accelerator, DistributedType
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch.distributed.tensor import DTensor, distribute_tensor
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 
-from .assets import resolve_model_path
-from .checks import member_folder, preflight
-from .composition import Fuse, Stack
-from .data import LoadedData, chat_text, load_data, make_collator, tokenize_dataset
+from .checkpoints import (
+    RunState,
+    prune_checkpoints,
+    restore_training_state,
+    restore_weights,
+    save_checkpoint,
+)
+from .checks import preflight
+from .data import LoadedData, make_collator, tokenize_dataset
+from .distributed import full_weights, main_process_lock, make_accelerator, share, tracker_config
 from .errors import AdapterCliError
-from .formats.common import read_json, write_json, write_weights
-from .heads import HeadConfig
-from .hub import hub_access, pinned
-from .metrics import IGNORE_INDEX, compute_metrics
-from .model import AdapterModel, AutoAdapterModel, ModelAdaptersMixin, init
-from .recipe import FULL_FINETUNING, Recipe, load_recipe, recipe_to_yaml
+from .evaluation import TextGeneration, collate, evaluate, loss_units, text_generation
+from .recipe import Recipe, recipe_to_yaml
+from .reports import fusion_attention_report, fusion_table, plot_curves
+from .runs import prepare_model, save_trained, with_absolute_paths
 
-# recipe head types -> AdapterHub head types
-_HEAD_TYPES = {"classification": "classification", "multilabel": "multilabel_classification",
-               "regression": "regression", "tagging": "tagging", "qa": "question_answering",
-               "mlm": "masked_lm", "causal_lm": "causal_lm", "instruct": "causal_lm"}
-TOKEN_TASKS = ("tagging", "mlm", "causal_lm", "instruct", "seq2seq")  # a label per token; the others, one per example
 _CRASH_ENV = "ADAPTERCLI_TEST_KILL_AT_STEP"  # tests: SIGKILL the run right after this step
-
-
-def load_model(recipe: Recipe) -> tuple[AdapterModel | ModelAdaptersMixin, Any]:
-    """The recipe's backbone (frozen later by ``train_adapter``) and tokenizer: an `AdapterModel`
-    (flexible heads), or for ``data.task: seq2seq`` the encoder-decoder with its own LM head
-    (``AutoModelForSeq2SeqLM`` given the adapter API by `adaptercli.init`), which writes the text
-    and computes the loss itself. With ``model.quantization`` the backbone's linear layers are
-    loaded in 4 or 8 bits by bitsandbytes (QLoRA); everything else, adapters and heads included,
-    stays in full precision."""
-    m = recipe.model
-    path = resolve_model_path(m.name_or_path)
-    kwargs: dict[str, Any] = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
-    if m.gguf_file:
-        kwargs["gguf_file"] = m.gguf_file
-    try:
-        with hub_access():  # a Hub id with the Hub unreachable fails in seconds
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            if m.attn_implementation:
-                kwargs["attn_implementation"] = m.attn_implementation
-            if m.dtype:
-                kwargs["dtype"] = m.dtype if m.dtype == "auto" else getattr(torch, m.dtype)
-            if m.quantization:
-                kwargs["quantization_config"] = quantization_config(m.quantization)
-                kwargs.setdefault("dtype", torch.float32)  # norms, embeddings: kept in full precision
-                kwargs["device_map"] = {"": PartialState().device}  # this process's device
-            if recipe.data.task == "seq2seq":
-                model = init(AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs), layout=m.layout)
-            else:
-                model = AutoAdapterModel.from_pretrained(path, layout=m.layout, **kwargs)
-    except (OSError, ValueError, ImportError, RuntimeError) as exc:
-        local = Path(path).exists()
-        hint = "" if local else (" — it is not a local folder and the Hugging Face Hub could not be reached; "
-                                 "set model.name_or_path to a downloaded model folder (or `minilm`, installed offline)")
-        key = "model.quantization" if m.quantization and local else "model.name_or_path"
-        raise AdapterCliError(f"{key}: cannot load '{m.name_or_path}'{hint} ({str(exc).splitlines()[0][:200]})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def quantization_config(kind: str) -> Any:
-    """bitsandbytes settings for ``model.quantization``: ``4bit`` is QLoRA's NF4 with double
-    quantization, computing in bf16 on GPUs that have it (fp16 on older ones, fp32 on the CPU);
-    ``8bit`` is LLM.int8()."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise AdapterCliError("model.quantization: needs bitsandbytes; install it with "
-                              "pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
-
-    if kind == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if torch.cuda.is_available():
-        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        compute = torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
-
-
-def attach_adapter(model: AdapterModel, recipe: Recipe) -> str:
-    """Add the recipe's new adapter, or load its pretrained one; returns the adapter's name."""
-    name = recipe.adapter.name
-    if recipe.adapter.load:  # a frozen adapter gets a new head for this task; else its own is trained on
-        with_head = not recipe.adapter.freeze and isinstance(model, AdapterModel)  # seq2seq: the model's own
-        model.load_adapter(recipe.adapter.load, load_as=name, with_head=with_head)
-    else:
-        model.add_adapter(name, {"method": recipe.adapter.method, **recipe.adapter.config})
-    return name
-
-
-def load_members(model: AdapterModel, recipe: Recipe) -> list[str]:
-    """Load the composition's member adapters (frozen; heads left behind), each under its saved
-    name, or that name plus its position when two members share one."""
-    from .formats import read_adapter  # noqa: F401
-
-    names: list[str] = []
-    for index, source in enumerate(recipe.composition.adapters if recipe.composition else []):
-        folder = member_folder(source)
-        saved = read_adapter(Path(folder), with_head=False).saved_name if Path(folder).is_dir() else None
-        load_as = f"{saved}_{index}" if saved in names or saved == recipe.adapter.name else None
-        names.append(model.load_adapter(folder, load_as=load_as, with_head=False))
-    return names
-
-
-def setup_of(recipe: Recipe, members: list[str]) -> Stack | Fuse:
-    """What runs in a forward pass: the fusion of the members (named like the recipe's adapter, whose
-    head it feeds), or the members stacked under the recipe's adapter."""
-    name = recipe.adapter.name
-    if recipe.composition is not None and recipe.composition.type == "fuse":
-        return Fuse(*members, name=name)
-    return Stack(*members, name)
-
-
-def prepare_model(recipe: Recipe, data: LoadedData) -> tuple[AdapterModel | ModelAdaptersMixin, Any]:
-    """Backbone + what the recipe trains + its head, ready to train: a new or loaded adapter (over
-    frozen stacked members), an adapter started from the weighted average of the members, or an
-    AdapterFusion layer over frozen members. A seq2seq model gets no head: its own LM head stays
-    frozen, like the rest of the backbone."""
-    model, tokenizer = load_model(recipe)
-    comp, name = recipe.composition, recipe.adapter.name
-    members = load_members(model, recipe) if comp is not None and comp.type in ("stack", "fuse") else []
-    if comp is not None and comp.type == "average":
-        averaged = load_members(model, recipe)
-        model.average_adapter(name, averaged, weights=comp.kwargs.get("weights"),
-                              **{k: v for k, v in comp.kwargs.items() if k != "weights"})
-        for member in averaged:
-            model.delete_adapter(member)
-    elif comp is not None and comp.type == "fuse":
-        model.add_adapter_fusion(setup_of(recipe, members), comp.kwargs.get("config", "dynamic"))
-    elif recipe.adapter.method != FULL_FINETUNING:
-        attach_adapter(model, recipe)
-    own_head = not isinstance(model, AdapterModel)  # seq2seq: the encoder-decoder's LM head
-    if not own_head and name not in model.heads:
-        head = recipe.head
-        kind = _HEAD_TYPES[head.type or data.task]
-        labels = data.label_names or []
-        num_labels = head.num_labels or (1 if kind == "regression" else len(labels) or 2)
-        label2id = {label: i for i, label in enumerate(labels)} if labels else None
-        model.add_head(name, HeadConfig(kind, num_labels, head.layers, head.activation, label2id, dropout_prob=head.dropout))
-    setup = setup_of(recipe, members)
-    if recipe.adapter.method == FULL_FINETUNING:  # the baseline: every weight trains, no adapter
-        model.freeze_model(False)
-        if not own_head:
-            model.active_head = name
-        model.train()
-    elif isinstance(setup, Fuse):
-        model.train_adapter_fusion(setup)  # the members stay frozen; the fusion layers and the head train
-    else:
-        model.train_adapter(name)
-        model.set_active_adapters(setup)  # run the stacked members too, train only `name`
-        frozen = dict(model._adapter_state.adapter_parameters(name)) if recipe.adapter.freeze else {}
-        if own_head:  # an untied LM head counts as the model's "static head": keep it frozen all the same
-            frozen.update(model._head_parameters(name))
-        for p in frozen.values():
-            p.requires_grad_(False)
-    return model, tokenizer
-
-
-def save_trained(model: AdapterModel, folder: Path, recipe: Recipe) -> None:
-    """Write what a run trained: its adapter and head, or its fusion and head (never the members).
-    A full fine-tuning baseline writes all its weights to ``model.safetensors`` (for the record: the
-    run-folder commands serve adapter runs)."""
-    if recipe.adapter.method == FULL_FINETUNING:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_weights(folder / "model.safetensors", {k: v.detach() for k, v in model.state_dict().items()})
-    elif recipe.composition is not None and recipe.composition.type == "fuse":
-        model.save_adapter_fusion(folder, recipe.adapter.name, with_head=True)
-    else:  # a seq2seq model's own LM head is part of the base model: not saved
-        model.save_adapter(folder, recipe.adapter.name, with_head=isinstance(model, AdapterModel))
-
-
-@dataclass
-class RunState:
-    """Where a run is; saved in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _with_absolute_paths(recipe: Recipe) -> Recipe:
-    """The recipe as saved in the run folder: local paths made absolute, so ``adapter eval`` and
-    ``adapter predict`` work from any directory; adapters downloaded by Hub id pinned to the
-    commit they came from (``org/name@<sha>``), so they load the same files again."""
-    saved = copy.deepcopy(recipe)
-    for section, key in (("data", "train_file"), ("data", "validation_file"), ("data", "test_file"),
-                         ("data", "name"), ("model", "name_or_path"), ("adapter", "load")):
-        value = getattr(getattr(saved, section), key)
-        if value and Path(value).exists():
-            setattr(getattr(saved, section), key, str(Path(value).resolve()))
-    if saved.adapter.load:
-        saved.adapter.load = pinned(saved.adapter.load)
-    if saved.composition is not None:
-        saved.composition.adapters = [str(Path(a).resolve()) if Path(a).exists() else pinned(a)
-                                      for a in saved.composition.adapters]
-    return saved
-
-
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a pure function of (seed, epoch), so a resumed run sees the
-    same batches without saving the sampler."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-
-def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    order = _epoch_order(n, seed, epoch)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def _collate(collator: Callable, split, indices: list[int]) -> dict[str, torch.Tensor]:
-    return collator([split[i] for i in indices])
-
-
-@dataclass
-class TextGeneration:
-    """How a seq2seq model writes its text: greedy (``num_beams`` 1) or beam search, sampled
-    instead when ``temperature`` > 0; at most ``max_new_tokens`` tokens, decoded without special
-    tokens. Evaluation scores what it writes against the targets; `adapter predict` and `adapter
-    generate` print it."""
-
-    tokenizer: Any
-    max_new_tokens: int
-    num_beams: int = 1
-    temperature: float = 0.0
-
-    def __call__(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 synced: bool = False) -> list[str]:
-        """The texts written for a batch of sources. ``synced``: every process runs the same number
-        of forward passes, also after its own texts ended (FSDP2 gathers weights in each pass)."""
-        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
-        ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
-                             num_beams=self.num_beams, synced_gpus=synced, **sampling)
-        return self.decode(ids)
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        """Token ids (label padding -100 allowed) as texts."""
-        ids = ids.masked_fill(ids == IGNORE_INDEX, self.tokenizer.pad_token_id)
-        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-
-def text_generation(recipe: Recipe, tokenizer: Any) -> TextGeneration | None:
-    """How a seq2seq run's evaluation generates; None for the other tasks, scored from the logits."""
-    if recipe.data.task != "seq2seq":
-        return None
-    return TextGeneration(tokenizer, recipe.train.max_target_length, recipe.train.generation_num_beams)
-
-
-def evaluate(model: AdapterModel, split, collator: Callable, task: str, label_names: list[str] | None,
-             batch_size: int, device: torch.device, accelerator: Accelerator | None = None,
-             generation: TextGeneration | None = None) -> dict[str, float]:
-    """Loss and task metrics of ``model`` on a tokenized split. A seq2seq model (``generation``
-    given, see `text_generation`) is scored on the texts it writes for the sources, compared with
-    the targets. Under several processes each takes its share of every batch and the results are
-    gathered, so every process returns the metrics a single process computes (every process must
-    call it)."""
-    world = accelerator.num_processes if accelerator is not None else 1
-    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-    model.eval()
-    results = []  # per batch: (rows, loss, loss units, predictions, labels) of this process's share
-    with torch.no_grad():
-        for start in range(0, len(split), batch_size):
-            full = _collate(collator, split, list(range(start, min(start + batch_size, len(split)))))
-            rows, real = _share(len(full["input_ids"]), accelerator)
-            batch = {k: v[rows].to(device) for k, v in full.items()}
-            out = model(**batch)
-            written = None if generation is None else \
-                generation(unwrapped, batch["input_ids"], batch["attention_mask"], synced=world > 1)
-            if not real:
-                continue  # ran only to keep the processes' collective operations in step
-            if written is not None:
-                predicted, gold = written, generation.decode(batch["labels"])
-            else:
-                logits = out.logits.float()
-                if task in TOKEN_TASKS:
-                    logits = logits.argmax(-1)  # keep ids only: full-vocabulary logits would not fit
-                predicted, gold = logits.cpu().numpy(), batch["labels"].cpu().numpy()
-            results.append((start, len(full["input_ids"]), out.loss.item(), _loss_units(batch["labels"], task),
-                            predicted, gold))
-    model.train()
-    if world > 1:  # every process gets every share; within a batch, shares are in process order
-        results = sorted(gather_object(results), key=lambda r: r[0])
-    shares: dict[int, tuple[int, list[tuple[float, int]]]] = {}  # batch start -> (rows, [(loss, units)])
-    predictions, labels = [], []
-    for start, rows, loss, units, predicted, gold in results:
-        shares.setdefault(start, (rows, []))[1].append((loss, units))
-        predictions.append(predicted)
-        labels.append(gold)
-    if generation is not None:  # lists of texts
-        metrics = compute_metrics(task, [t for b in predictions for t in b], [t for b in labels for t in b])
-    else:
-        if task in TOKEN_TASKS:  # pad token-level batches to one length
-            width = max(p.shape[1] for p in predictions)
-            predictions = [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-100) for p in predictions]
-            labels = [np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=-100) for y in labels]
-        metrics = compute_metrics(task, np.concatenate(predictions), np.concatenate(labels), label_names)
-    # the mean over examples of each batch's loss (a token-level batch's: over its scored tokens)
-    metrics["loss"] = float(sum(rows * _batch_loss(parts) for rows, parts in shares.values()) / len(split))
-    return metrics
-
-
-def _batch_loss(shares: list[tuple[float, int]]) -> float:
-    """A batch's loss from its processes' shares: their losses weighted by their loss units."""
-    if len(shares) == 1:
-        return shares[0][0]
-    return sum(loss * units for loss, units in shares) / max(sum(units for _, units in shares), 1)
-
-
-def _save_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler, progress: RunState, name: str,
-                     write: bool = True) -> None:
-    """Write ``checkpoints/step-N`` via a temporary folder and a rename, then point ``latest`` at
-    it: a run killed at any moment leaves the previous checkpoint intact. Weights and optimizer
-    state are saved whole (never one process's shard), so a run resumes on any number of
-    processes. Under several processes every one calls this (gathering a sharded optimizer state
-    is collective) and only the main one writes (``write``)."""
-    final = folder / f"step-{progress.step}"
-    state = _full_optimizer_state(optimizer)
-    if not write:
-        return
-    if final.exists():  # the same step saved before (a resumed run ending where it was cut): same state
-        write_json(folder / "latest.json", {"checkpoint": final.name, "step": progress.step})
-        return
-    tmp = folder / f".tmp-step-{progress.step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    write_weights(tmp / "trainable.safetensors", trainable)
-    tensors = {f"{i}.{key}": value for i, s in state["state"].items() for key, value in s.items() if torch.is_tensor(value)}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    write_weights(tmp / "optimizer.safetensors", tensors)
-    numpy_rng = np.random.get_state()
-    write_json(tmp / "state.json", {
-        "param_groups": state["param_groups"], "scheduler": scheduler.state_dict(), "progress": progress.__dict__,
-        "trainable": list(trainable), "adapter": name,
-        "rng": {"python": random.getstate(), "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]},
-    })
-    os.replace(tmp, final)
-    write_json(folder / "latest.json", {"checkpoint": final.name, "step": progress.step})
-
-
-def _full_optimizer_state(optimizer) -> dict[str, Any]:
-    """The optimizer's state dict with every tensor whole: FSDP2 shards the state like the weights
-    (DTensors, gathered here, collectively). DeepSpeed keeps its state inside its engine: none is
-    saved, and a resumed run starts the optimizer's moments afresh."""
-    if _is_deepspeed(optimizer):
-        return {"state": {}, "param_groups": []}
-    state = optimizer.state_dict()
-    state["state"] = {i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in s.items()}
-                      for i, s in state["state"].items()}
-    return state
-
-
-def _is_deepspeed(optimizer) -> bool:
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer it prepares
-    return type(inner).__module__.split(".")[0] == "deepspeed" or "deepspeed" in type(inner).__module__
-
-
-def _load_checkpoint(folder: Path, model: AdapterModel, optimizer, scheduler) -> RunState:
-    """Restore the latest checkpoint; a damaged one is reported (and how to go on), not a traceback."""
-    path, meta = _restore_weights(folder, model)
-    return _restore_training_state(folder, path, meta, optimizer, scheduler)
-
-
-def _restore_weights(folder: Path, model: AdapterModel) -> tuple[Path, dict[str, Any]]:
-    """Load the latest checkpoint's trained weights into the (not yet distributed) model; returns
-    the checkpoint's folder and its state.json."""
-    path = folder
-    try:
-        path = folder / read_json(folder / "latest.json")["checkpoint"]
-        meta = read_json(path / "state.json")
-        weights = load_file(path / "trainable.safetensors")
-        params = dict(model.named_parameters())
-        missing = sorted(set(weights) - set(params))
-        if missing:
-            raise ValueError(f"it holds weights this recipe's model lacks ({missing[0]}, ...)")
-        with torch.no_grad():
-            for key, value in weights.items():
-                params[key].copy_(value)
-    except (AdapterCliError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        _unrestorable(folder, path, exc)
-    return path, meta
-
-
-def _restore_training_state(folder: Path, path: Path, meta: dict[str, Any], optimizer, scheduler) -> RunState:
-    """Restore optimizer, scheduler, progress and random generators from a checkpoint (after the
-    optimizer was prepared: FSDP2's sharded state is cut from the saved whole tensors)."""
-    try:
-        tensors = load_file(path / "optimizer.safetensors")
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            index, _, name = key.partition(".")
-            if index != "rng":
-                state.setdefault(int(index), {})[name] = value
-        if meta["param_groups"] and not _is_deepspeed(optimizer):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            state = {i: {k: _like(v, params[i]) for k, v in s.items()} for i, s in state.items()}
-            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        scheduler.load_state_dict(meta["scheduler"])
-        progress = RunState(**meta["progress"])
-    except (AdapterCliError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
-        _unrestorable(folder, path, exc)
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    if "rng" in meta:
-        version, internal, gauss = meta["rng"]["python"]
-        random.setstate((version, tuple(internal), gauss))
-        kind, keys, *rest = meta["rng"]["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    return progress
-
-
-def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A saved whole optimizer tensor laid out like its parameter: cut into this process's shard
-    when FSDP2 shards the parameter (scalars such as Adam's step stay as they are)."""
-    if isinstance(param, DTensor) and value.shape == param.shape:
-        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-    return value
-
-
-def _unrestorable(folder: Path, path: Path, exc: Exception) -> NoReturn:
-    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    raise AdapterCliError(f"--resume: cannot restore the checkpoint {path} ({detail}); delete it (and "
-                          f"{folder / 'latest.json'}) to resume from an earlier one, or train without --resume") from None
-
-
-def _prune(folder: Path, keep: int) -> None:
-    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("step-*"))
-    for _, path in steps[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _plot(history: list[dict[str, Any]], path: Path, metric: str | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "eval" not in h]
-    evals = [h for h in history if h.get("eval")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    if train:
-        axes[0].plot(*zip(*train, strict=True), marker="." if len(train) < 20 else None, label="train loss")
-    if evals:
-        axes[0].plot([h["step"] for h in evals], [h["loss"] for h in evals], "o-", label="eval loss")
-        key = metric or next((k for k in ("accuracy", "f1", "pearson", "f1_micro", "rougeL") if k in evals[0]), None)
-        if key:
-            axes[1].plot([h["step"] for h in evals], [h[key] for h in evals], "o-", color="tab:green")
-            axes[1].set_title(f"eval {key}")
-    axes[0].set_title("loss")
-    axes[0].legend()
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.lock`` (our pid) while training, so a second `adapter train` into the same
-    folder is refused; a lock left by a run that died (kill -9) is taken over."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / ".lock"
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is not None:
-                raise AdapterCliError(f"{out} is in use by a running training (pid {holder}); wait for it to "
-                                      "end or choose another output_dir") from None
-            lock.unlink(missing_ok=True)  # stale: its run is gone
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{os.getpid()}\n")
-        break
-    else:
-        raise AdapterCliError(f"{out}: cannot take the run lock {lock}")
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _lock_holder(lock: Path) -> int | None:
-    """The pid in a lock file if that process is still alive, else None."""
-    try:
-        pid = int(lock.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None  # unreadable or half-written: treat as stale
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid  # alive, owned by someone else
-    return pid if pid != os.getpid() else None
-
-
-# --- several processes: accelerate launch ----------------------------------------------------------
-# Every process runs the same loop over the same global batches (the order is a function of the seed
-# and epoch); each takes a contiguous share of every batch. DDP averages the processes' gradients, so
-# each share's mean loss is weighted by its part of the batch's loss units (examples, or scored tokens
-# for token-level tasks): the step then equals one process's step on the whole batch. Only the main
-# process writes files, prints and reports to trackers; FSDP2 and DeepSpeed ZeRO-3 weights are
-# gathered whole before anything is saved.
-
-
-def _accelerator(recipe: Recipe) -> Accelerator:
-    """One Accelerator per run: mixed precision, trackers, and the launch's processes (if any)."""
-    cfg, out = recipe.train, Path(recipe.output_dir)
-    mixed = cfg.mixed_precision if torch.cuda.is_available() or cfg.mixed_precision == "bf16" else "no"
-    # Accelerate keeps the first Accelerator's settings (mixed precision, compile) for the whole
-    # process; a second run in the same process (the Python API, reproduce.py) gets its own. The
-    # launch's processes (PartialState) stay as they are.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=mixed, log_with=list(cfg.report_to) or None,
-        dynamo_backend="inductor" if cfg.compile else "no",  # prepare() compiles the model, unwrap_model undoes it
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "trackers")),
-        # full fine-tuning leaves weights without a gradient (BERT's pooler); adapters and heads use all theirs
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.adapter.method == FULL_FINETUNING)])
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise AdapterCliError("FSDP: adaptercli trains with FSDP2; set fsdp_version: 2 in the accelerate config "
-                              "(see configs/accelerate/fsdp.yaml)")
-    if kind == DistributedType.DEEPSPEED and cfg.gradient_accumulation_steps > 1:
-        raise AdapterCliError("train.gradient_accumulation_steps: not supported under DeepSpeed yet; raise "
-                              "train.batch_size instead (each process takes batch_size / processes examples)")
-    return accelerator
-
-
-@contextlib.contextmanager
-def _main_process_lock(accelerator: Accelerator, out: Path) -> Iterator[None]:
-    """`run_lock`, held by the main process; every process learns whether it was taken."""
-    with contextlib.ExitStack() as stack:
-        problem = None
-        if accelerator.is_main_process:
-            try:
-                stack.enter_context(run_lock(out))
-            except AdapterCliError as exc:
-                problem = str(exc)
-        if accelerator.num_processes > 1:
-            problem = broadcast_object_list([problem])[0]
-        if problem:
-            raise AdapterCliError(problem)
-        yield
-
-
-def _share(rows: int, accelerator: Accelerator | None) -> tuple[slice, bool]:
-    """This process's rows of a batch: a contiguous slice, and whether it holds any. A process
-    whose share is empty runs row 0 anyway (its loss multiplied by 0), so that every process runs
-    the same forward and backward passes and their collective operations stay in step."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return slice(0, rows), True
-    per = math.ceil(rows / accelerator.num_processes)
-    start = min(accelerator.process_index * per, rows)
-    stop = min(start + per, rows)
-    return (slice(start, stop), True) if start < stop else (slice(0, 1), False)
-
-
-def _loss_units(labels: torch.Tensor, task: str) -> int:
-    """How many terms a batch's mean loss averages: its scored tokens for token-level tasks (a
-    causal LM scores each position's next token), else its examples."""
-    if task not in TOKEN_TASKS:
-        return labels.shape[0]
-    if task in ("causal_lm", "instruct"):
-        labels = labels[:, 1:]
-    return int((labels != IGNORE_INDEX).sum())
-
-
-@contextlib.contextmanager
-def _full_weights(accelerator: Accelerator, model: Any) -> Iterator[AdapterModel]:
-    """The unwrapped model, its trainable weights whole on the main process while inside, to save
-    them. FSDP2 and DeepSpeed ZeRO-3 keep only a shard of each weight on each process: they are
-    gathered here (collectively: every process enters), so a saved adapter is never a shard."""
-    unwrapped = accelerator.unwrap_model(model)
-    trainable = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
-            yield unwrapped
-        return
-    whole = [(n, p.full_tensor()) for n, p in trainable if isinstance(p, DTensor)]  # FSDP2
-    swapped = []
-    if accelerator.is_main_process:
-        for name, value in whole:
-            owner, _, leaf = name.rpartition(".")
-            module = unwrapped.get_submodule(owner)
-            swapped.append((module, leaf, module._parameters[leaf]))
-            module._parameters[leaf] = nn.Parameter(value, requires_grad=True)
-    try:
-        yield unwrapped
-    finally:
-        for module, leaf, sharded in swapped:
-            module._parameters[leaf] = sharded
-
-
-def _tracker_config(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as flat ``section.key`` values that every tracker accepts (lists and None as text)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            flat[prefix] = value if isinstance(value, bool | int | float | str) else str(value)
-
-    walk("", OmegaConf.to_container(OmegaConf.structured(recipe)))
-    return flat
 
 
 def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, float]:
@@ -684,33 +68,50 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     if not resume and (ckpt_dir / "latest.json").exists():
         raise AdapterCliError(f"{out} already holds a run; use --resume to continue it or choose another output_dir")
     data = preflight(recipe).data  # the recipe's files, model folder and metric, before anything loads
-    accelerator = _accelerator(recipe)
+    accelerator = make_accelerator(recipe)
     console = console or Console()
     if not accelerator.is_main_process:
         console = Console(quiet=True)
-    with _main_process_lock(accelerator, out):
-        final = _train(recipe, data, resume, console, accelerator)
+    with main_process_lock(accelerator, out):
+        run, progress = _set_up(recipe, data, resume, accelerator)
+        _train_loop(run, progress, console)
+        final = _finish(run, progress, console)
         if accelerator.is_main_process and recipe.composition is not None and recipe.composition.type == "fuse":
             console.print(fusion_table(fusion_attention_report(out)))
             console.print(f"fusion attention written to {out / 'fusion_attention.png'} and fusion_attention.json")
     return final
 
 
-def fusion_table(report: dict[str, Any]) -> Table:
-    """`fusion_attention_report` as a table: one row per fusion layer, one column per member."""
-    table = Table(title=f"fusion '{report['fusion']}': mean attention per member ({report['split']}, "
-                        f"{report['examples']} examples)")
-    table.add_column("layer")
-    for member in report["members"]:
-        table.add_column(member, justify="right")
-    for place in report["places"]:
-        cells = ["—" if math.isnan(place["weights"][m]) else f"{place['weights'][m]:.3f}" for m in report["members"]]
-        table.add_row(f"{place['layer']} {place['site']}", *cells)
-    table.add_row("mean", *[f"{report['mean'][m]:.3f}" for m in report["members"]], style="bold")
-    return table
+@dataclass
+class Training:
+    """A run in training: what `_set_up` builds once, handed to the loop and its helpers. Only
+    ``collator`` changes on the way: an mlm run masks each step with a collator seeded by the step
+    (so a resumed run masks the same tokens), and evaluates with the latest one."""
+
+    recipe: Recipe
+    data: LoadedData
+    accelerator: Accelerator
+    model: Any  # prepared by Accelerate (wrapped under several processes, compiled with train.compile)
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    trainable: list[torch.Tensor]  # the parameters that train (FSDP2's sharded ones under FSDP2)
+    train_split: Any
+    eval_split: Any
+    collator: Callable
+    generation: TextGeneration | None  # how a seq2seq run writes its texts when evaluated
+    total_steps: int
+    eval_every: int
+    fused: bool  # AdapterFusion with a regularization loss
+
+    @property
+    def out(self) -> Path:
+        return Path(self.recipe.output_dir)
 
 
-def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, accelerator: Accelerator) -> dict[str, float]:
+def _set_up(recipe: Recipe, data: LoadedData, resume: bool, accelerator: Accelerator) -> tuple[Training, RunState]:
+    """The model, optimizer and scheduler, prepared by Accelerate (a resumed run's weights restored
+    first); then a fresh run folder, or the state of the latest checkpoint."""
     cfg = recipe.train
     out = Path(recipe.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -731,331 +132,216 @@ def _train(recipe: Recipe, data: LoadedData, resume: bool, console: Console, acc
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     if resume:  # whole weights go in before FSDP or DeepSpeed cut them into shards
-        checkpoint, saved = _restore_weights(ckpt_dir, model)
+        checkpoint, saved = restore_weights(ckpt_dir, model)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # it needs a batch size and does the clipping
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=math.ceil(cfg.batch_size / processes), gradient_clipping=cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaces them by sharded ones
-    device = accelerator.device
-    name = recipe.adapter.name
 
     # 2. a fresh run folder, or the state of the latest checkpoint
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(_with_absolute_paths(recipe)))
-    progress = _restore_training_state(ckpt_dir, checkpoint, saved, optimizer, scheduler) if resume else RunState()
+        (out / "recipe.yaml").write_text(recipe_to_yaml(with_absolute_paths(recipe)))
+    progress = restore_training_state(ckpt_dir, checkpoint, saved, optimizer, scheduler) if resume else RunState()
     if main:
         with open(out / "metrics.jsonl", "w") as log:  # rewritten from the checkpoint's history on resume
             for entry in progress.history:
                 log.write(json.dumps(entry) + "\n")
     if cfg.report_to:
-        accelerator.init_trackers(name, config=_tracker_config(recipe))
+        accelerator.init_trackers(recipe.adapter.name, config=tracker_config(recipe))
     collator = make_collator(tokenizer, data.task, seed=cfg.seed)
     generation = text_generation(recipe, tokenizer)
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
-    eval_every = cfg.eval_steps or steps_per_epoch
-    kill_at = int(os.environ.get(_CRASH_ENV, "0"))
     fused = recipe.composition is not None and recipe.composition.type == "fuse" and \
         accelerator.unwrap_model(model).get_fusion_regularization_loss() is not None
-    best_dir = out / "best"
+    run = Training(recipe, data, accelerator, model, tokenizer, optimizer, scheduler, trainable, train_split,
+                   eval_split, collator, generation, total_steps, eval_every=cfg.eval_steps or steps_per_epoch,
+                   fused=fused)
+    return run, progress
 
-    def log_entry(entry: dict[str, Any]) -> None:
-        progress.history.append(entry)
-        if main:
-            with open(out / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(entry) + "\n")
-        kind = "eval" if entry.get("eval") else "train"
-        accelerator.log({f"{kind}/{k}": v for k, v in entry.items() if k not in ("step", "eval")}, step=entry["step"])
 
-    def save(folder: Path) -> None:  # every process gathers the weights, the main one writes them
-        with _full_weights(accelerator, model) as whole:
-            if main:
-                save_trained(whole, folder, recipe)
-
-    def run_eval() -> dict[str, float]:
-        metrics = evaluate(model, eval_split, collator, data.task, data.label_names, eval_bs, device, accelerator,
-                           generation)
-        log_entry({"step": progress.step, "eval": True, **metrics})
-        key = cfg.metric_for_best or "loss"
-        value = metrics.get(key)
-        if value is None:
-            raise AdapterCliError(f"train.metric_for_best: '{key}' is not a metric of this task (have: {', '.join(metrics)})")
-        better = cfg.greater_is_better if cfg.metric_for_best else False
-        if progress.best_metric is None or (value > progress.best_metric if better else value < progress.best_metric):
-            progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
-            save(best_dir)
-        else:
-            progress.evals_without_improvement += 1
-        return metrics
-
-    # 3. the loop: accumulate, clip, step, log, evaluate, checkpoint
+def _train_loop(run: Training, progress: RunState, console: Console) -> None:
+    """Train until ``total_steps`` (or early stopping), one optimizer step at a time: the step's
+    batches (each process its share of each), forward, loss, backward, optimizer step; then, when
+    due, log, evaluate and save a checkpoint. ``progress`` (data position, best evaluation, history)
+    goes on in place; every checkpoint saves it."""
+    cfg, accelerator, model = run.recipe.train, run.accelerator, run.model
+    processes, device = accelerator.num_processes, accelerator.device
+    kill_at = int(os.environ.get(_CRASH_ENV, "0"))
     model.train()
     train_seconds, seen, running = 0.0, 0, []  # samples/s counts training steps only, not evals
+    with _progress_bar(console) as bar:
+        task_id = bar.add_task("train", total=run.total_steps, completed=progress.step, info="")
+        batches = _batches(len(run.train_split), cfg.batch_size, cfg.seed, progress.epoch)
+        stop = progress.step >= run.total_steps
+        while not stop:
+            while progress.batch_in_epoch >= len(batches):  # the epoch is used up: the next one, in its own order
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+                batches = _batches(len(run.train_split), cfg.batch_size, cfg.seed, progress.epoch)
+            # 1. batch: the step's batches (gradient accumulation), each process its share of each
+            group = batches[progress.batch_in_epoch : progress.batch_in_epoch + cfg.gradient_accumulation_steps]
+            step_started = time.perf_counter()
+            if run.data.task == "mlm":  # masking seeded by step, so a resumed run masks the same tokens
+                run.collator = make_collator(run.tokenizer, run.data.task, seed=cfg.seed + progress.step)
+            step_loss = torch.zeros((), device=device)
+            for i, indices in enumerate(group):
+                whole = collate(run.collator, run.train_split, indices)  # the global batch; this process's share:
+                rows, real = share(len(indices), accelerator)
+                batch = {k: v[rows].to(device) for k, v in whole.items()}
+                last = i == len(group) - 1  # processes exchange gradients once per step
+                with accelerator.no_sync(model) if processes > 1 and not last else contextlib.nullcontext():
+                    with accelerator.autocast():
+                        loss = model(**batch).loss  # 2. forward
+                        loss = _loss_to_backpropagate(run, loss, batch["labels"], whole["labels"], real)  # 3. loss
+                        loss = loss / len(group)
+                    accelerator.backward(loss)  # 4. backward
+                step_loss += loss.detach()
+                seen += len(indices)
+            # 5. optimizer step
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters() if accelerator.is_fsdp2 else run.trainable, cfg.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            progress.batch_in_epoch += len(group)
+            progress.step += 1
+            # 6. log
+            running.append((accelerator.reduce(step_loss, "mean") if processes > 1 else step_loss).item())
+            train_seconds += time.perf_counter() - step_started
+            rate = seen / train_seconds
+            lr = run.scheduler.get_last_lr()[0]
+            bar.update(task_id, completed=progress.step, info=f"loss {running[-1]:.4f}  lr {lr:.2e}  {rate:.1f} samples/s")
+            stop = progress.step >= run.total_steps
+            if progress.step % cfg.logging_steps == 0 or stop:
+                _log(run, progress, {"step": progress.step, "epoch": progress.epoch, "loss": float(np.mean(running)),
+                                     "lr": lr, "samples_per_s": rate})
+                running = []
+            # 7. evaluate (the best weights kept in best/); stop early when they stopped improving
+            if progress.step % run.eval_every == 0 and not stop:
+                _evaluate(run, progress)
+                if cfg.early_stopping_patience and progress.evals_without_improvement >= cfg.early_stopping_patience:
+                    console.print(f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
+                    stop = True
+            # 8. save a checkpoint
+            if progress.step % cfg.save_steps == 0 or stop:
+                _write_checkpoint(run, progress)
+            if kill_at and progress.step == kill_at:
+                os.kill(os.getpid(), 9)
+
+
+def _progress_bar(console: Console) -> Progress:
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as bar:
-        task_id = bar.add_task("train", total=total_steps, completed=progress.step, info="")
-        stop = progress.step >= total_steps
-        while not stop:
-            batches = _batches(len(train_split), cfg.batch_size, cfg.seed, progress.epoch)
-            while progress.batch_in_epoch < len(batches) and not stop:
-                group = batches[progress.batch_in_epoch : progress.batch_in_epoch + cfg.gradient_accumulation_steps]
-                step_started = time.perf_counter()
-                if data.task == "mlm":  # masking seeded by step, so a resumed run masks the same tokens
-                    collator = make_collator(tokenizer, data.task, seed=cfg.seed + progress.step)
-                step_loss = torch.zeros((), device=device)
-                for i, indices in enumerate(group):
-                    whole = _collate(collator, train_split, indices)  # the global batch; this process's share:
-                    rows, real = _share(len(indices), accelerator)
-                    batch = {k: v[rows].to(device) for k, v in whole.items()}
-                    last = i == len(group) - 1  # processes exchange gradients once per step
-                    with accelerator.no_sync(model) if processes > 1 and not last else contextlib.nullcontext():
-                        with accelerator.autocast():
-                            loss = model(**batch).loss
-                            if processes > 1:  # this share's part of the batch's mean (DDP averages shares)
-                                units = _loss_units(batch["labels"], data.task) if real else 0
-                                loss = loss * (processes * units / max(_loss_units(whole["labels"], data.task), 1))
-                            if fused:  # AdapterFusion keeps its value matrices near the identity
-                                loss = loss + accelerator.unwrap_model(model).get_fusion_regularization_loss()
-                            loss = loss / len(group)
-                        accelerator.backward(loss)
-                    step_loss += loss.detach()
-                    seen += len(indices)
-                if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters() if accelerator.is_fsdp2 else trainable, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.batch_in_epoch += len(group)
-                progress.step += 1
-                running.append((accelerator.reduce(step_loss, "mean") if processes > 1 else step_loss).item())
-                train_seconds += time.perf_counter() - step_started
-                rate = seen / train_seconds
-                lr = scheduler.get_last_lr()[0]
-                bar.update(task_id, completed=progress.step, info=f"loss {running[-1]:.4f}  lr {lr:.2e}  {rate:.1f} samples/s")
-                stop = progress.step >= total_steps
-                if progress.step % cfg.logging_steps == 0 or stop:
-                    log_entry({"step": progress.step, "epoch": progress.epoch, "loss": float(np.mean(running)),
-                               "lr": lr, "samples_per_s": rate})
-                    running = []
-                if progress.step % eval_every == 0 and not stop:
-                    run_eval()
-                    if cfg.early_stopping_patience and progress.evals_without_improvement >= cfg.early_stopping_patience:
-                        console.print(f"early stopping: no improvement in {cfg.early_stopping_patience} evaluations")
-                        stop = True
-                if progress.step % cfg.save_steps == 0 or stop:
-                    with _full_weights(accelerator, model) as whole_model:
-                        _save_checkpoint(ckpt_dir, whole_model, optimizer, scheduler, progress, name, write=main)
-                    if main:
-                        _prune(ckpt_dir, cfg.save_total_limit)
-                if kill_at and progress.step == kill_at:
-                    os.kill(os.getpid(), 9)
-            if not stop:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
+    return Progress(*columns, console=console)
 
-    # 4. final evaluation, the adapter folder, the curves
-    final = run_eval()
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a pure function of (seed, epoch), so a resumed run sees the
+    same batches without saving the sampler."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches of example indices, in the epoch's order."""
+    order = _epoch_order(n, seed, epoch)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _loss_to_backpropagate(run: Training, loss: torch.Tensor, labels: torch.Tensor, whole_labels: torch.Tensor,
+                           real: bool) -> torch.Tensor:
+    """The loss this process backpropagates for its share of a batch: under several processes, its
+    share's part of the batch's mean (DDP averages the shares), weighted by its part of the batch's
+    loss units (0 for a process without rows); plus, for AdapterFusion, the regularization that
+    keeps its value matrices near the identity."""
+    processes = run.accelerator.num_processes
+    if processes > 1:
+        units = loss_units(labels, run.data.task) if real else 0
+        loss = loss * (processes * units / max(loss_units(whole_labels, run.data.task), 1))
+    if run.fused:
+        loss = loss + run.accelerator.unwrap_model(run.model).get_fusion_regularization_loss()
+    return loss
+
+
+def _log(run: Training, progress: RunState, entry: dict[str, Any]) -> None:
+    """Add ``entry`` to the run's history, to metrics.jsonl (main process) and to the trackers."""
+    progress.history.append(entry)
+    if run.accelerator.is_main_process:
+        with open(run.out / "metrics.jsonl", "a") as log:
+            log.write(json.dumps(entry) + "\n")
+    kind = "eval" if entry.get("eval") else "train"
+    run.accelerator.log({f"{kind}/{k}": v for k, v in entry.items() if k not in ("step", "eval")}, step=entry["step"])
+
+
+def _evaluate(run: Training, progress: RunState) -> dict[str, float]:
+    """Evaluate on the validation split and log it; save the weights to ``best/`` when they are the
+    best yet (by ``train.metric_for_best``, else the loss)."""
+    cfg = run.recipe.train
+    metrics = evaluate(run.model, run.eval_split, run.collator, run.data.task, run.data.label_names,
+                       cfg.eval_batch_size or cfg.batch_size, run.accelerator.device, run.accelerator, run.generation)
+    _log(run, progress, {"step": progress.step, "eval": True, **metrics})
+    key = cfg.metric_for_best or "loss"
+    value = metrics.get(key)
+    if value is None:
+        raise AdapterCliError(f"train.metric_for_best: '{key}' is not a metric of this task (have: {', '.join(metrics)})")
+    better = cfg.greater_is_better if cfg.metric_for_best else False
+    if progress.best_metric is None or (value > progress.best_metric if better else value < progress.best_metric):
+        progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
+        _save_weights(run, run.out / "best")
+    else:
+        progress.evals_without_improvement += 1
+    return metrics
+
+
+def _save_weights(run: Training, folder: Path) -> None:
+    """Write what the run trains to ``folder``: every process gathers the weights, the main one writes them."""
+    with full_weights(run.accelerator, run.model) as whole:
+        if run.accelerator.is_main_process:
+            save_trained(whole, folder, run.recipe)
+
+
+def _write_checkpoint(run: Training, progress: RunState) -> None:
+    """``checkpoints/step-N`` (every process gathers, the main one writes), the oldest pruned."""
+    ckpt_dir = run.out / "checkpoints"
+    main = run.accelerator.is_main_process
+    with full_weights(run.accelerator, run.model) as whole_model:
+        save_checkpoint(ckpt_dir, whole_model, run.optimizer, run.scheduler, progress, run.recipe.adapter.name, write=main)
+    if main:
+        prune_checkpoints(ckpt_dir, run.recipe.train.save_total_limit)
+
+
+def _finish(run: Training, progress: RunState, console: Console) -> dict[str, float]:
+    """The final evaluation, the adapter folder (the best evaluation's weights when
+    ``train.metric_for_best`` is set), the curves and the final table; returns the final metrics."""
+    cfg, accelerator, out = run.recipe.train, run.accelerator, run.out
+    final = _evaluate(run, progress)
     adapter_dir = out / "adapter"
     if cfg.metric_for_best and progress.best_step is not None:  # the best evaluation's weights, saved in best/
-        if main:
+        if accelerator.is_main_process:
             shutil.rmtree(adapter_dir, ignore_errors=True)
-            shutil.copytree(best_dir, adapter_dir)
+            shutil.copytree(out / "best", adapter_dir)
     else:
-        save(adapter_dir)
+        _save_weights(run, adapter_dir)
     for tracker in accelerator.trackers:  # only the main process has them
         tracker.finish()
     accelerator.wait_for_everyone()
-    if not main:
+    if not accelerator.is_main_process:
         return final
-    _plot(progress.history, out / "curves.png", cfg.metric_for_best)
-    table = Table(title=f"{name}: final evaluation ({len(eval_split)} examples, step {progress.step})")
+    plot_curves(progress.history, out / "curves.png", cfg.metric_for_best)
+    console.print(_final_table(run, progress, final))
+    fused = run.recipe.composition is not None and run.recipe.composition.type == "fuse"
+    what = "fusion and head" if fused else "adapter"
+    processes = accelerator.num_processes
+    console.print(f"{what} written to {adapter_dir}" + (f" ({processes} processes)" if processes > 1 else ""))
+    return final
+
+
+def _final_table(run: Training, progress: RunState, final: dict[str, float]) -> Table:
+    cfg = run.recipe.train
+    table = Table(title=f"{run.recipe.adapter.name}: final evaluation ({len(run.eval_split)} examples, step {progress.step})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in final.items():
         table.add_row(key, f"{value:.4f}")
     if cfg.metric_for_best:
         table.add_row(f"best {cfg.metric_for_best} (step {progress.best_step})", f"{progress.best_metric:.4f}")
-    console.print(table)
-    fused = recipe.composition is not None and recipe.composition.type == "fuse"
-    what = "fusion and head" if fused else "adapter"
-    console.print(f"{what} written to {adapter_dir}" + (f" ({processes} processes)" if processes > 1 else ""))
-    return final
-
-
-def fusion_attention_report(run_dir: str | Path, split: str = "validation") -> dict[str, Any]:
-    """The mean attention each fusion layer of a fusion run gives each member adapter on ``split``;
-    written to ``fusion_attention.json`` and drawn as a heatmap in ``fusion_attention.png``."""
-    run = Path(run_dir)
-    recipe, model, tokenizer, name = load_run(run)
-    if not model._adapter_state.fusions:
-        raise AdapterCliError(f"{run}: not a fusion run (its recipe has no composition of type fuse)")
-    data = load_data(recipe.data, seed=recipe.train.seed)
-    tokenized = tokenize_dataset(data.splits, tokenizer, data.task, recipe.train.max_seq_length)
-    collator = make_collator(tokenizer, data.task, seed=recipe.train.seed)
-    with model.record_fusion_attention() as recorder:
-        evaluate(model, tokenized[split], collator, data.task, data.label_names,
-                 recipe.train.eval_batch_size or recipe.train.batch_size, model.device)
-    attention = recorder.result()[name]
-    report = {**attention.as_dict(), "split": split, "examples": len(tokenized[split]),
-              "mean": dict(zip(attention.members, torch.nanmean(attention.weights, 0).tolist(), strict=True))}
-    write_json(run / "fusion_attention.json", report)
-    _plot_fusion(report, run / "fusion_attention.png")
-    return report
-
-
-def _plot_fusion(report: dict[str, Any], path: Path) -> None:
-    """Heatmap: one row per fusion layer, one column per member adapter, the mean attention in each cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    members = report["members"]
-    rows = [[place["weights"][m] for m in members] for place in report["places"]]
-    labels = [f"layer {p['layer']}" + (f" {p['site']}" if p["site"] != "output" else "") for p in report["places"]]
-    weights = np.array(rows + [[report["mean"][m] for m in members]])
-    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(members), 1.2 + 0.42 * len(weights)))
-    image = ax.imshow(weights, cmap="viridis", vmin=0, vmax=max(float(np.nanmax(weights)), 1e-6), aspect="auto")
-    ax.set_xticks(range(len(members)), members, rotation=30, ha="right")
-    ax.set_yticks(range(len(weights)), [*labels, "mean"])
-    ax.axhline(len(rows) - 0.5, color="white", linewidth=2)
-    for (i, j), value in np.ndenumerate(weights):
-        ax.text(j, i, "—" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8,
-                color="black" if value > 0.6 * np.nanmax(weights) else "white")
-    ax.set_title(f"AdapterFusion '{report['fusion']}': mean attention per member\n"
-                 f"({report['split']}, {report['examples']} examples, {report['tokens']:,} tokens)", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def load_run(run_dir: str | Path) -> tuple[Recipe, AdapterModel, Any, str]:
-    """A finished run's recipe, model with its trained adapter active, tokenizer and adapter name."""
-    run = Path(run_dir)
-    if not (run / "recipe.yaml").exists() or not (run / "adapter").exists():
-        raise AdapterCliError(f"{run}: not a finished run folder (needs recipe.yaml and adapter/)")
-    recipe = load_recipe(run / "recipe.yaml")
-    if recipe.adapter.method == FULL_FINETUNING:
-        raise AdapterCliError(f"{run}: a full fine-tuning baseline; its evaluations are in metrics.jsonl "
-                              "(eval, predict, summary and export serve adapter runs)")
-    model, tokenizer = load_model(recipe)
-    comp = recipe.composition
-    members = load_members(model, recipe) if comp is not None and comp.type in ("stack", "fuse") else []
-    if comp is not None and comp.type == "fuse":
-        name = model.load_adapter_fusion(run / "adapter", load_as=recipe.adapter.name, with_head=True)
-    else:
-        name = model.load_adapter(run / "adapter")
-    model.set_active_adapters(setup_of(recipe, members))
-    model.eval()
-    return recipe, model, tokenizer, name
-
-
-def evaluate_run(run_dir: str | Path, split: str = "validation") -> dict[str, float]:
-    recipe, model, tokenizer, _ = load_run(run_dir)
-    data = load_data(recipe.data, seed=recipe.train.seed)
-    if split not in data.splits:
-        raise AdapterCliError(f"the data has no '{split}' split (has: {', '.join(data.splits)})")
-    tokenized = tokenize_dataset(data.splits, tokenizer, data.task, recipe.train.max_seq_length,
-                                 recipe.train.max_target_length)
-    collator = make_collator(tokenizer, data.task, seed=recipe.train.seed)
-    return evaluate(model, tokenized[split], collator, data.task, data.label_names,
-                    recipe.train.eval_batch_size or recipe.train.batch_size, model.device,
-                    generation=text_generation(recipe, tokenizer))
-
-
-def predict(run_dir: str | Path, texts: list[str]) -> list[dict[str, Any]]:
-    """Label and probability (or value) for each text, with a run's adapter; a seq2seq run's
-    generated text (as its evaluation generates: greedy or ``train.generation_num_beams``)."""
-    recipe, model, tokenizer, name = load_run(run_dir)
-    generation = text_generation(recipe, tokenizer)
-    if generation is not None:
-        written = write_texts(recipe, model, generation, texts)
-        return [{"text": text, "generated": output} for text, output in zip(texts, written, strict=True)]
-    head = model.heads[name]
-    kind = head.config.head_type
-    if kind not in ("classification", "multilabel_classification", "regression"):
-        raise AdapterCliError(f"predict supports sequence-level heads; this run's head is '{kind}'")
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=recipe.train.max_seq_length, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**enc).logits.float()
-    id2label = head.config.id2label or {}
-    results = []
-    for text, row in zip(texts, logits, strict=True):
-        if kind == "regression":
-            results.append({"text": text, "value": row.item()})
-        elif kind == "multilabel_classification":
-            probs = torch.sigmoid(row)
-            results.append({"text": text, "labels": [id2label.get(i, str(i)) for i in range(len(probs)) if probs[i] > 0.5],
-                            "probabilities": {id2label.get(i, str(i)): round(p.item(), 4) for i, p in enumerate(probs)}})
-        else:
-            probs = torch.softmax(row, -1)
-            best = int(probs.argmax())
-            results.append({"text": text, "label": id2label.get(best, str(best)), "probability": probs[best].item()})
-    return results
-
-
-def write_texts(recipe: Recipe, model: Any, generation: TextGeneration, sources: list[str]) -> list[str]:
-    """What a seq2seq run writes for each source text (``data.source_prefix`` put before it, as in
-    training), in batches of ``train.eval_batch_size``."""
-    size = recipe.train.eval_batch_size or recipe.train.batch_size
-    written: list[str] = []
-    for start in range(0, len(sources), size):
-        batch = [recipe.data.source_prefix + source for source in sources[start : start + size]]
-        enc = generation.tokenizer(batch, padding=True, truncation=True, max_length=recipe.train.max_seq_length,
-                                   return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            written += generation(model, enc["input_ids"], enc["attention_mask"])
-    return written
-
-
-def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0, num_beams: int = 1) -> list[str]:
-    """Continue each prompt with a causal-LM run's adapter: an instruction-tuned run (``data.task:
-    instruct``) reads the prompt as a user turn of the tokenizer's chat template and answers it;
-    a ``causal_lm`` run continues the text. Greedy unless ``temperature`` > 0; stops at the end of
-    the answer (the tokenizer's end-of-sequence or end-of-turn token) or after ``max_new_tokens``.
-    A seq2seq run reads each prompt as a source text and writes its target (summary, translation),
-    with the KV cache; ``num_beams`` > 1 searches with that many beams."""
-    recipe, model, tokenizer, name = load_run(run_dir)
-    if recipe.data.task == "seq2seq":
-        torch.manual_seed(seed)  # `model.generate` samples with torch's global generator
-        return write_texts(recipe, model, TextGeneration(tokenizer, max_new_tokens, num_beams, temperature), prompts)
-    kind = model.heads[name].config.head_type if name in model.heads else None
-    if kind != "causal_lm":
-        raise AdapterCliError(f"generate needs a causal-LM run (data.task instruct or causal_lm) or a seq2seq run; "
-                              f"this run's head is '{kind}'")
-    if num_beams > 1:
-        raise AdapterCliError("--num-beams: beam search is for seq2seq runs; a causal-LM run answers greedily or "
-                              "sampled (--temperature)")
-    chat = recipe.data.task == "instruct"
-    stop = {tokenizer.eos_token_id, *_as_list(getattr(model.config, "eos_token_id", None))} - {None}
-    stop |= {i for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>") if (i := tokenizer.convert_tokens_to_ids(t))
-             not in (None, tokenizer.unk_token_id)}
-    generator = torch.Generator().manual_seed(seed)
-    answers = []
-    for prompt in prompts:
-        text = chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
-        ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(model.device)
-        new: list[int] = []
-        with torch.no_grad():
-            for _ in range(max_new_tokens):  # no KV cache: short answers from small models, exactly the trained path
-                logits = model(input_ids=ids).logits[0, -1].float()
-                if temperature > 0:
-                    token = int(torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=generator))
-                else:
-                    token = int(logits.argmax())
-                if token in stop:
-                    break
-                new.append(token)
-                ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
-        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return answers
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple) else [value]
+    return table

@@ -1,8 +1,8 @@
 """FSDP2 on CPU processes (gloo), for tests/test_distributed.py: ``torchrun --standalone
 --nproc_per_node 2 tests/fsdp2_check.py``. Accelerate runs FSDP on GPUs only, so this shards a tiny
-Llama with torch's ``fully_shard`` itself and checks what train.py does under FSDP2: the adapter is
-gathered whole for saving (and saved), the shards come back, and the optimizer state saved whole
-is cut back into the same shards."""
+Llama with torch's ``fully_shard`` itself and checks what distributed.py and checkpoints.py do under
+FSDP2: the adapter is gathered whole for saving (and saved), the shards come back, and the
+optimizer state saved whole is cut back into the same shards."""
 
 import sys
 import tempfile
@@ -18,8 +18,9 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adaptercli  # noqa: E402
+from adaptercli.checkpoints import full_optimizer_state, shard_like  # noqa: E402
+from adaptercli.distributed import full_weights  # noqa: E402
 from adaptercli.formats import read_adapter  # noqa: E402
-from adaptercli.train import _full_optimizer_state, _full_weights, _like  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 
 dist.init_process_group("gloo")
@@ -45,7 +46,7 @@ model(input_ids=ids)[0].pow(2).mean().backward()
 opt.step()
 acc = types.SimpleNamespace(unwrap_model=lambda m: m, distributed_type=DistributedType.FSDP, state=None,
                             is_main_process=rank == 0)
-with _full_weights(acc, model) as m:
+with full_weights(acc, model) as m:
     if rank == 0:
         got = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
         assert all(not isinstance(p, DTensor) for p in got.values())
@@ -55,11 +56,11 @@ with _full_weights(acc, model) as m:
         saved = read_adapter(folder, with_head=False).weights
         assert saved and all(t.shape == whole[k].shape for k, t in saved.items()), "whole weights saved, not shards"
 assert all(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad), "the shards are back"
-state = _full_optimizer_state(opt)
+state = full_optimizer_state(opt)
 assert all(not isinstance(v, DTensor) for s in state["state"].values() for v in s.values())
 reference = {i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
 params = [p for g in opt.param_groups for p in g["params"]]
-back = {i: {k: _like(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}
+back = {i: {k: shard_like(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}
 for i, s in back.items():
     for k, v in s.items():
         full = v.full_tensor() if isinstance(v, DTensor) else v

@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
 from adaptercli.assets import resolve_model_path
+from adaptercli.distributed import share
+from adaptercli.evaluation import loss_units
 from adaptercli.recipe import load_recipe
-from adaptercli.train import _loss_units, _share, train
+from adaptercli.train import train
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 # accelerate 1.x runs `--cpu --num_processes N` as one process (several need mpirun); --multi_gpu
@@ -144,19 +146,19 @@ def test_weighted_shares_add_up_to_the_whole_batch(task: str) -> None:
         def loss_of(part: slice) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(logits[part], labels[part])
 
-    class Processes:  # what _share reads of an Accelerator
+    class Processes:  # what `share` reads of an Accelerator
         num_processes = 2
         process_index = 0
 
     shares = []
     for rank in range(2):
         Processes.process_index = rank
-        part, real = _share(rows, Processes)
+        part, real = share(rows, Processes)
         assert real
-        shares.append(loss_of(part) * 2 * _loss_units(labels[part], task) / _loss_units(labels, task))
+        shares.append(loss_of(part) * 2 * loss_units(labels[part], task) / loss_units(labels, task))
     torch.testing.assert_close(sum(shares) / 2, loss_of(slice(0, rows)))
     Processes.num_processes, Processes.process_index = 8, 7  # 7 rows, 8 processes: the last has none
-    assert _share(rows, Processes) == (slice(0, 1), False)
+    assert share(rows, Processes) == (slice(0, 1), False)
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
@@ -183,8 +185,9 @@ def test_shipped_launch_configs_parse(name: str, tmp_path: Path) -> None:
 
 def test_fsdp2_saves_whole_adapters_and_reshards_the_optimizer_state() -> None:
     """Accelerate runs FSDP on GPUs only; tests/fsdp2_check.py shards a tiny Llama with torch's
-    fully_shard on 2 CPU processes and checks train.py's gathering (a saved adapter holds whole
-    weights, never a shard) and its whole-tensor optimizer state cut back into the same shards."""
+    fully_shard on 2 CPU processes and checks the gathering in distributed.py (a saved adapter holds
+    whole weights, never a shard) and checkpoints.py's whole-tensor optimizer state cut back into the
+    same shards."""
     torchrun = str(Path(sys.executable).parent / "torchrun")
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(Path(__file__).parent / "fsdp2_check.py")],
                             capture_output=True, text=True, env=ENV, timeout=600)

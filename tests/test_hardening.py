@@ -285,7 +285,7 @@ def test_a_running_training_holds_its_output_folder(tmp_path: Path, tiny_bert_di
 # -- 7. checkpoints hold every random generator ---------------------------------------------------------
 
 def test_checkpoint_restores_python_numpy_and_torch_rngs(tmp_path: Path) -> None:
-    from adaptercli.train import RunState, _load_checkpoint, _save_checkpoint
+    from adaptercli.checkpoints import RunState, load_checkpoint, save_checkpoint
 
     model = adaptercli.init(tiny_model("bert"))
     model.add_adapter("a", "lora")
@@ -296,12 +296,12 @@ def test_checkpoint_restores_python_numpy_and_torch_rngs(tmp_path: Path) -> None
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    _save_checkpoint(tmp_path, model, optimizer, scheduler, RunState(step=5), "a")
+    save_checkpoint(tmp_path, model, optimizer, scheduler, RunState(step=5), "a")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9)
     np.random.seed(9)
     torch.manual_seed(9)
-    assert _load_checkpoint(tmp_path, model, optimizer, scheduler).step == 5
+    assert load_checkpoint(tmp_path, model, optimizer, scheduler).step == 5
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -316,12 +316,12 @@ def test_a_full_disk_during_training_gives_one_line(tmp_path: Path, tiny_bert_di
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import adaptercli.train as training
+    import adaptercli.checkpoints as checkpoints
 
     def full_disk(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(training, "write_weights", full_disk)
+    monkeypatch.setattr(checkpoints, "write_weights", full_disk)
     recipe = write_recipe(tmp_path, tiny_bert_dir, data_csv)
     problems = errors_of(runner.invoke(app, ["train", str(recipe)], env=ENV))
     assert len(problems) == 1 and problems[0].endswith("trainable.safetensors: No space left on device")

@@ -18,10 +18,12 @@ from typer.testing import CliRunner
 from adaptercli.cli import app
 from adaptercli.data import encode_conversation, load_data, make_collator, tokenize_dataset
 from adaptercli.errors import AdapterCliError
+from adaptercli.evaluation import evaluate
 from adaptercli.heads import HeadConfig
 from adaptercli.model import AutoAdapterModel
 from adaptercli.recipe import DataSection, load_recipe
-from adaptercli.train import evaluate, prepare_model, train
+from adaptercli.runs import prepare_model
+from adaptercli.train import train
 from tests.conftest import write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -131,7 +131,7 @@ def test_no_library_function_is_over_80_lines_and_train_py_stays_short() -> None
 
 def test_the_training_loop_is_one_function_without_closures() -> None:
     tree = ast.parse((PACKAGE / "train.py").read_text())
-    loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "training_loop")
+    loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_train_loop")
     assert loop.end_lineno - loop.lineno + 1 <= 100
     assert [n.name for n in ast.walk(loop) if isinstance(n, ast.FunctionDef) and n is not loop] == []
     assert not any(isinstance(n, ast.Nonlocal) for n in ast.walk(loop))

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from adaptercli.cli import app
+from adaptercli.inference import evaluate_run
 from adaptercli.recipe import load_recipe
-from adaptercli.train import evaluate_run, load_run, train
+from adaptercli.runs import load_run
+from adaptercli.train import train
 from tests.conftest import write_recipe
 
 bitsandbytes = pytest.importorskip("bitsandbytes")

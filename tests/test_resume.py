@@ -16,6 +16,7 @@ from conftest import write_recipe
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
+from adaptercli import checkpoints as checkpoint_module
 from adaptercli import train as train_module
 from adaptercli.assets import resolve_model_path
 from adaptercli.recipe import load_recipe
@@ -86,7 +87,7 @@ class Interrupted(Exception):
 def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint(straight: Path, tmp_path: Path,
                                                                      tiny_bert_dir: Path, sentiment_csv: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    write = train_module.write_weights
+    write = checkpoint_module.write_weights
 
     def dies_writing_step_8(path: Path, weights, *args, **kwargs):
         if path.name == "optimizer.safetensors" and path.parent.name.endswith("step-8"):
@@ -94,7 +95,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint(straight: P
             raise Interrupted
         return write(path, weights, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "write_weights", dies_writing_step_8)
+    monkeypatch.setattr(checkpoint_module, "write_weights", dies_writing_step_8)
     with pytest.raises(Interrupted):
         _train(tmp_path, tiny_bert_dir, sentiment_csv)
     monkeypatch.undo()

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import adaptercli
 from adaptercli.cli import app
-from adaptercli.train import evaluate_run
+from adaptercli.inference import evaluate_run
 
 runner = CliRunner()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"}

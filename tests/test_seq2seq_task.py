@@ -30,9 +30,11 @@ from typer.testing import CliRunner
 from adaptercli.cli import app
 from adaptercli.data import load_data, source_target_pairs
 from adaptercli.errors import AdapterCliError, RecipeError
+from adaptercli.inference import generate
 from adaptercli.metrics import METRIC_NAMES, chrf, compute_metrics, rouge_l
 from adaptercli.recipe import DataSection, load_recipe
-from adaptercli.train import generate, prepare_model, train
+from adaptercli.runs import prepare_model
+from adaptercli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}

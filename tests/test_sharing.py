@@ -107,7 +107,7 @@ def run(tmp_path_factory, tiny_bert_dir: Path, sentiment_csv: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def expected(run: Path) -> torch.Tensor:
-    from adaptercli.train import load_run
+    from adaptercli.runs import load_run
 
     _, model, tokenizer, _ = load_run(run)
     return logits_of(model, tokenizer)
@@ -398,14 +398,14 @@ def test_private_branch_push_pinned_and_loaded_again_offline(run: Path, hub: Hub
 def test_a_run_records_the_commit_of_the_hub_adapters_it_loaded(tmp_path: Path, monkeypatch) -> None:
     from adaptercli import hub
     from adaptercli.recipe import load_recipe
-    from adaptercli.train import _with_absolute_paths
+    from adaptercli.runs import with_absolute_paths
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name_or_path: minilm}\nadapter: {name: top, method: seq_bn, load: org/base}\n"
                       "composition: {type: stack, adapters: [org/lang, org/other@v2]}\n"
                       "data: {source: rotten_tomatoes}\noutput_dir: out\n")
     monkeypatch.setattr(hub, "_PINNED", {"org/lang": "org/lang@" + "a" * 40, "org/base": "org/base@" + "b" * 40})
-    saved = _with_absolute_paths(load_recipe(recipe))
+    saved = with_absolute_paths(load_recipe(recipe))
     assert saved.composition.adapters == ["org/lang@" + "a" * 40, "org/other@v2"]  # not downloaded: as written
     assert saved.adapter.load == "org/base@" + "b" * 40
 

@@ -1,0 +1,107 @@
+"""The run-folder commands, on a finished run: evaluate its adapter on a split (`evaluate_run`),
+label texts (`predict`), and continue prompts or write a seq2seq run's texts (`generate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import chat_text, load_data, make_collator, tokenize_dataset
+from .errors import AdapterCliError
+from .evaluation import TextGeneration, evaluate, text_generation, write_texts
+from .runs import load_run
+
+
+def evaluate_run(run_dir: str | Path, split: str = "validation") -> dict[str, float]:
+    """Loss and task metrics of a finished run's adapter on ``split`` of its data, evaluated as in training."""
+    recipe, model, tokenizer, _ = load_run(run_dir)
+    data = load_data(recipe.data, seed=recipe.train.seed)
+    if split not in data.splits:
+        raise AdapterCliError(f"the data has no '{split}' split (has: {', '.join(data.splits)})")
+    tokenized = tokenize_dataset(data.splits, tokenizer, data.task, recipe.train.max_seq_length,
+                                 recipe.train.max_target_length)
+    collator = make_collator(tokenizer, data.task, seed=recipe.train.seed)
+    return evaluate(model, tokenized[split], collator, data.task, data.label_names,
+                    recipe.train.eval_batch_size or recipe.train.batch_size, model.device,
+                    generation=text_generation(recipe, tokenizer))
+
+
+def predict(run_dir: str | Path, texts: list[str]) -> list[dict[str, Any]]:
+    """Label and probability (or value) for each text, with a run's adapter; a seq2seq run's
+    generated text (as its evaluation generates: greedy or ``train.generation_num_beams``)."""
+    recipe, model, tokenizer, name = load_run(run_dir)
+    generation = text_generation(recipe, tokenizer)
+    if generation is not None:
+        written = write_texts(recipe, model, generation, texts)
+        return [{"text": text, "generated": output} for text, output in zip(texts, written, strict=True)]
+    head = model.heads[name]
+    kind = head.config.head_type
+    if kind not in ("classification", "multilabel_classification", "regression"):
+        raise AdapterCliError(f"predict supports sequence-level heads; this run's head is '{kind}'")
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=recipe.train.max_seq_length, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits.float()
+    id2label = head.config.id2label or {}
+    results = []
+    for text, row in zip(texts, logits, strict=True):
+        if kind == "regression":
+            results.append({"text": text, "value": row.item()})
+        elif kind == "multilabel_classification":
+            probs = torch.sigmoid(row)
+            results.append({"text": text, "labels": [id2label.get(i, str(i)) for i in range(len(probs)) if probs[i] > 0.5],
+                            "probabilities": {id2label.get(i, str(i)): round(p.item(), 4) for i, p in enumerate(probs)}})
+        else:
+            probs = torch.softmax(row, -1)
+            best = int(probs.argmax())
+            results.append({"text": text, "label": id2label.get(best, str(best)), "probability": probs[best].item()})
+    return results
+
+
+def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+             seed: int = 0, num_beams: int = 1) -> list[str]:
+    """Continue each prompt with a causal-LM run's adapter: an instruction-tuned run (``data.task:
+    instruct``) reads the prompt as a user turn of the tokenizer's chat template and answers it;
+    a ``causal_lm`` run continues the text. Greedy unless ``temperature`` > 0; stops at the end of
+    the answer (the tokenizer's end-of-sequence or end-of-turn token) or after ``max_new_tokens``.
+    A seq2seq run reads each prompt as a source text and writes its target (summary, translation),
+    with the KV cache; ``num_beams`` > 1 searches with that many beams."""
+    recipe, model, tokenizer, name = load_run(run_dir)
+    if recipe.data.task == "seq2seq":
+        torch.manual_seed(seed)  # `model.generate` samples with torch's global generator
+        return write_texts(recipe, model, TextGeneration(tokenizer, max_new_tokens, num_beams, temperature), prompts)
+    kind = model.heads[name].config.head_type if name in model.heads else None
+    if kind != "causal_lm":
+        raise AdapterCliError(f"generate needs a causal-LM run (data.task instruct or causal_lm) or a seq2seq run; "
+                              f"this run's head is '{kind}'")
+    if num_beams > 1:
+        raise AdapterCliError("--num-beams: beam search is for seq2seq runs; a causal-LM run answers greedily or "
+                              "sampled (--temperature)")
+    chat = recipe.data.task == "instruct"
+    stop = {tokenizer.eos_token_id, *_as_list(getattr(model.config, "eos_token_id", None))} - {None}
+    stop |= {i for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>") if (i := tokenizer.convert_tokens_to_ids(t))
+             not in (None, tokenizer.unk_token_id)}
+    generator = torch.Generator().manual_seed(seed)
+    answers = []
+    for prompt in prompts:
+        text = chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
+        ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(model.device)
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(max_new_tokens):  # no KV cache: short answers from small models, exactly the trained path
+                logits = model(input_ids=ids).logits[0, -1].float()
+                if temperature > 0:
+                    token = int(torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=generator))
+                else:
+                    token = int(logits.argmax())
+                if token in stop:
+                    break
+                new.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return answers
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
