@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .assets import resolve_model_path
-from .composition import BLOCKS, CompositionError, check_support
+from .composition import RECIPE_BLOCKS, CompositionError, check_support
 from .errors import AdapterCliError, RecipeError
 from .formats import read_adapter
 from .locate import local_folder, looks_local
@@ -165,7 +165,7 @@ def _check_block(recipe: Recipe, configs: dict[str, Any], problems: list[str]) -
     if kind == "stack" and not recipe.adapter.load:
         configs = {**configs, recipe.adapter.name: get_method(recipe.adapter.method).make_config(recipe.adapter.config)}
         names = list(configs)
-    block = BLOCKS[kind](*names)
+    block = RECIPE_BLOCKS[kind](*names)
     try:
         check_support(block, lambda n: method_name(configs[n]), lambda n: configs[n].family,
                       {family.name: family.blocks for family in FAMILIES.values()})

@@ -102,10 +102,10 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in output_dir.")] = False,
 ) -> None:
     """Train the recipe's adapter; writes adapter/, checkpoints/, metrics.jsonl and curves.png to output_dir."""
-    _train("train", recipe, overrides or [], resume)
+    _run_training("train", recipe, overrides or [], resume)
 
 
-def _train(command: str, recipe: str, overrides: list[str], resume: bool) -> None:
+def _run_training(command: str, recipe: str, overrides: list[str], resume: bool) -> None:
     """`adapter train` and `adapter fuse`: load the recipe, train, and on Ctrl-C say how to resume."""
     from .recipe import load_recipe
     from .train import train as run
@@ -133,7 +133,7 @@ def fuse(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in output_dir.")] = False,
 ) -> None:
     """Train an AdapterFusion over the recipe's member adapters (run folders, adapter folders or Hub ids), which stay frozen; writes the fusion and its head to adapter/, and fusion_attention.png."""
-    _train("fuse", recipe, overrides or [], resume)
+    _run_training("fuse", recipe, overrides or [], resume)
 
 
 @app.command()

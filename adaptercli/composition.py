@@ -22,6 +22,7 @@ linear layer's input and output, the prefixes of each row) and how to slice, joi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -172,6 +173,9 @@ class BatchSplit(CompositionBlock):
 
 BLOCKS: dict[str, type[CompositionBlock]] = {
     b.__name__: b for b in (Stack, Fuse, Parallel, Average, Split, BatchSplit)}
+# The same blocks by the names a recipe gives them (``composition.type``: stack, ..., batch_split).
+RECIPE_BLOCKS: dict[str, type[CompositionBlock]] = {
+    re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower(): block for name, block in BLOCKS.items()}
 
 # What each block may hold (AdapterHub's table). Below the first level only Stack may appear, and a
 # nested Stack holds adapter names only.
@@ -183,11 +187,6 @@ ALLOWED_NESTING: dict[type[CompositionBlock], tuple[type, ...]] = {
     BatchSplit: (str, Stack, Split, BatchSplit, Average),
     Average: (str, Stack, Split, BatchSplit),
 }
-
-
-# Each block by the name a recipe gives it (``composition.type``).
-BLOCKS: dict[str, type[CompositionBlock]] = {"stack": Stack, "fuse": Fuse, "parallel": Parallel, "average": Average,
-                                             "split": Split, "batch_split": BatchSplit}
 
 
 def _names(types: tuple[type, ...]) -> str:

@@ -33,14 +33,14 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from adaptercli.assets import OFFLINE_DATASETS
-from adaptercli.composition import BLOCKS
+from adaptercli.composition import RECIPE_BLOCKS
 from adaptercli.errors import RecipeError
 from adaptercli.heads import RECIPE_HEADS
 from adaptercli.schema import INVALID, check_section, dataclass_in, did_you_mean, join, spec
 
 TASKS = ("classification", "multilabel", "regression", "tagging", "mlm", "causal_lm", "instruct", "seq2seq")
 HEAD_TYPES = tuple(RECIPE_HEADS)
-COMPOSITION_TYPES = tuple(BLOCKS)
+COMPOSITION_TYPES = tuple(RECIPE_BLOCKS)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll")
 # Compression suffixes that the readers undo transparently, so `x.csv.gz` is a csv file.

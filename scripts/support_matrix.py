@@ -6,7 +6,7 @@ the registry is added to it: a method the library refuses there is marked with t
 reason; one it accepts is "✓" (tests/test_methods.py and tests/test_support_matrix.py run each such
 pair: the output changes, deactivating restores it) or "✅" when a fixture made with AdapterHub
 ``adapters`` 1.3.0 checks its output (tests/test_reference_outputs.py,
-tests/test_breadth_reference.py). The composition table comes from each family's ``blocks``.
+tests/test_reference_architectures.py). The composition table comes from each family's ``blocks``.
 
     .venv/bin/python scripts/support_matrix.py          # rewrite the section in README.md
     .venv/bin/python scripts/support_matrix.py --check  # exit 1 if README.md is not current

@@ -1,7 +1,7 @@
 """The plugin entry: a model outside the architecture table, described by its layout (in Python,
 in a recipe's ``model.layout`` or by AdapterHub's adapter_interface.json), gets every method;
 mistakes in a layout are reported key by key. (Outputs against AdapterHub's plugin interface:
-tests/test_breadth_reference.py; every method on it: tests/test_support_matrix.py.)"""
+tests/test_reference_architectures.py; every method on it: tests/test_support_matrix.py.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Adapters on encoder-decoders with their own LM head (AutoModelForSeq2SeqLM): generation with
 the KV cache equals generation without it (prefixes, cross-attention adapters and T5's position
 bias included) and differs from the bare model's, and a few steps of training on the model's own
-loss learn a small copy task. (Outputs against AdapterHub: tests/test_breadth_reference.py.)"""
+loss learn a small copy task. (Outputs against AdapterHub: tests/test_reference_architectures.py.)"""
 
 from __future__ import annotations
 

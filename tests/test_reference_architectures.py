@@ -1,4 +1,4 @@
-"""The architectures and methods of issue 12 against AdapterHub `adapters` 1.3.0: each folder it
+"""The architectures and methods beyond the core (encoder-decoders, DeBERTa, ViT, CLIP, decoders; compacter, ReFT, VeRA, ...) against AdapterHub `adapters` 1.3.0: each folder it
 saved loads into our library on transformers 5.x and gives its output within 1e-4 on real tokens,
 under eager and SDPA attention where the model has SDPA; deactivating gives the bare model back.
 Fixtures: scripts/make_breadth_fixtures.py (tests/fixtures/breadth/)."""
@@ -112,7 +112,7 @@ def test_adapter_model_reads_the_adapterhub_interface_beside_the_model() -> None
 
 
 def test_every_new_architecture_has_reference_cases() -> None:
-    """The table entries of issue 12 are each covered by AdapterHub-made fixtures."""
+    """Every table entry beyond the core is covered by AdapterHub-made fixtures."""
     covered = {c["arch"] for c in CASES}
     for model_type in ("electra", "albert", "deberta-v2", "deberta", "qwen2", "qwen3", "gemma2", "gemma3_text",
                        "phi", "modernbert", "opt", "vit", "clip_text_model", "clip_vision_model", "bart", "t5",

@@ -1,4 +1,4 @@
-"""Every method of issue 12 trains from a recipe: a short run on a tiny BERT moves every trained
+"""Every method beyond the core seven trains from a recipe: a short run on a tiny BERT moves every trained
 tensor, leaves the tensors that are saved but never trained (VeRA's shared random matrices, ReFT's
 orthogonal base) exactly as they were, and writes an adapter folder that loads back with its head
 and gives the trained model's predictions."""

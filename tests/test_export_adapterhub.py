@@ -1,4 +1,4 @@
-"""`adapter export --to adapterhub` for the architectures of issue 12 (ViT and CLIP, whose module
+"""`adapter export --to adapterhub` for the architectures beyond BERT-like encoders (ViT and CLIP, whose module
 paths transformers 5 renamed; encoder-decoder and DeBERTa prefix tuning): an adapter made by
 AdapterHub `adapters` 1.3.0, loaded into ours and exported again, gives back AdapterHub's own
 folder: the same tensors under the same keys and the same config. That folder is the one adapters
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_breadth_reference import CASES, ROOT, _close, _inputs, _load
+from test_reference_architectures import CASES, ROOT, _close, _inputs, _load
 
 from adaptercli.export import export, open_source
 
