@@ -165,6 +165,7 @@ class ModelAdaptersMixin:
             self.delete_adapter_fusion(name)
         with torch.device(next(self.parameters()).device):
             FAMILIES["bottleneck"].add_fusion(state, name, members, fusion_config)
+        self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.fusions[name] = FusionRecord(name, members, fusion_config)
         if set_active:
             self.set_active_adapters(composition.Fuse(*members, name=name if name != ",".join(members) else None))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import batch, tiny_model
 from safetensors.torch import load_file
+from transformers import AutoModel
 
 import adaptercli
 from adaptercli.formats import AdapterFileError
@@ -162,3 +164,33 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path: Path, monkeypat
     assert torch.equal(load_file(weights)["w"], torch.ones(3))
     assert json.loads(config.read_text()) == {"r": 8}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+
+
+# AdapterHub folders whose adapter_config.json names the config by identifier (AdapterHub's loader
+# resolves the name to that config's defaults). Each fixture below was saved by adapters 1.3.0 with
+# exactly those defaults, so the same folder with the identifier must give the same outputs.
+IDENTIFIER_CASES = [
+    ("adapters/bert_seq_bn", "seq_bn"), ("adapters/bert_seq_bn", "pfeiffer"),
+    ("adapters/bert_double_seq_bn", "houlsby"), ("adapters/bert_par_bn", "parallel"),
+    ("adapters/bert_seq_bn_inv", "pfeiffer+inv"), ("adapters/bert_lora", "lora"), ("adapters/bert_ia3", "ia3"),
+    ("adapters/bert_prefix_tuning", "prefix_tuning"), ("breadth/adapters/bert_loreft", "loreft"),
+    ("breadth/adapters/bert_dora", "dora"), ("breadth/adapters/bert_vera", "vera"),
+    ("breadth/adapters/bert_scaled_par_bn", "scaled_par_bn"),
+]
+
+
+@pytest.mark.parametrize("fixture, identifier", IDENTIFIER_CASES)
+def test_adapterhub_config_given_by_identifier_loads_as_its_defaults(fixture: str, identifier: str,
+                                                                     tmp_path: Path) -> None:
+    folder = ROOT / "tests/fixtures" / fixture
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    shutil.copytree(folder, tmp_path / "by_id")
+    (tmp_path / "by_id" / "adapter_config.json").write_text(json.dumps({**meta, "config": identifier}))
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for source in (folder, tmp_path / "by_id"):
+        model = adaptercli.init(AutoModel.from_pretrained(ROOT / meta["model_name"]).eval())
+        model.load_adapter(source, set_active=True)
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids).last_hidden_state)
+    assert torch.equal(outputs[0], outputs[1])

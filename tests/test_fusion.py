@@ -266,3 +266,31 @@ def test_labels_of_a_head() -> None:
     assert model.get_labels() is None  # the active head (the last added) has no labels
     with pytest.raises(adaptercli.AdapterCliError, match="no head named 'x'"):
         model.get_labels("x")
+
+
+@pytest.mark.parametrize("how", ["added", "loaded"])
+def test_a_fusion_follows_the_models_mode(how: str, tmp_path: Path) -> None:
+    """Dropout in the fusion layers is off in eval mode: repeated passes are identical, whether the
+    fusion was added to a model already in eval mode or loaded into one."""
+    model = adaptercli.init(tiny_model("bert"))
+    for name in ("a", "b"):
+        model.add_adapter(name, "seq_bn")
+    model.eval()
+    if how == "added":
+        model.add_adapter_fusion(["a", "b"], {"dropout_prob": 0.5}, set_active=True)
+    else:
+        source = adaptercli.init(tiny_model("bert"))
+        for name in ("a", "b"):
+            source.add_adapter(name, "seq_bn")
+        source.add_adapter_fusion(["a", "b"], {"dropout_prob": 0.5})
+        source.save_adapter_fusion(tmp_path / "fusion", "a,b")
+        model.load_adapter_fusion(tmp_path / "fusion", set_active=True)
+    layers = model.adapter_state.families["bottleneck"].fusion_layers(model.adapter_state, "a,b")
+    assert layers and not any(m.training for layer in layers for m in layer.modules())
+    ids, mask = batch()
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        second = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(first, second)
+    model.train()
+    assert all(layer.training for layer in layers)

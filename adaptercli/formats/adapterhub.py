@@ -82,7 +82,9 @@ def convert_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def read(folder: Path, meta: dict[str, Any], with_head: bool) -> LoadedAdapter:
     if "config" not in meta or "name" not in meta:
         raise AdapterFileError(f"{folder / 'adapter_config.json'}: missing 'config' or 'name'")
-    config = resolve_config(dict(meta["config"]))
+    # AdapterHub writes the config in full, or by identifier ("direft", "pfeiffer", "lora[r=16]"),
+    # which its loader resolves to that config's defaults; the registry knows the same names.
+    config = resolve_config(meta["config"] if isinstance(meta["config"], str) else dict(meta["config"]))
     loaded = LoadedAdapter(config, convert_keys(read_weights(folder, *WEIGHTS)), meta["name"],
                            meta.get("model_type"), meta.get("hidden_size"), model_name=meta.get("model_name") or None)
     if with_head:
