@@ -198,6 +198,8 @@ def open_source(path: str | Path, *, base_model: str | None = None, task: str | 
     if recipe is not None:
         source.base_config_source = (recipe.model.name_or_path, {"revision": recipe.model.revision,
                                                                   "gguf_file": recipe.model.gguf_file})
+    elif recorded and (Path(recorded).expanduser() / "config.json").is_file():  # an adapter folder made here
+        source.base_config_source = (str(recorded), {})
     if is_fusion:
         source.members = _member_folders(recipe, loaded.members) if recipe else {}
     return source
@@ -261,10 +263,10 @@ def _write_native(source: Source, dest: Path, about: card.AdapterCard) -> list[s
     return notes
 
 
-def _tied_embeddings(source: Source) -> bool:
-    """Whether the base model's output embeddings are its input embeddings (a causal LM head)."""
+def _base_config(source: Source) -> Any | None:
+    """The base model's config, when the run names the model and it can be read (None otherwise)."""
     if source.base_config_source is None:
-        return True
+        return None
     from transformers import AutoConfig
 
     from .assets import resolve_model_path
@@ -273,10 +275,34 @@ def _tied_embeddings(source: Source) -> bool:
     name, kwargs = source.base_config_source
     try:
         with hub_access():
-            config = AutoConfig.from_pretrained(resolve_model_path(name), **{k: v for k, v in kwargs.items() if v})
+            return AutoConfig.from_pretrained(resolve_model_path(name), **{k: v for k, v in kwargs.items() if v})
     except (OSError, ValueError):
-        return False
-    return bool(getattr(config.get_text_config(), "tie_word_embeddings", True))
+        return None
+
+
+def _tied_embeddings(source: Source) -> bool:
+    """Whether the base model's output embeddings are its input embeddings (a causal LM head)."""
+    if source.base_config_source is None:
+        return True
+    config = _base_config(source)
+    return config is not None and bool(getattr(config.get_text_config(), "tie_word_embeddings", True))
+
+
+def _backbone_module_names(source: Source) -> list[str] | None:
+    """Every module name of the bare base model (built on the meta device: no weights are read),
+    so a PEFT export can name its target modules as PEFT does; None when the config is unknown."""
+    config = _base_config(source)
+    if config is None:
+        return None
+    import torch
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"):
+            backbone = AutoModel.from_config(config)
+    except (ValueError, KeyError, OSError):
+        return None
+    return [name for name, _ in backbone.named_modules() if name]
 
 
 def _require_adapter(source: Source, target: str) -> LoadedAdapter:
@@ -386,7 +412,8 @@ def export(source: Source, to: str, dest: str, *, force: bool = False, private: 
         loaded = _require_adapter(source, to)
         if to == "peft":
             tied = _tied_embeddings(source) if about.head_type == "causal_lm" else True
-            notes, layout = peft.write_adapter(folder, loaded, about.base_model, tied_embeddings=tied)
+            notes, layout = peft.write_adapter(folder, loaded, about.base_model, tied_embeddings=tied,
+                                               module_names=_backbone_module_names(source))
             about.auto_class = layout.auto_class if layout is not None else "AutoModel"
         else:
             notes = adapterhub.write(folder, loaded, about.base_model, source.num_layers)

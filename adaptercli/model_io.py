@@ -102,7 +102,8 @@ def save_adapter(model: Any, folder: Path, name: str, with_head: bool, format: s
         fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in state.backbone.modules() if hasattr(m, "loras"))
         peft.write(folder, weights, {"r": config.r, "alpha": config.alpha, "dropout": config.dropout,
                                      "use_rslora": config.use_rslora, "fan_in_fan_out": fan_in_fan_out,
-                                     "model_name": model_name}, prefix)
+                                     "model_name": model_name}, prefix,
+                   module_names=[n for n, _ in state.backbone.named_modules() if n])
         return
     if format == "adapterhub":  # our folder first, then the same conversion as `adapter export --to adapterhub`
         with tempfile.TemporaryDirectory() as scratch:

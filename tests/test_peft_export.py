@@ -55,3 +55,15 @@ def test_peft_export_config_matches_a_peft_written_folder(fixture: str, tmp_path
     assert selected and selected == peft_selects(names, reference["target_modules"])
     assert set(load_file(tmp_path / "peft/adapter_model.safetensors")) == set(
         load_file(reference_folder / "adapter_model.safetensors"))
+
+
+def test_without_the_model_s_module_list_the_targets_are_an_exact_regex_under_any_prefix() -> None:
+    from adaptercli.formats.peft import targets_for
+
+    adapted = {"encoder.layer.1.attention.self.query", "encoder.layer.1.attention.self.value"}
+    names = [n for n, _ in AutoModel.from_pretrained(FIXTURES / "models" / "bert").named_modules()]
+    written = targets_for(adapted, None)
+    assert isinstance(written["target_modules"], str) and written["layers_to_transform"] is None
+    assert set(peft_selects(names, written["target_modules"])) == adapted
+    assert set(peft_selects([f"bert.{n}" for n in names], written["target_modules"])) == {f"bert.{a}" for a in adapted}
+    assert targets_for(adapted, names) == {"target_modules": ["query", "value"], "layers_to_transform": [1]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -508,3 +509,44 @@ def test_a_fusion_run_exports_with_its_members(tmp_path: Path, tiny_bert_dir: Pa
     refused = runner.invoke(app, ["export", str(tmp_path / "fuse/run"), "--to", "peft", "--dest", str(tmp_path / "p")],
                             env=OFFLINE)
     assert refused.exit_code == 1 and "fusions export --to native or hub" in refused.output
+
+
+def _peft_wraps(names: list[str], config: dict) -> set[str]:
+    """The modules PEFT wraps (peft.tuners.tuners_utils.check_target_module_exists): target_modules
+    as a regex (a string) or as names a module equals or ends with; then layers_to_transform."""
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        chosen = {n for n in names if re.fullmatch(targets, n)}
+    else:
+        chosen = {n for n in names if n in targets or any(n.endswith(f".{t}") for t in targets)}
+    if config.get("layers_to_transform") is not None:
+        chosen = {n for n in chosen if (m := re.match(r".*\.[^.]*\.(\d+)\.", n))
+                  and int(m.group(1)) in config["layers_to_transform"]}
+    return chosen
+
+
+@pytest.mark.parametrize("spec, targets, layers", [
+    ("lora[r=4]", ["query", "value"], None),
+    ("lora[r=4,leave_out=[0]]", ["query", "value"], [1]),
+    # "dense" also names the pooler's layer, which no layer index reaches: the layers exclude it
+    ("lora[r=4,attn_matrices=[q,k,v,o],intermediate_lora=true,output_lora=true]", ["dense", "key", "query", "value"],
+     [0, 1]),
+])
+def test_peft_export_targets_module_names_that_fit_the_task_model_and_the_bare_backbone(
+        spec: str, targets: list[str], layers: list[int] | None, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """PEFT writes module names (``query``, ``value``) and ``layers_to_transform`` when only some
+    layers are adapted, so the folder loads on the task model and on the bare backbone alike."""
+    model = adaptercli.AutoAdapterModel.from_pretrained(tiny_bert_dir)
+    model.add_adapter("a", spec)
+    model.add_classification_head("a", num_labels=2)
+    model.save_adapter(tmp_path / "a", "a")
+    dest = tmp_path / "p"
+    assert runner.invoke(app, ["export", str(tmp_path / "a"), "--to", "peft", "--dest", str(dest)], env=OFFLINE).exit_code == 0
+    config = json.loads((dest / "adapter_config.json").read_text())
+    adapted = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+               for k in load_file(dest / "adapter_model.safetensors") if k.endswith(".lora_A.weight")}
+    assert (config["target_modules"], config["layers_to_transform"]) == (targets, layers)
+    task_model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    assert _peft_wraps([n for n, _ in task_model.named_modules()], config) == adapted
+    bare = {a.removeprefix("bert.") for a in adapted}
+    assert _peft_wraps([n for n, _ in AutoModel.from_pretrained(tiny_bert_dir).named_modules()], config) == bare

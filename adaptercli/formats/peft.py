@@ -13,6 +13,7 @@ A head is saved through ``modules_to_save`` as the task model's own modules
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,22 +74,59 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
     return loaded
 
 
+# PEFT's rule for the layer a module sits in when ``layers_to_transform`` is set and no
+# ``layers_pattern`` is (peft.tuners.tuners_utils.check_target_module_exists).
+_LAYER_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")
+
+
+def _selects(names: list[str], targets: list[str], layers: list[int] | None) -> set[str]:
+    """The modules PEFT wraps for a ``target_modules`` list (a name equal to an entry or ending in
+    ``.entry``) and ``layers_to_transform``."""
+    chosen = {n for n in names if n in targets or any(n.endswith(f".{t}") for t in targets)}
+    if layers is not None:
+        chosen = {n for n in chosen if (m := _LAYER_INDEX.match(n)) and int(m.group(1)) in layers}
+    return chosen
+
+
+def targets_for(adapted: set[str], module_names: list[str] | None) -> dict[str, Any]:
+    """``target_modules`` and ``layers_to_transform`` that make PEFT wrap exactly the ``adapted``
+    modules (backbone-relative paths), written as PEFT writes them: module names (``query``,
+    ``value``), plus the layers when only some are adapted, so the folder loads on the bare backbone
+    and on a task model whose backbone sits under a prefix (``bert.``). ``module_names``: every
+    module of the backbone, to check that the names select nothing else; without them, or when no
+    names select exactly the adapted modules, a regex that matches exactly their paths under any prefix."""
+    layer_of = {p: m for p in adapted if (m := _LAYER_INDEX.match(p + "."))}
+    layers = sorted({int(m.group(1)) for m in layer_of.values()}) if len(layer_of) == len(adapted) else None
+    names = sorted({p.rsplit(".", 1)[-1] for p in adapted})
+    inside_layer = sorted({p[layer_of[p].end():] if p in layer_of else p for p in adapted})  # attention.self.query
+    for targets in (names, inside_layer) if module_names is not None else ():
+        for subset in (None, layers):
+            if (subset is None or subset) and _selects(module_names, targets, subset) == adapted:
+                return {"target_modules": targets, "layers_to_transform": subset}
+    exact = "|".join(re.escape(p) for p in sorted(adapted))
+    return {"target_modules": rf"(.*\.)?({exact})", "layers_to_transform": None}
+
+
 def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], root_prefix: str,
-          head: tuple[dict[str, torch.Tensor], task_heads.TaskHead] | None = None) -> None:
+          head: tuple[dict[str, torch.Tensor], task_heads.TaskHead] | None = None,
+          module_names: list[str] | None = None) -> None:
     """``weights``: ``<module path>.loras.<name>.lora_A|lora_B`` keys (backbone-relative); ``meta``:
     r, alpha, dropout, use_rslora, fan_in_fan_out, model_name (the base model's Hub id or None),
     and ``ia3: True`` for IA3 (``lora_B`` already multiplied by alpha, [out, 1]); ``head``: weights
-    keyed by the task model's module paths, and that task model."""
+    keyed by the task model's module paths, and that task model; ``module_names``: every module of
+    the backbone (see `targets_for`)."""
     out, modules = {}, set()
     for key, value in weights.items():
         module, _, rest = key.partition(".loras.")
         part = rest.rsplit(".", 1)[-1]
         out[f"{_ROOT}{root_prefix}{module}{_IA3 if meta.get('ia3') else f'.{part}.weight'}"] = value
-        modules.add(root_prefix + module)
+        modules.add(module)
     if head is not None:
         out.update({_ROOT + k: v for k, v in head[0].items()})
+    targets = targets_for(modules, module_names)
     common = {
-        "target_modules": sorted(modules), "fan_in_fan_out": meta["fan_in_fan_out"],
+        "target_modules": targets["target_modules"], "layers_to_transform": targets["layers_to_transform"],
+        "layers_pattern": None, "fan_in_fan_out": meta["fan_in_fan_out"],
         "base_model_name_or_path": meta["model_name"], "revision": None, "inference_mode": True,
         "task_type": head[1].peft_task_type if head else None,
         "modules_to_save": (head[1].modules_to_save or None) if head else None,
@@ -98,15 +136,16 @@ def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], 
     else:
         config = {
             "peft_type": "LORA", **common, "r": meta["r"], "lora_alpha": meta["alpha"], "lora_dropout": meta["dropout"],
-            "use_rslora": meta["use_rslora"], "bias": "none", "init_lora_weights": True, "layers_to_transform": None,
-            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+            "use_rslora": meta["use_rslora"], "bias": "none", "init_lora_weights": True,
+            "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
         }
     write_weights(folder / WEIGHTS, out)
     write_json(folder / CONFIG, config)
 
 
 def write_adapter(folder: Path, loaded: LoadedAdapter, base_model: str | None, with_head: bool = True,
-                  tied_embeddings: bool = True) -> tuple[list[str], task_heads.TaskHead | None]:
+                  tied_embeddings: bool = True, module_names: list[str] | None = None,
+                  ) -> tuple[list[str], task_heads.TaskHead | None]:
     """Write an adapter read from one of our folders as a PEFT LoRA or IA3 folder (with its head
     as ``modules_to_save`` where a transformers task model has the same head); returns notes on
     what was left out, and the task model the folder goes with (None: the bare backbone)."""
@@ -149,7 +188,7 @@ def write_adapter(folder: Path, loaded: LoadedAdapter, base_model: str | None, w
             prefix = task_heads.base_model_prefix(model_type) + "."
     meta = {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "use_rslora": config.use_rslora,
             "fan_in_fan_out": model_type == "gpt2", "model_name": base_model, "ia3": config.composition_mode == "scale"}
-    write(folder, weights, meta, prefix, head)
+    write(folder, weights, meta, prefix, head, module_names)
     return notes, head[1] if head else None
 
 
