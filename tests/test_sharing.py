@@ -217,8 +217,10 @@ def test_peft_export_with_its_head_is_a_sequence_classification_model(run: Path,
                 assert any(name == t or name.endswith("." + t) for t in config["target_modules"])
                 module.weight += scaling * weights[f"{key}.lora_B.weight"] @ weights[f"{key}.lora_A.weight"]
         for key, value in weights.items():
-            if "lora_" not in key:
+            if "lora_" not in key and key.startswith("base_model.model.bert.") or key.startswith("base_model.model.classifier"):
                 model.get_parameter(key.removeprefix("base_model.model.")).copy_(value)
+            elif "lora_" not in key:  # the bare backbone's copy of the task model's pooler (PEFT on the backbone)
+                assert torch.equal(value, weights[key.replace("base_model.model.", "base_model.model.bert.", 1)])
     assert torch.allclose(logits_of(model, AutoTokenizer.from_pretrained(tiny_bert_dir)), expected, atol=1e-5)
     assert "AutoModelForSequenceClassification" in (dest / "README.md").read_text()
 
@@ -543,8 +545,10 @@ def test_peft_export_targets_module_names_that_fit_the_task_model_and_the_bare_b
     dest = tmp_path / "p"
     assert runner.invoke(app, ["export", str(tmp_path / "a"), "--to", "peft", "--dest", str(dest)], env=OFFLINE).exit_code == 0
     config = json.loads((dest / "adapter_config.json").read_text())
-    adapted = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    written = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
                for k in load_file(dest / "adapter_model.safetensors") if k.endswith(".lora_A.weight")}
+    adapted = {k for k in written if k.startswith("bert.")}  # the task model's names, and the backbone's copies:
+    assert written - adapted == {a.removeprefix("bert.") for a in adapted}
     assert (config["target_modules"], config["layers_to_transform"]) == (targets, layers)
     task_model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     assert _peft_wraps([n for n, _ in task_model.named_modules()], config) == adapted

@@ -60,6 +60,8 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
                     modules.append(module)
                 break
         else:
+            if backbone_prefix and f"{_ROOT}{backbone_prefix}.{key.removeprefix(_ROOT)}" in raw:
+                continue  # the bare backbone's copy of a task model's module (see `write`)
             head[key.removeprefix(_ROOT)] = value
     if kind == "IA3":
         config = LoRAConfig(r=1, alpha=1, composition_mode="scale", init_weights="ia3", target_modules=modules)
@@ -114,7 +116,9 @@ def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], 
     r, alpha, dropout, use_rslora, fan_in_fan_out, model_name (the base model's Hub id or None),
     and ``ia3: True`` for IA3 (``lora_B`` already multiplied by alpha, [out, 1]); ``head``: weights
     keyed by the task model's module paths, and that task model; ``module_names``: every module of
-    the backbone (see `targets_for`)."""
+    the backbone (see `targets_for`). With a ``root_prefix`` (a task model's ``bert.``), every weight
+    under it is written a second time without it: PEFT looks weights up by the names of the model it
+    is given, so the one folder then loads on the task model and on the bare backbone alike."""
     out, modules = {}, set()
     for key, value in weights.items():
         module, _, rest = key.partition(".loras.")
@@ -123,6 +127,9 @@ def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], 
         modules.add(module)
     if head is not None:
         out.update({_ROOT + k: v for k, v in head[0].items()})
+    if root_prefix:  # also under the bare backbone's names: one folder loads on the task model and on the backbone
+        bare = _ROOT + root_prefix
+        out.update({_ROOT + k.removeprefix(bare): v.clone() for k, v in list(out.items()) if k.startswith(bare)})
     targets = targets_for(modules, module_names)
     common = {
         "target_modules": targets["target_modules"], "layers_to_transform": targets["layers_to_transform"],
