@@ -22,7 +22,7 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
-from . import composition
+from . import composition, merging
 from .architectures import (
     Architecture,
     architecture_for,
@@ -258,50 +258,28 @@ class ModelAdaptersMixin:
     def average_adapter(self, adapter_name: str, adapter_list: list[str] | dict[str, float],
                         weights: list[float] | None = None, normalize_weights: bool = True,
                         combine_strategy: str = "linear", svd_rank: int | None = None, *,
+                        density: float | None = None, majority_sign_method: str = "total", seed: int = 0,
                         overwrite_ok: bool = False, set_active: bool = False) -> None:
-        """Add ``adapter_name`` whose weights are the weighted average of ``adapter_list``'s (same
-        config). LoRA also offers ``combine_strategy="lora_delta_w_svd"``: the weighted sum of the
-        deltas ``scaling * B A``, truncated by SVD to rank ``svd_rank`` (exact when the rank suffices)."""
+        """Add ``adapter_name`` merged from ``adapter_list`` (same method and shapes) by ``combine_strategy``:
+
+        * ``linear`` (AdapterHub's): the weighted average of every weight (LoRA: of A and B apart);
+          ``lora_linear_only_negate_b``: the same, with negative weights applied to B only;
+          ``lora_delta_w_svd``: the weighted sum of the LoRA deltas, truncated by SVD to ``svd_rank``.
+        * ``task_arithmetic``, ``magnitude_prune``, ``ties``, ``dare_linear``, ``dare_ties`` (with
+          ``density`` in (0, 1], ``majority_sign_method`` "total" or "frequency", DARE masks seeded by
+          ``seed``): on every weight of any method; on LoRA as PEFT's ``add_weighted_adapter`` does
+          (A and B apart, weights ``±sqrt(|w * scaling|)``), and ``cat``, ``svd``, ``<strategy>_svd``
+          (to ``svd_rank``, default the largest source rank) for LoRA only.
+
+        Weights are normalised to sum to 1 unless ``normalize_weights=False`` (PEFT does not normalise)."""
         state = self.adapter_state
-        if isinstance(adapter_list, dict):
-            adapter_list, weights = list(adapter_list), list(adapter_list.values())
-        if not adapter_list:
-            raise AdapterError("average_adapter needs at least one adapter")
-        records = [state.record(n) for n in adapter_list]
-        weights = [1.0] * len(records) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(records):
-            raise AdapterError(f"{len(records)} adapters but {len(weights)} weights")
-        if normalize_weights:
-            weights = [w / sum(weights) for w in weights]
-        ignore = ("dropout", "init_weights", "init_weights_seed")
-        shapes = [{k: v for k, v in r.config.to_dict().items() if k not in ignore} for r in records]
-        if any(s != shapes[0] for s in shapes) or len({type(r.config) for r in records}) > 1:
-            raise AdapterError(f"average_adapter needs adapters with the same config; {adapter_list} differ")
-        config = records[0].config
-        strategies = ("linear", "lora_linear_only_negate_b", "lora_delta_w_svd")
-        if combine_strategy not in strategies:
-            raise AdapterError(f"combine_strategy must be one of {', '.join(strategies)}, not '{combine_strategy}'")
-        is_lora = isinstance(config, LoRAConfig) and config.composition_mode == "add"
-        if combine_strategy != "linear" and not is_lora:
-            raise AdapterError(f"combine_strategy '{combine_strategy}' works with LoRA adapters, not {records[0].method}")
-        if combine_strategy == "lora_delta_w_svd":
-            if not svd_rank or svd_rank < 1:
-                raise AdapterError("combine_strategy 'lora_delta_w_svd' needs svd_rank >= 1")
-            config = config.replace(r=svd_rank)
+        names, weights = _merge_inputs(adapter_list, weights, normalize_weights)
+        records = [state.record(n) for n in names]
+        config = _merged_config(records, combine_strategy, svd_rank, density, majority_sign_method)
         self.add_adapter(adapter_name, config, overwrite_ok=overwrite_ok)
         try:
-            if combine_strategy == "lora_delta_w_svd":
-                FAMILIES["lora"].average_svd(state, adapter_name, adapter_list, weights, svd_rank)
-            else:
-                target = state.adapter_parameters(adapter_name)
-                sources = [state.adapter_parameters(n) for n in adapter_list]
-                for key, param in target.items():
-                    parts = []
-                    for name, source, w in zip(adapter_list, sources, weights, strict=True):
-                        value = source[_swap_name(key, adapter_name, name, state.containers)]
-                        negate_a_only = combine_strategy == "lora_linear_only_negate_b" and key.endswith("lora_A")
-                        parts.append((abs(w) if negate_a_only else w) * value)
-                    param.copy_(sum(parts))
+            _fill_merged(state, adapter_name, names, weights, combine_strategy, density=density or 1.0,
+                         sign_method=majority_sign_method, seed=seed)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -642,3 +620,91 @@ class AutoAdapterModel:
 
 
 __all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "MultiHeadOutput", "init"]
+
+
+# -- merging adapters: the checks and the weights (see `average_adapter`) ---------------------------------
+
+_ADAPTERHUB_STRATEGIES = ("linear", "lora_linear_only_negate_b", "lora_delta_w_svd")
+_LORA_ONLY = ("cat", "svd", *(f"{s}_svd" for s in merging.STRATEGIES))
+COMBINE_STRATEGIES = (*_ADAPTERHUB_STRATEGIES, *merging.STRATEGIES, *_LORA_ONLY)
+
+
+def _merge_inputs(adapter_list: list[str] | dict[str, float], weights: list[float] | None,
+                  normalize: bool) -> tuple[list[str], list[float]]:
+    if isinstance(adapter_list, dict):
+        adapter_list, weights = list(adapter_list), list(adapter_list.values())
+    if not adapter_list:
+        raise AdapterError("average_adapter needs at least one adapter")
+    weights = [1.0] * len(adapter_list) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapter_list):
+        raise AdapterError(f"{len(adapter_list)} adapters but {len(weights)} weights")
+    if normalize:
+        if sum(weights) == 0:
+            raise AdapterError("the weights sum to 0 and cannot be normalised; pass normalize_weights=False")
+        weights = [w / sum(weights) for w in weights]
+    return list(adapter_list), weights
+
+
+def _merged_config(records: list[AdapterRecord], strategy: str, svd_rank: int | None, density: float | None,
+                   sign_method: str) -> MethodConfig:
+    """The merged adapter's config, after refusing what has no meaning (one line each)."""
+    names = [r.name for r in records]
+    if strategy not in COMBINE_STRATEGIES:
+        raise AdapterError(f"combine_strategy must be one of {', '.join(COMBINE_STRATEGIES)}, not '{strategy}'")
+    if len({r.method for r in records}) > 1 or len({type(r.config) for r in records}) > 1:
+        raise AdapterError(f"average_adapter needs adapters with the same config; they mix methods: "
+                           f"{', '.join(f'{r.name} ({r.method})' for r in records)}")
+    trained_on = {Path(r.base_model.rstrip("/")).name for r in records if r.base_model}
+    if len(trained_on) > 1:
+        raise AdapterError(f"cannot merge adapters trained on different base models: {', '.join(sorted(trained_on))}")
+    needs_density = strategy.removesuffix("_svd") in merging.NEEDS_DENSITY
+    if needs_density and (density is None or not 0 < density <= 1):
+        raise AdapterError(f"combine_strategy '{strategy}' needs a density in (0, 1], got {density}")
+    if sign_method not in merging.SIGN_METHODS:
+        raise AdapterError(f"majority_sign_method must be total or frequency, not '{sign_method}'")
+    config = records[0].config
+    is_lora = isinstance(config, LoRAConfig) and config.composition_mode == "add" and not config.use_dora \
+        and config.vera_d is None
+    if strategy in _LORA_ONLY or strategy.startswith("lora_"):
+        if not is_lora:
+            raise AdapterError(f"combine_strategy '{strategy}' works with LoRA adapters, not {records[0].method}")
+    ranks = [r.config.r for r in records] if is_lora else []
+    ignore = {"dropout", "init_weights", "init_weights_seed"}
+    if is_lora and strategy not in _ADAPTERHUB_STRATEGIES:  # PEFT's strategies fold each scaling in
+        ignore |= {"alpha"} | ({"r"} if strategy in _LORA_ONLY else set())
+    shapes = [{k: v for k, v in r.config.to_dict().items() if k not in ignore} for r in records]
+    if any(shape != shapes[0] for shape in shapes):
+        raise AdapterError(f"average_adapter needs adapters with the same config; {', '.join(names)} differ"
+                           + (" (LoRA ranks may differ for cat and svd)" if is_lora else ""))
+    if strategy == "lora_delta_w_svd":
+        if not svd_rank or svd_rank < 1:
+            raise AdapterError("combine_strategy 'lora_delta_w_svd' needs svd_rank >= 1")
+        return config.replace(r=svd_rank)
+    if is_lora and strategy not in _ADAPTERHUB_STRATEGIES:  # PEFT: the merged adapter has alpha = r
+        rank = sum(ranks) if strategy == "cat" else (svd_rank or max(ranks)) if strategy in _LORA_ONLY else ranks[0]
+        return config.replace(r=rank, alpha=rank)
+    return config
+
+
+def _fill_merged(state: AdapterState, name: str, sources: list[str], weights: list[float], strategy: str, *,
+                 density: float, sign_method: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    lora = FAMILIES["lora"]
+    if strategy == "lora_delta_w_svd":
+        lora.average_svd(state, name, sources, weights, state.adapters[name].config.r)
+        return
+    if isinstance(state.adapters[name].config, LoRAConfig) and strategy in (*merging.STRATEGIES, *_LORA_ONLY) \
+            and state.adapters[name].config.composition_mode == "add":
+        lora.combine_into(state, name, sources, weights, strategy, density=density, sign_method=sign_method,
+                          generator=generator)
+        return
+    target = state.adapter_parameters(name)
+    parts = [state.adapter_parameters(n) for n in sources]
+    for key, param in target.items():
+        values = [part[_swap_name(key, name, source, state.containers)] for part, source in zip(parts, sources, strict=True)]
+        if strategy in merging.STRATEGIES:
+            param.copy_(merging.combine(values, weights, strategy, density=density, sign_method=sign_method,
+                                        generator=generator))
+        else:  # AdapterHub's linear average (negating only A's weight for lora_linear_only_negate_b)
+            negate_a_only = strategy == "lora_linear_only_negate_b" and key.endswith("lora_A")
+            param.copy_(sum((abs(w) if negate_a_only else w) * v for w, v in zip(weights, values, strict=True)))

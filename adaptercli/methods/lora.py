@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from .. import merging
 from ..architectures import get_module, layers_with_parts
 from ..composition import CompositionBlock, is_plain_stack, run
 from ..schema import spec
@@ -334,6 +335,39 @@ class LoRAFamily(MethodFamily):
             target.lora_B.zero_()
             target.lora_A[:k] = vh[:k].to(target.lora_A.dtype)
             target.lora_B[:, :k] = (u[:, :k] * singular[:k] / target.scaling).to(target.lora_B.dtype)
+
+    @torch.no_grad()
+    def combine_into(self, state: AdapterState, name: str, sources: list[str], weights: list[float], strategy: str,
+                     *, density: float = 1.0, sign_method: str = "total", generator: torch.Generator | None = None,
+                     ) -> None:
+        """Set LoRA ``name`` from the sources as PEFT's ``add_weighted_adapter`` does, layer by layer in
+        the model's module order: ``cat`` stacks the ranks (A_i scaled by w_i * scaling_i); ``svd``
+        and ``<strategy>_svd`` combine the deltas ``scaling_i B_i A_i`` and keep the top singular
+        directions (``name``'s rank); the other strategies combine the A's and the B's apart, with
+        weights ``±sqrt(|w_i * scaling_i|)`` (the sign on A). ``name``'s own scaling is divided out."""
+        for _, loras in self._layers_with(state, name):
+            target, parts = loras[name], [loras[s] for s in sources]
+            if any(p.slots or p.scale_mode for p in (target, *parts)):
+                kind = "IA3" if target.scale_mode else "fused q/k/v (GPT-2 c_attn)"
+                raise ConfigError(f"combine strategy '{strategy}' works on LoRA's A and B, not on {kind} adapters")
+            if strategy == "cat":
+                a = torch.cat([p.lora_A * w * p.scaling for p, w in zip(parts, weights, strict=True)])
+                b = torch.cat([p.lora_B for p in parts], dim=1)
+            elif strategy == "svd" or strategy.endswith("_svd"):
+                rule = "task_arithmetic" if strategy == "svd" else strategy.removesuffix("_svd")
+                delta = merging.combine([p.weight_delta() for p in parts], weights, rule, density=density,
+                                        sign_method=sign_method, generator=generator)
+                u, singular, vh = torch.linalg.svd(delta, full_matrices=True)
+                rank = target.lora_A.shape[0]
+                a, b = vh[:rank], u[:, :rank] @ torch.diag(singular[:rank])
+            else:
+                scaled = [w * p.scaling for p, w in zip(parts, weights, strict=True)]
+                a = merging.combine([p.lora_A for p in parts], [math.copysign(math.sqrt(abs(x)), x) for x in scaled],
+                                    strategy, density=density, sign_method=sign_method, generator=generator)
+                b = merging.combine([p.lora_B for p in parts], [math.sqrt(abs(x)) for x in scaled],
+                                    strategy, density=density, sign_method=sign_method, generator=generator)
+            target.lora_A.copy_(a)
+            target.lora_B.copy_(b / target.scaling)
 
     @torch.no_grad()
     def _apply_weight(self, state: AdapterState, name: str, undo: bool) -> None:
