@@ -113,7 +113,7 @@ def main() -> None:
                 continue
             if "dare" not in kind:
                 assert torch.equal(param, public[key]), (name, key)
-            module = key.removeprefix("base_model.model.").split(f".lora_")[0]
+            module = key.removeprefix("base_model.model.").split(".lora_")[0]
             part = "lora_A" if ".lora_A." in key else "lora_B"
             merged[f"{name}/{module}/{part}"] = param.detach().contiguous()
         checked.append({"name": name, "strategy": kind, "sources": sources, "weights": weights, "density": density,
