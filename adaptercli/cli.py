@@ -324,6 +324,50 @@ def export(
         console.print(f"added {descriptor.id} to the index ({escape(str(path))})", highlight=False, soft_wrap=True)
 
 
+@app.command()
+@_friendly
+def merge(
+    sources: Annotated[list[str], typer.Argument(help="Adapters to merge (same method): run folders, adapter folders, "
+                                                     "Hub ids or index ids.")],
+    dest: Annotated[Path, typer.Option("--dest", help="Folder to write the merged adapter to.")],
+    strategy: Annotated[str, typer.Option("--strategy", help="linear, task_arithmetic, magnitude_prune, ties, "
+                                          "dare_linear, dare_ties; for LoRA also cat, svd, <strategy>_svd.")] = "linear",
+    weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated, one per adapter (default: equal).")] = None,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize",
+                                            help="Scale the weights to sum to 1 (PEFT does not).")] = True,
+    density: Annotated[float | None, typer.Option("--density", help="Share of each adapter's entries kept, in (0, 1]: "
+                                                  "ties, dare_*, magnitude_prune.")] = None,
+    majority_sign_method: Annotated[str, typer.Option("--majority-sign-method", help="ties, dare_ties: total or "
+                                                      "frequency.")] = "total",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the DARE masks.")] = 0,
+    svd_rank: Annotated[int | None, typer.Option("--svd-rank", help="LoRA svd strategies: the merged rank "
+                                                 "(default: the largest source rank).")] = None,
+    name: Annotated[str, typer.Option("--name", help="Name of the merged adapter.")] = "merged",
+    head_from: Annotated[int | None, typer.Option("--head-from", help="Copy the head of this source (1-based) onto "
+                                                  "the merged adapter.")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", help="The base model (Hub id or folder) when the "
+                                                   "adapter files do not name it.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into a --dest folder that already holds files.")] = False,
+) -> None:
+    """Merge adapters of one method into a new adapter folder: AdapterHub's weighted average, task
+    arithmetic, TIES and DARE (as PEFT's add_weighted_adapter), and for LoRA cat and SVD. A merge that
+    has no meaning (mixed methods or base models, a bad density) is refused before anything is written."""
+    from .combine import merge_sources
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise AdapterCliError(f"--weights: expected comma-separated numbers, got '{weights}'") from None
+    if parsed is not None and len(parsed) != len(sources):
+        raise AdapterCliError(f"--weights: {len(parsed)} weights for {len(sources)} adapters")
+    result = merge_sources(sources, dest, strategy=strategy, weights=parsed, normalize_weights=normalize,
+                           density=density, majority_sign_method=majority_sign_method, seed=seed, svd_rank=svd_rank,
+                           name=name, head_from=head_from, base_model=base_model, force=force)
+    console.print(f"wrote {result.method} adapter '{result.name}' ({result.parameters:,} parameters) merged from "
+                  f"{len(result.sources)} adapters by {strategy} to {escape(str(result.dest))}", highlight=False,
+                  soft_wrap=True)
+
+
 # Named after AdapterHub's "Hub" (its index of shared adapters), which this group reproduces; what
 # it works on is an adapter index. Pushing files to the Hugging Face Hub is `adapter export --to hub`.
 hub_app = typer.Typer(help="The adapter index (AdapterHub's Hub: YAML descriptors of shared adapters, loaded by "

@@ -5,6 +5,7 @@ methods follow their formulas, and merges that have no meaning are refused befor
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,82 @@ def test_adapters_from_different_base_models_are_refused(tmp_path: Path) -> None
     model.adapter_state.adapters["b"].base_model = "some-org/another-model"
     with pytest.raises(AdapterError, match="different base models"):
         model.average_adapter("m", ["a", "b"], combine_strategy="task_arithmetic")
+
+
+def _saved(folder: Path, model_dir: Path, spec: str, seed: int, head: bool) -> Path:
+    model = adaptercli.AutoAdapterModel.from_pretrained(model_dir)
+    model.add_adapter("x", spec)
+    if head:
+        model.add_classification_head("x", num_labels=2)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in [*model.adapter_state.adapter_parameters("x").values(), *model.heads.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    model.save_adapter(folder, "x", with_head=head)
+    return folder
+
+
+def test_adapter_merge_writes_the_merge_average_adapter_makes(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from adaptercli.cli import app
+
+    a = _saved(tmp_path / "a", tiny_bert_dir, "lora[r=4]", 1, head=True)
+    b = _saved(tmp_path / "b", tiny_bert_dir, "lora[r=4,alpha=16]", 2, head=False)
+    result = CliRunner().invoke(app, ["merge", str(a), str(b), "--strategy", "ties", "--density", "0.5",
+                                      "--weights", "0.6,0.4", "--no-normalize", "--seed", "3", "--head-from", "1",
+                                      "--dest", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    merged = adaptercli.AutoAdapterModel.from_pretrained(tiny_bert_dir)
+    assert merged.load_adapter(tmp_path / "m") == "merged"
+    reference = adaptercli.AutoAdapterModel.from_pretrained(tiny_bert_dir)
+    reference.load_adapter(a, load_as="a")
+    reference.load_adapter(b, load_as="b", with_head=False)
+    reference.average_adapter("r", ["a", "b"], weights=[0.6, 0.4], normalize_weights=False, combine_strategy="ties",
+                              density=0.5, seed=3)
+    ours = merged.adapter_state.adapter_parameters("merged")
+    for key, value in reference.adapter_state.adapter_parameters("r").items():
+        assert torch.equal(ours[key.replace(".r.", ".merged.")], value), key
+    for (_, p), (_, q) in zip(merged.heads["merged"].named_parameters(), reference.heads["a"].named_parameters(),
+                              strict=True):
+        assert torch.equal(p, q)
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    merged.set_active_adapters("merged")
+    merged.eval()
+    with torch.no_grad():
+        assert merged(input_ids=ids).logits.shape == (2, 2)
+    exported = CliRunner().invoke(app, ["export", str(tmp_path / "m"), "--to", "peft", "--dest", str(tmp_path / "p")])
+    assert exported.exit_code == 0, exported.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategy", "ties", "--density", "1.5"], r"density in \(0, 1\]"),
+    (["--strategy", "mean_of_everything"], "combine_strategy must be one of"),
+    (["--weights", "1,x"], "--weights: expected comma-separated numbers"),
+    (["--weights", "1,2,3"], "--weights: 3 weights for 2 adapters"),
+])
+def test_adapter_merge_refuses_bad_input_in_one_line(extra: list[str], message: str, tiny_bert_dir: Path,
+                                                      tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from adaptercli.cli import app
+
+    a = _saved(tmp_path / "a", tiny_bert_dir, "lora[r=4]", 1, head=False)
+    b = _saved(tmp_path / "b", tiny_bert_dir, "lora[r=4]", 2, head=False)
+    result = CliRunner().invoke(app, ["merge", str(a), str(b), "--dest", str(tmp_path / "m"), *extra])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert re.search(message, result.output) and not (tmp_path / "m").exists()
+
+
+def test_adapter_merge_refuses_mixed_methods_and_base_models(tiny_bert_dir: Path, tiny_llama_dir: Path,
+                                                             tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from adaptercli.cli import app
+
+    lora = _saved(tmp_path / "lora", tiny_bert_dir, "lora[r=4]", 1, head=False)
+    bottleneck = _saved(tmp_path / "bn", tiny_bert_dir, "seq_bn", 2, head=False)
+    other_model = _saved(tmp_path / "llama", tiny_llama_dir, "lora[r=4]", 3, head=False)
+    for pair, message in (((lora, bottleneck), "mix methods"), ((lora, other_model), "different base models")):
+        result = CliRunner().invoke(app, ["merge", *map(str, pair), "--dest", str(tmp_path / "m")])
+        assert result.exit_code == 1 and message in result.output and not (tmp_path / "m").exists(), result.output
