@@ -53,10 +53,10 @@ repro: install
 	$(BIN)/python -m pytest -q -m slow
 
 # The reproduction table: every task x full fine-tuning and the seven core methods, checked against
-# recipes/reproduce/<task>.bands.yaml and written into README.md (~2.5 h on 2 idle cores). Jobs
-# finished by an earlier, stopped run are kept (--resume; delete runs/reproduce to start afresh).
+# recipes/reproduce/<task>.bands.yaml and written into docs/reproduction.md (~2.5 h on 2 idle cores).
+# Jobs finished by an earlier, stopped run are kept (--resume; delete runs/reproduce to start afresh).
 reproduce: install
-	$(BIN)/python scripts/reproduce.py --write-readme --resume
+	$(BIN)/python scripts/reproduce.py --write-docs --resume
 
 # What CI runs: SMS spam, subsampled, full fine-tuning and the seven core methods (~4 min on 2 idle cores).
 reproduce-quick: install
