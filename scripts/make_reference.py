@@ -90,9 +90,10 @@ def attributes(cls: type) -> dict[str, str]:
 
 
 def inline(text: str) -> str:
-    """Docstring markup as Markdown: ``code`` -> `code`; a table cell's pipes escaped."""
-    text = re.sub(r"``(.+?)``", r"`\1`", text)
-    return text.replace("|", "\\|")
+    """Docstring markup as Markdown: ``code`` -> `code`; a table cell's pipes escaped outside code
+    (inside a code span Markdown's tables keep them, and would show a backslash)."""
+    parts = re.split(r"(`[^`]*`)", re.sub(r"``(.+?)``", r"`\1`", text))
+    return "".join(part if part.startswith("`") else part.replace("|", "\\|") for part in parts)
 
 
 # --- rendering values --------------------------------------------------------------------------
