@@ -249,8 +249,8 @@ def render_methods(missing: list[str]) -> str:
            "Every method of the registry (`adaptercli/methods/__init__.py`), its family and the fields of the "
            "family's config (the meaning is the `Attributes:` entry beside each field). Use a method by its "
            "identifier, AdapterHub's: `adapter.method: lora` with `adapter.config: {r: 16}` in a recipe, "
-           "`add_adapter(\"a\", \"lora[r=16]\")` from Python; a preset `configs/method/<name>.yaml` sets the "
-           "same values for `defaults:`. See [Methods](../methods.md) for how they differ from AdapterHub.", "",
+           "`add_adapter(\"a\", \"lora[r=16]\")` from Python; the preset `method/<name>` "
+           "(`configs/method/<name>.yaml`) sets the same values for a recipe's `defaults:`. See [Methods](../methods.md) for how they differ from AdapterHub.", "",
            "## Methods", ""]
     aliases: dict[str, list[str]] = {}
     for alias, name in ALIASES.items():
@@ -266,8 +266,9 @@ def render_methods(missing: list[str]) -> str:
             missing.append(f"{preset}: the preset of method {name} is missing")
         identifiers = ", ".join(f"`{i}`" for i in [name, *aliases.get(name, [])])
         rows.append([f"`{name}`", f"[{method.family.name}](#{method.family.name})", identifiers, inline(about[0]),
-                     f"[{_arxiv(about[1])}]({about[1]})", f"`{preset}`"])
-    out += [table(["method", "family", "AdapterHub identifiers", "what it is", "paper", "preset"], rows), ""]
+                     f"[{_arxiv(about[1])}]({about[1]})", f"`method/{name}`"])
+    out += [table(["method", "family", "AdapterHub identifiers", "what it is", "paper", "preset in `defaults:`"], rows),
+            ""]
     for family in FAMILIES.values():
         config = family.config_class
         members = [name for name, m in METHODS.items() if m.family is family]

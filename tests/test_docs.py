@@ -73,7 +73,7 @@ def test_every_method_and_config_field_is_on_the_methods_page() -> None:
     page = _page("methods.md")
     for name, method in METHODS.items():
         assert f"| `{name}` | [{method.family.name}]" in page
-        assert f"`configs/method/{name}.yaml`" in page
+        assert f"`method/{name}`" in page and (ROOT / "configs" / "method" / f"{name}.yaml").is_file()
     for family in FAMILIES.values():
         section = page.split(f"\n## {family.name}\n", 1)[1].split("\n## ", 1)[0]
         for field in family.config_class.field_names():
