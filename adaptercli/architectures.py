@@ -456,7 +456,8 @@ def architecture_for(model_type: str, *, required: bool = True, what: str = "") 
             f"{what + ': ' if what else ''}model type '{model_type}' has no entry in the architecture table; supported: "
             f"{', '.join(supported_model_types())}. LoRA and IA3 still work on any model when you "
             "name the modules with `target_modules`; every method works once you describe the model's "
-            "layout (`layout=` in Python, `model.layout` in a recipe; see README, 'Any model: the layout')."
+            "layout (`layout=` in Python, `model.layout` in a recipe; see 'Any model: the layout' in "
+            "docs/support-matrix.md)."
         )
     return arch
 

@@ -1,9 +1,9 @@
 """The adapter API added to a Hugging Face model: add, activate, train, save, load, merge.
 
 ``init(model)`` gives any ``transformers`` model these methods in place (its class becomes a
-subclass with :class:`ModelAdaptersMixin` first), without touching its modules or weights.
-:class:`AdapterModel` (via ``AutoAdapterModel.from_pretrained``) is a backbone with flexible heads.
-All per-model state lives in one :class:`AdapterState` object.
+subclass with ``ModelAdaptersMixin`` first), without touching its modules or weights.
+``AdapterModel`` (via ``AutoAdapterModel.from_pretrained``) is a backbone with flexible heads.
+All per-model state lives in one ``AdapterState`` object.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _swap_name(key: str, old: str, new: str, containers: tuple[str, ...]) -> str
 
 
 class ModelAdaptersMixin:
-    """Adapter methods for a transformers model. Use :func:`init` rather than inheriting."""
+    """Adapter methods for a transformers model. Use ``init`` rather than inheriting."""
 
     adapter_state: AdapterState
 
@@ -319,7 +319,7 @@ class ModelAdaptersMixin:
         return dict(sorted(id2label.items())) if id2label else None
 
     def get_labels(self, head_name: str | None = None) -> list[str] | None:
-        """The labels of a head in id order (see :meth:`get_labels_dict`)."""
+        """The labels of a head in id order (see ``get_labels_dict``)."""
         id2label = self.get_labels_dict(head_name)
         return None if id2label is None else list(id2label.values())
 
@@ -534,7 +534,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, head: str | None = None, **kwargs):
         """Backbone + head. With a Parallel or BatchSplit setup (and no ``head``) every group of
-        rows goes to its own head (named like its adapter) and a :class:`MultiHeadOutput` holds
+        rows goes to its own head (named like its adapter) and a ``MultiHeadOutput`` holds
         one output per group, in order; ``loss`` is the sum of theirs."""
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -597,13 +597,13 @@ class MultiHeadOutput:
 
 
 class AutoAdapterModel:
-    """``AutoAdapterModel.from_pretrained(name_or_path, **kwargs)``: an :class:`AdapterModel` around
+    """``AutoAdapterModel.from_pretrained(name_or_path, **kwargs)``: an ``AdapterModel`` around
     ``AutoModel.from_pretrained`` (same arguments: revision, attn_implementation, dtype, ...)."""
 
     @staticmethod
     def from_pretrained(name_or_path: str | Path, layout: Architecture | dict | None = None,
                         **kwargs: Any) -> AdapterModel:
-        """``layout``: see :func:`init`; without one, an AdapterHub ``adapter_interface.json`` in a
+        """``layout``: see ``init``; without one, an AdapterHub ``adapter_interface.json`` in a
         local model folder is read as the layout when the table has no entry for the model."""
         interface = Path(name_or_path) / "adapter_interface.json"
         if layout is None and interface.is_file():

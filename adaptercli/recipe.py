@@ -168,11 +168,10 @@ class DataSection:
         task: one of `TASKS`; None means the offline data set's task, else classification.
             ``instruct`` trains a causal LM on conversations (a ``messages`` column, or prompt and
             response columns) rendered with the tokenizer's chat template, with the loss on the
-            answers only.
+            answers only. ``seq2seq`` trains an encoder-decoder (T5, BART, ...) with its own LM
+            head to write the target text from the source text (summarization, translation).
         prompt_column: for ``instruct``, the column with the prompt; None tries common names.
         response_column: for ``instruct``, the column with the answer; None tries common names.
-            ``seq2seq`` trains an encoder-decoder (T5, BART, ...) with its own LM head to write the
-            target text from the source text (summarization, translation).
         source_column: for ``seq2seq``, the column with the source text; None tries common pairs
             (document/summary, article/highlights, text/summary, source/target, ...).
         target_column: for ``seq2seq``, the column with the text to write; None tries common pairs.
@@ -212,12 +211,32 @@ class TrainSection:
     """Optimisation, evaluation and checkpointing.
 
     Attributes:
+        learning_rate: peak learning rate of AdamW.
+        batch_size: the global batch: under ``accelerate launch`` each process takes its share.
+        eval_batch_size: batch size of evaluation and prediction; None uses ``batch_size``.
         max_steps: optimizer steps; -1 trains for ``num_epochs`` instead.
+        num_epochs: passes over the training set when ``max_steps`` is -1 (fractions allowed).
+        warmup_ratio: fraction of the steps over which the learning rate rises from 0 (used when
+            ``warmup_steps`` is 0).
+        warmup_steps: steps over which the learning rate rises from 0; overrides ``warmup_ratio``.
+        lr_scheduler: how the learning rate falls after the warmup: ``linear`` to 0, ``cosine`` to 0,
+            or ``constant``.
+        weight_decay: AdamW's decoupled weight decay.
+        gradient_accumulation_steps: batches whose gradients add up to one optimizer step.
+        max_grad_norm: clip the gradients' global norm to this; 0 turns clipping off.
+        mixed_precision: ``fp16`` or ``bf16`` autocast on GPUs (``bf16`` also on the CPU); ``no``
+            trains in fp32.
+        seed: seeds the new adapter and head weights, the data order, the held-out validation split
+            and dropout.
         eval_steps: evaluate every this many steps; None evaluates at the end of each epoch.
+        save_steps: write a checkpoint (for ``--resume``) every this many steps, and at the end.
+        save_total_limit: checkpoints kept; older ones are deleted.
+        logging_steps: log the training loss and learning rate every this many steps.
         metric_for_best: metric that selects the best checkpoint, e.g. ``accuracy``; None uses
             the evaluation loss (lower is better).
+        greater_is_better: whether a higher ``metric_for_best`` is better.
         early_stopping_patience: stop after this many evaluations without improvement.
-        batch_size: the global batch: under ``accelerate launch`` each process takes its share.
+        max_seq_length: texts are cut to this many tokens (``seq2seq``: the source texts).
         gradient_checkpointing: recompute each layer's activations in the backward pass instead
             of keeping them (less memory, ~30% more compute).
         compile: run the adapted model through ``torch.compile`` (TorchInductor; the first steps
@@ -229,7 +248,6 @@ class TrainSection:
             generates at most this many (``max_seq_length`` cuts the source texts).
         generation_num_beams: ``seq2seq``: beams of the beam search that evaluation generates with
             (1: greedy).
-        The other fields mean what they mean in `transformers.TrainingArguments`.
     """
 
     learning_rate: float = spec(1e-4, gt=0)
@@ -262,7 +280,19 @@ class TrainSection:
 
 @dataclass
 class Recipe:
-    """One training run: model, adapter, head, optional composition, data, training and output."""
+    """One training run: model, adapter, head, optional composition, data, training and output.
+
+    Attributes:
+        model: the frozen base model.
+        adapter: the adapter to train (its method and the method's config).
+        head: the prediction head on top of the model.
+        composition: adapters to combine with the trained one (stack, fuse or average); None
+            trains a single adapter.
+        data: where the examples come from and how their columns map to text and labels.
+        train: optimisation, evaluation and checkpointing.
+        output_dir: the run folder: ``adapter/``, ``checkpoints/``, ``recipe.yaml``,
+            ``metrics.jsonl`` and ``curves.png`` are written there.
+    """
 
     model: ModelSection = spec(factory=ModelSection)
     adapter: AdapterSection = spec(factory=AdapterSection)

@@ -11,7 +11,7 @@ numbers.
 
     .venv/bin/python scripts/reproduce.py --quick          # CI: one task, subsampled, ~4 min on 2 idle cores
     .venv/bin/python scripts/reproduce.py                  # the table: every task x every method
-    .venv/bin/python scripts/reproduce.py --write-readme   # ... and put it in README.md
+    .venv/bin/python scripts/reproduce.py --write-docs     # ... and put it in docs/reproduction.md
     .venv/bin/python scripts/reproduce.py --quick --seeds 1,2,3 --no-check --out runs/bands.json   # set bands
 
 ``--quick`` is real training on less data: 800 training and 400 validation examples, 60 steps.
@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="record only (to set bands)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the jobs an earlier, stopped run with the same --out finished (jobs-*.jsonl)")
-    parser.add_argument("--write-readme", action="store_true", help="replace README.md's quality table")
-    parser.add_argument("--readme-section", default="reproduce",
-                        help="with --write-readme: the table goes between <!-- NAME:start --> and <!-- NAME:end -->")
+    parser.add_argument("--write-docs", action="store_true", help="replace the quality table in docs/reproduction.md")
+    parser.add_argument("--docs-section", default="reproduce",
+                        help="with --write-docs: the table goes between <!-- NAME:start --> and <!-- NAME:end -->")
     parser.add_argument("--results", type=Path, default=None,
-                        help="no training: table, README and check from a results-*.json an earlier run wrote")
+                        help="no training: table, docs page and check from a results-*.json an earlier run wrote")
     parser.add_argument("--write-bands", action="store_true",
                         help="set each job's band from this run's seeds (lowest value minus max(0.05, 3 std))")
     args = parser.parse_args(argv)
@@ -211,15 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.results:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"results-{mode}.json").write_text(json.dumps({"records": records, "stamp": stamp}, indent=2) + "\n")
-    if args.write_readme:
-        start, end = f"<!-- {args.readme_section}:start -->", f"<!-- {args.readme_section}:end -->"
-        readme = ROOT / "README.md"
-        text = readme.read_text()
+    if args.write_docs:
+        start, end = f"<!-- {args.docs_section}:start -->", f"<!-- {args.docs_section}:end -->"
+        page = ROOT / "docs" / "reproduction.md"
+        text = page.read_text()
         if start not in text or end not in text:
-            parser.error(f"README.md has no {start} ... {end} section")
+            parser.error(f"docs/reproduction.md has no {start} ... {end} section")
         head, _, rest = text.partition(start)
         _, _, tail = rest.partition(end)
-        readme.write_text(f"{head}{start}\n{report}\n\n({stamp})\n{end}{tail}")
+        page.write_text(f"{head}{start}\n{report}\n\n({stamp})\n{end}{tail}")
     if args.write_bands:
         write_bands(records, mode, stamp)
     failures = [] if args.no_check or args.write_bands else check(records, mode, args.bands)

@@ -1,4 +1,4 @@
-"""Generate the README's support matrix from the code: the architecture table, the method registry
+"""Generate the docs' support matrix (docs/support-matrix.md) from the code: the architecture table, the method registry
 and the reference fixtures, so the matrix cannot drift from what the library does.
 
 For every model type in the architecture table a tiny random model is built and every method of
@@ -8,8 +8,8 @@ pair: the output changes, deactivating restores it) or "✅" when a fixture made
 ``adapters`` 1.3.0 checks its output (tests/test_reference_outputs.py,
 tests/test_reference_architectures.py). The composition table comes from each family's ``blocks``.
 
-    .venv/bin/python scripts/support_matrix.py          # rewrite the section in README.md
-    .venv/bin/python scripts/support_matrix.py --check  # exit 1 if README.md is not current
+    .venv/bin/python scripts/support_matrix.py          # rewrite the section in docs/support-matrix.md
+    .venv/bin/python scripts/support_matrix.py --check  # exit 1 if the page is not current
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from adaptercli.architectures import ARCHITECTURES
 from adaptercli.methods import FAMILIES, METHODS, method_name, resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "support-matrix.md"
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 MANIFESTS = (ROOT / "tests/fixtures/manifest.json", ROOT / "tests/fixtures/breadth/manifest.json")
 
@@ -157,24 +157,24 @@ def render() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md's section is not current")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page's section is not current")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
-    text = README.read_text()
+    text = PAGE.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} section")
+        raise SystemExit(f"{PAGE.name} has no {START} ... {END} section")
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
     updated = before + render() + after
     if args.check:
         if updated != text:
-            print("README.md's support matrix is out of date: run scripts/support_matrix.py", file=sys.stderr)
+            print(f"{PAGE.name}'s support matrix is out of date: run scripts/support_matrix.py", file=sys.stderr)
             raise SystemExit(1)
-        print("README.md's support matrix is current")
+        print(f"{PAGE.name}'s support matrix is current")
         return
-    README.write_text(updated)
-    print("README.md support matrix updated")
+    PAGE.write_text(updated)
+    print(f"{PAGE.name} support matrix updated")
 
 
 if __name__ == "__main__":

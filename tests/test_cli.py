@@ -62,7 +62,7 @@ output_dir: out
 """)
     result = subprocess.run([sys.executable, "-m", "adaptercli.cli", "train", str(recipe)], capture_output=True,
                             text=True, env=ENV, cwd=tmp_path)
-    assert result.returncode == 1  # the README's promise for user mistakes
+    assert result.returncode == 1  # the docs' promise for user mistakes (docs/troubleshooting.md)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "Traceback" not in result.stderr + result.stdout
     assert len(lines) == 3, lines

@@ -1,4 +1,4 @@
-"""Every local input format the README lists (csv, tsv, json, jsonl, parquet, conll), plain and
+"""Every local input format the docs list (docs/recipes.md: csv, tsv, json, jsonl, parquet, conll), plain and
 compressed (.gz, .bz2, .xz), reads back to the same examples — with the format named in the recipe
 and with the format inferred from the file name."""
 

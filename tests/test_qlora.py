@@ -1,7 +1,7 @@
 """QLoRA: ``model.quantization: 4bit`` (and ``8bit``) loads the frozen base with bitsandbytes (NF4,
 double quantization); LoRA and the head stay in full precision, train, save alone and reload. On
 the CPU bitsandbytes 0.50 runs its (slow) torch fallback: enough for a tiny Llama here. The GPU run
-on a Llama-family model is documented in the README when one was measured."""
+on a Llama-family model is documented in docs/scale.md when one was measured."""
 
 from __future__ import annotations
 

@@ -85,8 +85,8 @@ def test_output_matches_adapters_1_3_0(case: dict, attn: str) -> None:
     assert torch.equal(bare, before), "deactivating must give the bare model back exactly"
 
 
-# The worked example of the README ("Any model: the layout"): OPT described in adaptercli's own
-# layout keys (the shipped preset configs/layout/opt.yaml) gives the same outputs as AdapterHub's
+# The worked example of the docs ("Any model: the layout" in docs/support-matrix.md): OPT described in
+# adaptercli's own layout keys (the shipped preset configs/layout/opt.yaml) gives the same outputs as AdapterHub's
 # plugin interface for it.
 OPT_LAYOUT = yaml.safe_load((ROOT / "configs/layout/opt.yaml").read_text())["model"]["layout"]
 

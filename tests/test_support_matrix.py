@@ -1,4 +1,4 @@
-"""The README's support matrix is what the code does (scripts/support_matrix.py generates it from
+"""The docs' support matrix (docs/support-matrix.md) is what the code does (scripts/support_matrix.py generates it from
 the table, the registry and the fixtures), and every pair it marks as running does run on the
 architectures that tests/test_methods.py does not build."""
 
@@ -17,10 +17,10 @@ import support_matrix  # noqa: E402
 from adaptercli.methods import METHODS  # noqa: E402
 
 
-def test_readme_support_matrix_is_current() -> None:
-    text = support_matrix.README.read_text()
+def test_support_matrix_page_is_current() -> None:
+    text = support_matrix.PAGE.read_text()
     section = text[text.index(support_matrix.START): text.index(support_matrix.END) + len(support_matrix.END)]
-    assert section == support_matrix.render(), "run scripts/support_matrix.py to update README.md"
+    assert section == support_matrix.render(), "run scripts/support_matrix.py to update docs/support-matrix.md"
 
 
 @pytest.mark.parametrize("model_type", [t for t in support_matrix.model_types() if t not in CONFIGS])

@@ -60,6 +60,40 @@ METHODS: dict[str, Method] = {
     **{name: Method(name, FAMILIES["union"], preset) for name, preset in _UNION_PRESETS.items()},
 }
 
+# What each method is, in a line, and the paper it comes from (the docs' method reference shows both;
+# a method without an entry fails the docs generator).
+_UNIFIED_VIEW = "https://arxiv.org/abs/2110.04366"  # He et al. 2022: parallel adapters, MAM
+_MAD_X = "https://arxiv.org/abs/2005.00052"
+_COMPACTER = "https://arxiv.org/abs/2106.04647"
+_DORA = "https://arxiv.org/abs/2402.09353"
+_REFT = "https://arxiv.org/abs/2404.03592"
+_PREFIX = "https://arxiv.org/abs/2101.00190"
+DESCRIPTIONS: dict[str, tuple[str, str]] = {
+    "seq_bn": ("a bottleneck adapter after the FFN (Pfeiffer)", "https://arxiv.org/abs/2005.00247"),
+    "double_seq_bn": ("bottleneck adapters after the attention and after the FFN (Houlsby)",
+                      "https://arxiv.org/abs/1902.00751"),
+    "par_bn": ("a bottleneck adapter beside the FFN, reading its input, output scaled by 4 (parallel)", _UNIFIED_VIEW),
+    "scaled_par_bn": ("par_bn with a learned output scaling", _UNIFIED_VIEW),
+    "seq_bn_inv": ("seq_bn plus an invertible adapter on the token embeddings (MAD-X)", _MAD_X),
+    "double_seq_bn_inv": ("double_seq_bn plus an invertible adapter on the token embeddings", _MAD_X),
+    "compacter": ("Houlsby-placed adapters whose projections are PHM layers", _COMPACTER),
+    "compacter++": ("Compacter after the FFN only (Pfeiffer placement)", _COMPACTER),
+    "lora": ("low-rank deltas B A on the attention's q and v projections", "https://arxiv.org/abs/2106.09685"),
+    "ia3": ("learned per-channel scaling of the keys, the values and the FFN", "https://arxiv.org/abs/2205.05638"),
+    "dora": ("LoRA whose adapted rows are renormalised to learned magnitudes", _DORA),
+    "vera": ("frozen random low-rank matrices shared by all layers, with trained scalings",
+             "https://arxiv.org/abs/2310.11454"),
+    "dvora": ("DoRA's magnitudes over VeRA's delta", _DORA),
+    "prefix_tuning": ("trained key and value prefixes in every attention, made by an MLP", _PREFIX),
+    "prefix_tuning_flat": ("prefix tuning without the MLP: the prefixes are trained directly", _PREFIX),
+    "prompt_tuning": ("trained embeddings before the input", "https://arxiv.org/abs/2104.08691"),
+    "loreft": ("low-rank orthogonal edits of the hidden states at the first tokens (LoReFT)", _REFT),
+    "noreft": ("LoReFT without the orthogonality constraint", _REFT),
+    "direft": ("ReFT edits added without the projection subtracted (DiReFT)", _REFT),
+    "mam": ("prefix tuning plus a parallel adapter (Mix-and-Match)", _UNIFIED_VIEW),
+    "unipelt": ("gated prefix tuning, bottleneck adapter and LoRA under one name", "https://arxiv.org/abs/2110.07577"),
+}
+
 # Names AdapterHub accepts for the same presets.
 ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn", "pfeiffer+inv": "seq_bn_inv",
            "scaled_parallel": "scaled_par_bn", "houlsby+inv": "double_seq_bn_inv"}
@@ -159,7 +193,7 @@ def resolve_config(config: str | dict | MethodConfig | None = None, **overrides:
 
 
 __all__ = [
-    "ALIASES", "BnConfig", "ConfigError", "FAMILIES", "LoRAConfig", "METHODS", "Method", "MethodConfig",
+    "ALIASES", "BnConfig", "DESCRIPTIONS", "ConfigError", "FAMILIES", "LoRAConfig", "METHODS", "Method", "MethodConfig",
     "PrefixTuningConfig", "PromptTuningConfig", "ReftConfig", "UnionConfig", "family_config", "family_of",
     "get_method", "method_name", "resolve_config",
 ]

@@ -49,24 +49,53 @@ _FOREIGN_DEFAULTS: dict[str, Any] = {"stochastic_depth": 0.0}
 class BnConfig(MethodConfig):
     """Bottleneck adapter config (AdapterHub's ``BnConfig``; defaults here are ``seq_bn``'s).
 
-    mh_adapter / output_adapter: put an adapter after the attention / the FFN sub-layer.
-    cross_adapter: and after an encoder-decoder's cross-attention.
-    reduction_factor: H // reduction_factor is the bottleneck width; a dict maps layer indices
-        (as strings) or "default" to a factor.
-    non_linearity: activation name (relu, swish, gelu, tanh, leakyrelu, ...).
-    original_ln_before / original_ln_after / residual_before_ln: where the layer's own norm and
-        residual are applied relative to the adapter (see the module docstring).
-    ln_before / ln_after: extra LayerNorms inside the adapter.
-    init_weights: "bert" (N(0, 0.02)), "mam_adapter" (zero up-projection) or "houlsby".
-    is_parallel: the adapter reads the sub-layer input and its output is added (``par_bn``).
-    scaling: a float, "learned" (one scalar) or "channel" (one per hidden unit).
-    inv_adapter / inv_adapter_reduction_factor: "nice" adds an invertible adapter on the embeddings.
-    leave_out: layer indices that get no adapter.
-    phm_layer: PHM projections instead of linear ones (Compacter); phm_dim: n of the hypercomplex
-        product; factorized_phm_W / phm_rank: W_i = W_left_i W_right_i of that rank;
-        shared_W_phm / shared_phm_rule: one W / one set of rules for every layer of the adapter;
-        factorized_phm_rule: rules as rank-1 products; phm_c_init / phm_init_range /
-        hypercomplex_nonlinearity: their initialisation; learn_phm: train the rules; phm_bias.
+    The flags ``original_ln_before``, ``residual_before_ln`` and ``original_ln_after`` place the
+    adapter relative to the layer's own norm and residual (see the module docstring).
+
+    Attributes:
+        mh_adapter: put an adapter after the attention sub-layer.
+        output_adapter: put an adapter after the FFN sub-layer.
+        cross_adapter: put an adapter after an encoder-decoder's cross-attention.
+        reduction_factor: H // reduction_factor is the bottleneck width; a dict maps layer indices
+            (as strings) or "default" to a factor.
+        non_linearity: the activation between the down- and up-projection (relu, swish, gelu,
+            tanh, leakyrelu, ...).
+        original_ln_before: the adapter reads the sub-layer output after the residual is added and
+            the layer's norm applied.
+        original_ln_after: add the residual and apply the layer's norm after the adapter.
+        ln_before: an extra LayerNorm on the adapter's input.
+        ln_after: an extra LayerNorm on the adapter's output.
+        init_weights: "bert" (N(0, 0.02)), "mam_adapter" (zero up-projection) or "houlsby"
+            (truncated normal, std 0.01).
+        init_weights_seed: seed the random generator with this before initialising the weights
+            (None or 0: the global random state).
+        is_parallel: the adapter reads the sub-layer input and its output is added (``par_bn``).
+        scaling: multiplies the adapter's output: a float, "learned" (one scalar) or "channel"
+            (one per hidden unit).
+        use_gating: a learned gate, the mean over tokens of sigmoid(linear(x)), scales the output
+            (UniPELT).
+        residual_before_ln: the residual the adapter adds to its output: True the sub-layer
+            output h, False the adapter's input, "post_add" h plus the residual stream, before the
+            norm.
+        adapter_residual_before_ln: add the residual before the adapter's own ``ln_after`` norm
+            (else after it).
+        inv_adapter: "nice" adds an invertible adapter on the token embeddings (MAD-X).
+        inv_adapter_reduction_factor: the invertible adapter's reduction factor.
+        leave_out: layer indices that get no adapter.
+        dropout: dropout on the adapter's output.
+        phm_layer: PHM projections instead of linear ones (Compacter).
+        phm_dim: n of the hypercomplex product (divides the hidden size and the bottleneck width).
+        factorized_phm_W: the PHM weights are products W_left_i W_right_i of rank ``phm_rank``.
+        shared_W_phm: one set of PHM weights for every layer of the adapter.
+        shared_phm_rule: one set of PHM rules for every layer of the adapter.
+        factorized_phm_rule: the PHM rules are rank-1 products.
+        phm_c_init: initialisation of the rules: "normal" (std ``phm_init_range``) or "uniform".
+        phm_init_range: the std of "normal" initialisations of the rules and weights.
+        learn_phm: train the PHM rules (else they keep their initial values).
+        hypercomplex_nonlinearity: initialisation of the PHM weights: "glorot-uniform",
+            "glorot-normal" (also "phm") or "normal".
+        phm_rank: rank of the factorised PHM weights.
+        phm_bias: the PHM layers have a bias.
     """
 
     family: ClassVar[str] = "bottleneck"

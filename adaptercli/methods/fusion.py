@@ -29,14 +29,17 @@ from .base import ConfigError, MethodConfig
 class FusionConfig(MethodConfig):
     """AdapterFusion config (AdapterHub's ``AdapterFusionConfig``; defaults are "dynamic"'s).
 
-    query / key / value: learn W_q / W_k / W_v (otherwise the identity).
-    query_before_ln: the query is the sub-layer output before the layer's norm.
-    regularization: add ``0.01 * ||W_v - I||^2`` to the loss (``get_fusion_regularization_loss``).
-    residual_before: add the residual to each member's output before the attention.
-    temperature: start the softmax temperature at 50 and lower it by 0.05 per training step to 1.
-    value_before_softmax: apply W_v to each member (else to the weighted sum).
-    value_initialized: W_v starts as the identity (else N(0, 0.02)).
-    dropout_prob: dropout on the scores (None: the model's attention dropout).
+    Attributes:
+        key: learn W_k (otherwise the identity).
+        query: learn W_q (otherwise the identity).
+        value: learn W_v (otherwise the identity).
+        query_before_ln: the query is the sub-layer output before the layer's norm.
+        regularization: add ``0.01 * ||W_v - I||^2`` to the loss (``get_fusion_regularization_loss``).
+        residual_before: add the residual to each member's output before the attention.
+        temperature: start the softmax temperature at 50 and lower it by 0.05 per training step to 1.
+        value_before_softmax: apply W_v to each member (else to the weighted sum).
+        value_initialized: W_v starts as the identity (else N(0, 0.02)).
+        dropout_prob: dropout on the scores (None: the model's attention dropout).
     """
 
     family: ClassVar[str] = "fusion"

@@ -37,16 +37,33 @@ from .family import AdapterState, MethodFamily
 class LoRAConfig(MethodConfig):
     """LoRA / IA3 config (AdapterHub's ``LoRAConfig``; defaults are ``lora``'s).
 
-    r, alpha: rank and scaling numerator. dropout: on the LoRA input.
-    attn_matrices: which of q, k, v, o get a delta (when ``selfattn_lora``).
-    intermediate_lora / output_lora: also the FFN's up / down projection.
-    composition_mode: "add" (LoRA) or "scale" (IA3).
-    init_weights: "lora" (A Kaiming, B zero), "bert" (both N(0, 0.02)) or "ia3" (ones).
-    target_modules: module names to adapt on any model (replaces the placement flags above).
-    use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA, as in PEFT).
-    leave_out: layer indices to skip.
-    use_dora / vera_d / vera_b / use_gating: the DoRA, VeRA and gated (UniPELT) variants, see
-        ``lora_variants.py`` ("vera" init: Kaiming-uniform shared matrices).
+    The DoRA, VeRA and gated (UniPELT) variants are set by ``use_dora``, ``vera_d`` / ``vera_b``
+    and ``use_gating``; see ``lora_variants.py``.
+
+    Attributes:
+        selfattn_lora: adapt the attention projections named in ``attn_matrices``.
+        intermediate_lora: also adapt the FFN's up projection.
+        output_lora: also adapt the FFN's down projection.
+        leave_out: layer indices to skip.
+        r: rank of the delta (IA3: 1).
+        alpha: scaling numerator: the delta is scaled by alpha / r (alpha / sqrt(r) with
+            ``use_rslora``).
+        dropout: dropout on the LoRA input.
+        attn_matrices: which of q, k, v, o get a delta (when ``selfattn_lora``).
+        composition_mode: "add" (LoRA: W x + s B A x) or "scale" (IA3: the output scaled per
+            channel).
+        init_weights: "lora" (A Kaiming, B zero), "bert" (both N(0, 0.02)), "ia3" (ones) or
+            "vera" (Kaiming-uniform shared matrices).
+        init_weights_seed: seed the random generator with this before initialising the weights
+            (None or 0: the global random state).
+        target_modules: module names to adapt on any model (replaces the placement flags above).
+        use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA, as in PEFT).
+        use_dora: DoRA: the adapted weight's rows are renormalised to a learned magnitude.
+        vera_d: VeRA: the trained diagonal ``vera_D`` starts as vera_d times the identity (None:
+            not VeRA).
+        vera_b: VeRA: the trained ``vera_B`` starts as vera_b times the identity.
+        use_gating: a learned gate, the mean over tokens of sigmoid(linear(x)), replaces the
+            scaling (UniPELT).
     """
 
     family: ClassVar[str] = "lora"

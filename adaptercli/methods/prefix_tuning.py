@@ -45,14 +45,21 @@ from .family import AdapterState, MethodFamily
 class PrefixTuningConfig(MethodConfig):
     """Prefix tuning config (AdapterHub's ``PrefixTuningConfig``).
 
-    prefix_length: number of prefix positions. bottleneck_size: width of the reparametrising MLP.
-    non_linearity: its activation. flat: learn the keys/values directly (no MLP).
-    dropout: on the prefix keys/values. leave_out: layer indices without a prefix.
-    encoder_prefix / cross_prefix: in an encoder-decoder, also prefix the encoder's self-attention /
-        the decoder's cross-attention (the decoder's self-attention always gets one).
-    use_gating: a learned gate per layer (UniPELT): the mean over tokens of sigmoid(linear(x)),
-        x the attention's input, scales each row's prefix keys and values (one gate for both
-        with ``shared_gating``, else one each).
+    Attributes:
+        prefix_length: number of prefix positions.
+        bottleneck_size: width of the MLP that reparametrises the prefixes.
+        non_linearity: that MLP's activation.
+        dropout: dropout on the prefix keys and values.
+        flat: learn the keys and values directly (no MLP).
+        leave_out: layer indices without a prefix.
+        init_weights_seed: seed the random generator with this before initialising the weights
+            (None or 0: the global random state).
+        use_gating: a learned gate per layer (UniPELT): the mean over tokens of sigmoid(linear(x)),
+            x the attention's input, scales each row's prefix keys and values.
+        shared_gating: one gate for keys and values (else one each).
+        encoder_prefix: in an encoder-decoder, also prefix the encoder's self-attention (the
+            decoder's self-attention always gets one).
+        cross_prefix: in an encoder-decoder, also prefix the decoder's cross-attention.
     """
 
     family: ClassVar[str] = "prefix_tuning"

@@ -32,9 +32,16 @@ from .family import AdapterState, MethodFamily
 class PromptTuningConfig(MethodConfig):
     """Prompt tuning config (AdapterHub's ``PromptTuningConfig``).
 
-    prompt_length: number of prompt positions. prompt_init: "random_uniform" (in
-    ±random_uniform_scale) or "from_string" (the embeddings of ``prompt_init_text``'s tokens,
-    repeated to the length). combine: "prefix" or "prefix_after_bos".
+    Attributes:
+        prompt_length: number of prompt positions.
+        prompt_init: "random_uniform" (in ±random_uniform_scale) or "from_string" (the embeddings
+            of ``prompt_init_text``'s tokens, repeated to the length).
+        prompt_init_text: the text whose token embeddings start the prompt (``from_string``).
+        random_uniform_scale: the half-width of the "random_uniform" initialisation.
+        combine: where the prompt goes: "prefix" (before the input) or "prefix_after_bos" (after
+            its first token).
+        init_weights_seed: seed the random generator with this before initialising the weights
+            (None or 0: the global random state).
     """
 
     family: ClassVar[str] = "prompt_tuning"

@@ -34,12 +34,18 @@ from .family import AdapterState, MethodFamily
 class ReftConfig(MethodConfig):
     """ReFT config (AdapterHub's ``ReftConfig``; defaults are ``loreft``'s).
 
-    layers: "all" or the layer indices that get an intervention.
-    prefix_positions / suffix_positions: how many first / last real tokens are edited.
-    r: rank of the edit. orthogonality: keep R's rows orthonormal (LoReFT).
-    tied_weights: one unit for prefix and suffix positions.
-    subtract_projection: edit towards ``act(W h + b)`` in R's subspace (False: DiReFT, add it).
-    dropout: on the edited states. non_linearity: the source's activation (None: identity).
+    Attributes:
+        layers: "all" or the layer indices that get an intervention.
+        prefix_positions: how many first real tokens are edited.
+        suffix_positions: how many last real tokens are edited.
+        r: rank of the edit.
+        orthogonality: keep R's rows orthonormal (LoReFT).
+        tied_weights: one unit for prefix and suffix positions.
+        subtract_projection: edit towards ``act(W h + b)`` in R's subspace (False: DiReFT, add it).
+        dropout: dropout on the edited states.
+        non_linearity: the source's activation (None: identity).
+        init_weights_seed: seed the random generator with this before initialising the weights
+            (None or 0: the global random state).
     """
 
     family: ClassVar[str] = "reft"

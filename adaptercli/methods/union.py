@@ -48,7 +48,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclasses.dataclass
 class UnionConfig(MethodConfig):
-    """Members of a union, one per family (see the module docstring)."""
+    """Members of a union, one per family (see the module docstring).
+
+    Attributes:
+        configs: the member configs, at most one per family (bottleneck, lora, prefix_tuning);
+            a member's fields are set under its family, e.g. ``prefix_tuning.bottleneck_size``.
+    """
 
     family: ClassVar[str] = "union"
 
