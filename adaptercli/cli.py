@@ -401,8 +401,9 @@ def hub_validate(
     report = require_valid(open_index(index))
     for note in report.notes:
         errors.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
-    console.print(f"index is valid: {len(report.descriptors)} descriptors, {report.files_checked} files checked "
-                  "against their sha256", highlight=False)
+    count = len(report.descriptors)
+    console.print(f"index is valid: {count} descriptor{'s' if count != 1 else ''}, {report.files_checked} files "
+                  "checked against their sha256", highlight=False)
 
 
 @hub_app.command("site")
@@ -472,6 +473,7 @@ def hub_show(
         rows = [("name", d.name), ("base model", d.model.get("name")), ("model type", d.model.get("type")),
                 ("hidden size", d.model.get("hidden_size")), ("method", d.method),
                 ("head", f"{d.head['type']} ({', '.join(d.head.get('labels') or [])})" if d.head else None),
+                *[(f"parameters: {part}", f"{count:,}") for part, count in d.parameters.items()],
                 *[(f"metric: {k}", f"{v:.4f}") for k, v in d.metrics.items()],
                 ("files", d.location), *[(f"sha256: {n}", h) for n, h in (d.files.get("sha256") or {}).items()],
                 ("description", d.description), ("added", d.added), ("descriptor", str(d.path))]
