@@ -425,6 +425,8 @@ def hub_site(
     if not spec:
         raise AdapterCliError(f"--index: give the index (a folder, a git URL or hf:org/name) or set {INDEX_ENV}")
     site = build_site(spec, out, index_url=index_url, title=title)
+    for note in site.notes:
+        errors.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     console.print(f"wrote {site.pages} pages for {site.adapters} adapters to {escape(str(site.out))} "
                   f"(open {escape(str(site.out / 'index.html'))})", highlight=False, soft_wrap=True)
 

@@ -22,7 +22,7 @@ import yaml
 
 from .hub import HubError, download, hub_reachable
 from .index import FILE_NAME, AdapterIndexError, Descriptor, index_files, sha256_of
-from .methods import METHODS, ConfigError, resolve_config
+from .methods import ALIASES, METHODS, ConfigError, resolve_config
 from .schema import did_you_mean
 
 _ID_PART = re.compile(r"[\w.-]+")
@@ -177,6 +177,8 @@ def _check_model(model: dict[str, Any]) -> list[str]:
 
 
 def _check_method(method: str, config: dict[str, Any]) -> list[str]:
+    if method in ALIASES:
+        return [f"method: '{method}' is AdapterHub's name for {ALIASES[method]}; descriptors name it {ALIASES[method]}"]
     if method not in METHODS:
         return [f"method: unknown adapter method '{method}'{did_you_mean(method, list(METHODS))}"]
     try:

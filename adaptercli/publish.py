@@ -77,7 +77,7 @@ def _push(checkout: Path, url: str, identity: tuple[str, ...]) -> None:
     """Push HEAD to the remote's branch; once rebased onto what someone else pushed meanwhile."""
     if _git(checkout, "push", "--quiet", "origin", "HEAD", check=False) is not None:
         return
-    _git(checkout, "fetch", "--quiet", "--depth", "1", "origin", doing=f"fetching {url}")
+    _git(checkout, "fetch", "--quiet", "origin", doing=f"fetching {url}")  # down to the clone's commit
     branch = _git(checkout, "rev-parse", "--abbrev-ref", "HEAD", doing="reading the branch")
     _git(checkout, *identity, "rebase", "--quiet", f"origin/{branch}", doing=f"rebasing onto {url}")
     _git(checkout, "push", "--quiet", "origin", "HEAD", doing=f"pushing to {url}")

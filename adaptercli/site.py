@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import json
 import math
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections import Counter
@@ -88,6 +92,7 @@ class Site:
     out: Path
     adapters: int
     pages: int
+    notes: list[str]  # files that could not be checked (a Hub repository while offline)
 
 
 def build_site(index: str, out: str | Path, *, index_url: str | None = None, title: str = "Explore adapters") -> Site:
@@ -100,6 +105,10 @@ def build_site(index: str, out: str | Path, *, index_url: str | None = None, tit
     spec = index_url or (str(Path(index).expanduser().resolve()) if index_kind(index) == "folder" else index)
     entries = [_entry(d, folder, report.descriptors, spec) for d in report.descriptors]
     entries.sort(key=lambda e: (e.descriptor.task, e.descriptor.id, e.base_model, e.descriptor.method))
+    taken = Counter(e.slug for e in entries)
+    for entry in entries:  # two files whose names flatten alike keep apart
+        if taken[entry.slug] > 1:
+            entry.slug += "-" + hashlib.sha256(str(entry.descriptor.path).encode()).hexdigest()[:8]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -108,7 +117,7 @@ def build_site(index: str, out: str | Path, *, index_url: str | None = None, tit
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Site(out, len(entries), pages)
+    return Site(out, len(entries), pages, report.notes)
 
 
 def _check_out(out: Path) -> None:
@@ -123,7 +132,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
         return
-    old = out.with_name(f".{out.name}-old-{os.getpid()}")
+    old = out.with_name(f".{out.name}-old-{secrets.token_hex(4)}")
     out.rename(old)
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
@@ -132,9 +141,9 @@ def _move_into_place(staging: Path, out: Path) -> None:
 # -- what a page shows --------------------------------------------------------------------------
 
 def slug_of(descriptor: Descriptor) -> str:
-    """The page name of a descriptor: its place in the index, flattened (unique: one per file)."""
+    """The page name of a descriptor: its place in the index, flattened to a plain file name."""
     stem = descriptor.path.stem if descriptor.path else f"{descriptor.model.get('type')}_{descriptor.method}"
-    return f"{descriptor.task}--{descriptor.dataset}--{descriptor.org}--{stem}"
+    return re.sub(r"[^\w.-]+", "-", f"{descriptor.task}--{descriptor.dataset}--{descriptor.org}--{stem}")
 
 
 def _entry(d: Descriptor, folder: Path, everything: list[Descriptor], spec: str) -> Entry:
@@ -156,13 +165,13 @@ def _entry(d: Descriptor, folder: Path, everything: list[Descriptor], spec: str)
 def load_lines(d: Descriptor, everything: list[Descriptor], spec: str) -> tuple[str, str, str]:
     """The lines that load ``d``: Python, a recipe, the CLI. ``method=`` is named when the index
     has other adapters with the same id for the same kind of model (else the id alone picks it)."""
-    base = d.model.get("name")
+    base, quote = d.model.get("name"), json.dumps  # a Python string literal, whatever the path holds
     fitting = find(everything, d.id, model_type=d.model.get("type"), hidden_size=d.model.get("hidden_size"))
-    method = f', method="{d.method}"' if len(fitting) > 1 else ""
-    python = (f'import adaptercli\n\nmodel = adaptercli.AutoAdapterModel.from_pretrained("{base}")\n'
-              f'model.load_adapter("{d.id}", index="{spec}"{method}, set_active=True)\nmodel.eval()')
-    recipe = (f"# run with ADAPTERCLI_INDEX={spec}\nmodel:\n  name_or_path: {base}\nadapter:\n"
-              f"  name: {d.name}\n  load: {d.id}")
+    method = f", method={quote(d.method)}" if len(fitting) > 1 else ""
+    python = (f"import adaptercli\n\nmodel = adaptercli.AutoAdapterModel.from_pretrained({quote(base)})\n"
+              f"model.load_adapter({quote(d.id)}, index={quote(spec)}{method}, set_active=True)\nmodel.eval()")
+    recipe = f"# run with ADAPTERCLI_INDEX={spec}\n" + yaml.safe_dump(
+        {"model": {"name_or_path": base}, "adapter": {"name": d.name, "load": d.id}}, sort_keys=False).rstrip()
     if method:
         recipe += ("\n# The index has several adapters with this id for this model; a recipe's adapter.load\n"
                    "# cannot choose among them: load it in Python with method= (above).")

@@ -484,3 +484,45 @@ def test_site_replaces_its_own_site_and_refuses_other_folders(index: Path, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "site"]
     page = next((site / "adapters").glob("nli--rte--lab--*_par_bn.html")).read_text()
     assert 'index=&#34;hf:datasets/you/adapter-index&#34;' in page and 'method=&#34;par_bn&#34;' in page
+
+
+def test_a_git_index_that_moved_meanwhile_gets_the_commit_rebased_onto_it(runs: dict[str, Path], tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """Someone pushes to the index (a bare repository over file://) while `hub add` writes its descriptor."""
+    from adaptercli import publish
+
+    def git(*args: str, cwd: Path | None = None) -> str:
+        command = ["git", "-c", "user.name=someone", "-c", "user.email=someone@localhost", *args]
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+    bare = tmp_path / "index.git"
+    git("init", "--quiet", "--bare", "-b", "main", str(bare))
+    other = tmp_path / "someone"
+    git("clone", "--quiet", bare.as_uri(), str(other))
+    (other / "README.md").write_text("# our adapters\n")
+    git("add", ".", cwd=other)
+    git("commit", "--quiet", "-m", "readme", cwd=other)
+    git("push", "--quiet", "origin", "HEAD", cwd=other)
+    writing = publish.add_to_index
+
+    def racing(*args, **kwargs):
+        written = writing(*args, **kwargs)
+        (other / "NOTES.md").write_text("pushed meanwhile\n")
+        git("add", ".", cwd=other)
+        git("commit", "--quiet", "-m", "notes", cwd=other)
+        git("push", "--quiet", "origin", "HEAD", cwd=other)
+        return written
+
+    monkeypatch.setattr(publish, "add_to_index", racing)
+    source = open_source(runs["lora"], base_model=BASE, task="sentiment", dataset="movies")
+    published = publish.publish(bare.as_uri(), source, org="me")
+    assert git("--git-dir", str(bare), "log", "--format=%s", "main").splitlines() == [
+        f"Add sentiment/movies@me (lora on {BASE})", "notes", "readme"]
+    assert published.commit == git("--git-dir", str(bare), "rev-parse", "main").strip()
+    assert published.path == f"sentiment/movies/me/{BASE.replace('/', '--')}_lora.yaml"
+
+
+@pytest.mark.parametrize("command", [["hub", "site"], ["hub", "validate"], ["hub", "add"]])
+def test_the_new_commands_have_help(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
