@@ -202,13 +202,13 @@ def _files(d: Descriptor, folder: Path) -> tuple[list[FileRow], Path | None]:
 def _card(d: Descriptor, at: Path | None) -> tuple[str | None, str | None]:
     """The model card (``README.md`` beside the files, or in their Hub repository) as HTML, and the
     split its evaluation was on."""
-    path = at / "README.md" if at is not None else None
     if at is None:
         try:
-            path = download(d.files["repo"], d.files.get("revision"), allow_patterns=["README.md"])[0] / "README.md"
+            at = download(d.files["repo"], d.files.get("revision"), allow_patterns=["README.md"])[0]
         except HubError:
             return None, None
-    if path is None or not path.is_file():
+    path = at / "README.md"
+    if not path.is_file():
         return None, None
     text = path.read_text(errors="replace")
     front: dict[str, Any] = {}
