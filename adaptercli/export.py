@@ -37,7 +37,7 @@ from .formats.fusion import CONFIG as FUSION_CONFIG
 from .formats.fusion import read_fusion
 from .heads import recipe_head_type
 from .hub import Pushed, download, is_repo_id, push_folder, split_revision
-from .index import ADAPTER_FILES, AdapterIndexError, Descriptor, sha256_of
+from .index import ADAPTER_FILES, AdapterIndexError, Descriptor, safetensors_parameters, sha256_of
 from .locate import locate
 
 TARGETS = ("native", "hub", "peft", "adapterhub", "merged")
@@ -428,6 +428,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^\w.-]+", "-", text).strip("-") or "x"
 
 
+def descriptor_place(source: Source, org: str = "local") -> tuple[Path, str]:
+    """Where ``source``'s descriptor goes in an index: the folder ``<task>/<dataset>/<org>``
+    (relative to the index) and the file stem ``<model>_<method>`` (its files' folder, if kept beside it)."""
+    about = source.card
+    model = about.base_model or about.model_type or "model"
+    folder = Path(_slug(about.task or "task")) / _slug(about.dataset or "data") / _slug(org)
+    return folder, f"{_slug(model.replace('/', '--'))}_{about.method}"
+
+
 def add_to_index(index: Path, source: Source, *, org: str = "local", repo: str | None = None, revision: str | None = None,
         description: str = "", force: bool = False) -> tuple[Path, Descriptor]:
     """Write a descriptor for ``source`` into the index folder ``index`` (the index's write side).
@@ -438,10 +447,10 @@ def add_to_index(index: Path, source: Source, *, org: str = "local", repo: str |
     if about.kind == "fusion":
         raise AdapterIndexError("an AdapterFusion cannot be indexed yet; index its members, and share the fusion "
                                 "with `adapter export --to hub`")
-    task, dataset, org = _slug(about.task or "task"), _slug(about.dataset or "data"), _slug(org)
+    place, stem = descriptor_place(source, org)
+    task, dataset, org = place.parts
     model = about.base_model or about.model_type or "model"
-    stem = f"{_slug(model.replace('/', '--'))}_{about.method}"
-    folder = index / task / dataset / org
+    folder = index / place
     path = folder / f"{stem}.yaml"
     if path.exists() and not force:
         raise AdapterIndexError(f"{path} exists (an adapter for {task}/{dataset}@{org} on {model} with "
@@ -461,14 +470,17 @@ def add_to_index(index: Path, source: Source, *, org: str = "local", repo: str |
         export(source, "native", str(files_at))
         location = {"path": stem}
     names = sorted(p.name for p in files_at.iterdir() if p.is_file() and p.name in ADAPTER_FILES)
-    files = {**location, "format": "adaptercli", "sha256": {n: sha256_of(files_at / n) for n in names}}
+    files = {**location, "format": "adaptercli", "sha256": {n: sha256_of(files_at / n) for n in names},
+             "size": {n: (files_at / n).stat().st_size for n in names}}
+    parameters = {part: safetensors_parameters(files_at / f"{part}.safetensors") for part in ("adapter", "head")
+                  if (files_at / f"{part}.safetensors").is_file()}
     head = {"type": about.head_type, "labels": about.labels} if about.head_type else None
     descriptor = Descriptor(
         task=task, dataset=dataset, org=org, name=about.name,
         model={"name": about.base_model, "type": about.model_type, "hidden_size": about.hidden_size},
         method=about.method, config=about.config, files=files, head=head,
         metrics={k: round(v, 6) for k, v in about.metrics.items()}, description=description,
-        added=datetime.date.today().isoformat())
+        added=datetime.date.today().isoformat(), parameters=parameters)
     folder.mkdir(parents=True, exist_ok=True)
     write_text(path, yaml.safe_dump(descriptor.to_dict(), sort_keys=False, allow_unicode=True))
     descriptor.path = path

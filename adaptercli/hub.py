@@ -161,9 +161,23 @@ class Pushed:
     commit: str
 
 
+def repo_exists(repo_id: str, repo_type: str = "model") -> bool:
+    """Whether the Hub has ``repo_id`` (a private one counts only with a token that sees it)."""
+    from huggingface_hub import HfApi, constants
+
+    with hub_access() as reachable:
+        if not reachable:
+            raise HubError(f"the Hub ({constants.ENDPOINT}) cannot be reached to look up {repo_id}")
+        try:
+            return HfApi().repo_exists(repo_id, repo_type=repo_type)
+        except Exception as exc:
+            raise HubError(_explain(exc, f"looking up '{repo_id}'")) from None
+
+
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str = "Upload adapter with adaptercli") -> Pushed:
-    """Create ``repo_id`` if needed (and the branch ``revision``) and upload ``folder`` as one commit."""
+                commit_message: str = "Upload adapter with adaptercli", repo_type: str = "model") -> Pushed:
+    """Create ``repo_id`` if needed (and the branch ``revision``) and upload ``folder`` as one commit
+    (files already in the repository and not in ``folder`` stay)."""
     from huggingface_hub import HfApi, constants, get_token
 
     if get_token() is None:
@@ -173,11 +187,11 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: 
             raise HubError(f"the Hub ({constants.ENDPOINT}) cannot be reached; nothing was pushed to {repo_id}")
         api = HfApi()
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
             if revision and revision != "main":
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
             info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                                     commit_message=commit_message)
+                                     commit_message=commit_message, repo_type=repo_type)
         except Exception as exc:
             raise HubError(_explain(exc, f"could not push to '{repo_id}'")) from None
     return Pushed(info.commit_url, info.oid)

@@ -2,12 +2,13 @@
 files are, searchable by task, data set, base model and method (AdapterHub's index, kept as
 plain files).
 
-An index is a folder (a git checkout works as is), a git repository (``git+URL``, ``*.git`` or
-``file://...``: cloned into ``~/.cache/adaptercli/indexes``) or a Hub repository (``hf:org/name``,
-``hf:datasets/org/name``). Descriptors live at ``<task>/<dataset>/<org>/<model>_<method>.yaml``;
-one holds the id ``task/dataset@org``, the task, data set, base model (Hub id, type, hidden
-size), method and config, head, metrics, where the files are (a Hub repository at a commit, or a
-folder beside the descriptor) and the sha256 of every file. Ids resolve through the index
+An index is a folder (a git checkout works as is), a git repository (``git+URL``, ``*.git``,
+``file://...``, ``git://...``, ``http(s)://...``: cloned into ``~/.cache/adaptercli/indexes``) or a
+Hub repository (``hf:org/name``, ``hf:datasets/org/name``). Descriptors live at
+``<task>/<dataset>/<org>/<model>_<method>.yaml``; one holds the id ``task/dataset@org``, the task,
+data set, base model (Hub id, type, hidden size), method and config, head, metrics, the adapter's
+and the head's parameter counts, where the files are (a Hub repository at a commit, or a folder
+beside the descriptor), the sha256 and size of every file. Ids resolve through the index
 (:func:`adaptercli.locate.locate`), and files whose sha256 differs from the descriptor's are refused.
 This module is the index's read side; adding a descriptor (``export.add_to_index``) exports files.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import math
 import os
 import re
 import shutil
@@ -30,7 +33,7 @@ from .hub import download, split_revision
 
 INDEX_ENV = "ADAPTERCLI_INDEX"
 ID_PATTERN = re.compile(r"(?P<task>[\w.-]+)/(?P<dataset>[\w.-]+)@(?P<org>[\w.-]+)")
-_FILE_NAME = re.compile(r"[\w.-]+(/[\w.-]+)*")
+FILE_NAME = re.compile(r"[\w.-]+(/[\w.-]+)*")
 ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors", "head_config.json", "head.safetensors",
                   "adapter_fusion_config.json", "adapter_fusion.safetensors", "pytorch_adapter.bin",
                   "pytorch_model_head.bin", "model_head.safetensors", "adapter_model.safetensors")
@@ -56,6 +59,7 @@ class Descriptor:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     description: str = ""
     added: str = ""
+    parameters: dict[str, int] = dataclasses.field(default_factory=dict)  # "adapter", "head"
     path: Path | None = None  # where the descriptor was read from
 
     @property
@@ -89,19 +93,36 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptercli" / "indexes"
 
 
+_GIT_PREFIXES = ("git+", "file://", "git@", "ssh://", "git://", "http://", "https://")
+
+
+def index_kind(spec: str) -> str:
+    """What an index spec names: ``"hub"`` (``hf:...``), ``"git"`` (a URL) or ``"folder"``."""
+    if spec.startswith("hf:"):
+        return "hub"
+    if spec.startswith(_GIT_PREFIXES) or spec.endswith(".git"):
+        return "git"
+    return "folder"
+
+
+def hub_index_repo(spec: str) -> tuple[str, str | None, str]:
+    """``hf:datasets/org/name@rev`` -> ``("org/name", "rev", "dataset")``; ``hf:org/name`` is a model repository."""
+    repo, revision = split_revision(spec.removeprefix("hf:"))
+    if repo.startswith("datasets/"):
+        return repo.removeprefix("datasets/"), revision, "dataset"
+    return repo, revision, "model"
+
+
 def open_index(spec: str | Path | None) -> Path:
     """The local folder of an index: ``spec`` (or $ADAPTERCLI_INDEX) as a folder, a clone of a git
     repository, or a Hub repository snapshot."""
     spec = str(spec or os.environ.get(INDEX_ENV) or "")
     if not spec:
         raise AdapterIndexError(f"no adapter index: pass --index (a folder, a git URL or hf:org/name) or set {INDEX_ENV}")
-    if spec.startswith("hf:"):
-        repo, revision = split_revision(spec[3:])
-        kind = "model"
-        if repo.startswith("datasets/"):
-            kind, repo = "dataset", repo.removeprefix("datasets/")
+    if index_kind(spec) == "hub":
+        repo, revision, kind = hub_index_repo(spec)
         return download(repo, revision, repo_type=kind, what="adapter index")[0]
-    if spec.startswith(("git+", "file://", "git@", "ssh://")) or spec.endswith(".git"):
+    if index_kind(spec) == "git":
         return _clone(spec.removeprefix("git+"))
     folder = Path(spec).expanduser()
     if not folder.is_dir():
@@ -126,9 +147,7 @@ def _clone(url: str) -> Path:
 def descriptors(folder: Path) -> list[Descriptor]:
     """Every descriptor in an index folder (files that are not descriptors are skipped)."""
     found = []
-    for path in sorted(folder.rglob("*.yaml")):
-        if ".git" in path.parts:
-            continue
+    for path in index_files(folder):
         try:
             data = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError, OSError):
@@ -138,7 +157,10 @@ def descriptors(folder: Path) -> list[Descriptor]:
     return found
 
 
-# -- searching ---------------------------------------------------------------------------
+def index_files(folder: Path) -> list[Path]:
+    """The files an index reads as descriptors: every ``*.yaml`` outside hidden folders (``.git``)."""
+    return [p for p in sorted(folder.rglob("*.yaml")) if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
@@ -146,6 +168,16 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def safetensors_parameters(path: Path) -> int:
+    """How many numbers a ``.safetensors`` file holds, read from its header (no tensor is loaded)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+
+
+# -- searching ---------------------------------------------------------------------------
 
 
 def search(found: list[Descriptor], *, task: str | None = None, dataset: str | None = None, model: str | None = None,
@@ -183,7 +215,7 @@ def fetch(descriptor: Descriptor, index: Path) -> Path:
     if not hashes:
         raise AdapterIndexError(f"{descriptor.id}: the descriptor lists no files with their sha256; refusing to load it")
     for name in hashes:
-        if not _FILE_NAME.fullmatch(name) or ".." in name.split("/"):
+        if not FILE_NAME.fullmatch(name) or ".." in name.split("/"):
             raise AdapterIndexError(f"{descriptor.id}: file name {name!r} in the descriptor is not a plain relative name")
     if descriptor.files.get("repo"):
         repo, revision = descriptor.files["repo"], descriptor.files.get("revision")

@@ -29,10 +29,11 @@ def local_folder(source: str | Path) -> Path | None:
 
 
 def locate(source: str | Path, revision: str | None = None, *, index: str | Path | None = None,
-           model_type: str | None = None, hidden_size: int | None = None) -> Path:
+           model_type: str | None = None, hidden_size: int | None = None, method: str | None = None) -> Path:
     """The local folder an adapter source stands for: a folder as it is (a run folder: its
     ``adapter/``); ``task/dataset@org`` through the index (``index`` or $ADAPTERCLI_INDEX), the one
-    made for ``model_type`` / ``hidden_size``, its files checked; ``org/name`` or ``org/name@revision``
+    made for ``model_type`` / ``hidden_size`` (and with ``method``, where the id has several), its
+    files checked; ``org/name`` or ``org/name@revision``
     downloaded from the Hub (``revision`` pins it too). Anything else is returned as a path, for
     the reader to report as not found."""
     local = local_folder(source)
@@ -41,7 +42,7 @@ def locate(source: str | Path, revision: str | None = None, *, index: str | Path
         return local or Path(source).expanduser()
     index = index or os.environ.get(INDEX_ENV)
     if index and ID_PATTERN.fullmatch(text):
-        folder = _from_index(text, index, model_type, hidden_size)
+        folder = _from_index(text, index, model_type, hidden_size, method)
         if folder is not None:
             return folder
     try:
@@ -53,18 +54,19 @@ def locate(source: str | Path, revision: str | None = None, *, index: str | Path
         raise
 
 
-def _from_index(text: str, index: str | Path, model_type: str | None, hidden_size: int | None) -> Path | None:
+def _from_index(text: str, index: str | Path, model_type: str | None, hidden_size: int | None,
+                method: str | None) -> Path | None:
     """The folder of the one descriptor for ``text`` that fits the model; None when the index has none."""
     folder = open_index(index)
     listed = descriptors(folder)
-    matches = find(listed, text, model_type=model_type, hidden_size=hidden_size)
+    matches = find(listed, text, model_type=model_type, hidden_size=hidden_size, method=method)
     if not matches and find(listed, text):
-        others = ", ".join(sorted({f"{d.model.get('type')} (hidden size {d.model.get('hidden_size')})"
+        others = ", ".join(sorted({f"{d.model.get('type')} (hidden size {d.model.get('hidden_size')}) with {d.method}"
                                    for d in find(listed, text)}))
-        raise AdapterIndexError(f"{text}: the index has it for {others}, not for this {model_type} model "
-                                f"(hidden size {hidden_size})")
+        wanted = f"this {model_type} model (hidden size {hidden_size})" + (f" with {method}" if method else "")
+        raise AdapterIndexError(f"{text}: the index has it for {others}, not for {wanted}")
     if len(matches) > 1:
         choices = "; ".join(f"{d.model.get('name') or d.model.get('type')} {d.method}" for d in matches)
         raise AdapterIndexError(f"{text}: {len(matches)} adapters in the index fit this model ({choices}); "
-                                "pick one with `adapter hub show` and load its folder or repository")
+                                "pick one with method=, or load its folder or repository (`adapter hub show`)")
     return fetch(matches[0], folder) if matches else None

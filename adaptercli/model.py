@@ -349,12 +349,15 @@ class ModelAdaptersMixin:
         save_adapter(self, Path(save_directory), name, with_head=with_head, format=format)
 
     def load_adapter(self, path: str | Path, load_as: str | None = None, with_head: bool = True,
-                     set_active: bool = False, revision: str | None = None, index: str | Path | None = None) -> str:
+                     set_active: bool = False, revision: str | None = None, index: str | Path | None = None,
+                     method: str | None = None) -> str:
         """Load an adapter saved by adaptercli, AdapterHub ``adapters`` or PEFT; returns its name.
         ``path``: a folder, a Hub id (``org/name``, ``org/name@revision``; or ``revision=``) or an
-        AdapterHub-style id ``task/dataset@org`` found in the adapter ``index`` (or $ADAPTERCLI_INDEX)."""
+        AdapterHub-style id ``task/dataset@org`` found in the adapter ``index`` (or $ADAPTERCLI_INDEX);
+        ``method`` picks among the index's adapters for that id and this model (``lora``, ``seq_bn``)."""
         state = self.adapter_state
-        folder = locate(path, revision, index=index, model_type=state.model_type, hidden_size=state.hidden_size)
+        folder = locate(path, revision, index=index, model_type=state.model_type, hidden_size=state.hidden_size,
+                        method=method)
         name = load_adapter(self, folder, load_as=load_as, with_head=with_head)
         if set_active:
             self.set_active_adapters(name)

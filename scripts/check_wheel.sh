@@ -20,4 +20,11 @@ cd "$WORK/elsewhere"
 "$WORK/venv/bin/adapter" recipes cp rotten_tomatoes_lora my.yaml
 "$WORK/venv/bin/adapter" validate my.yaml train.max_steps=10 > /dev/null
 "$WORK/venv/bin/python" -m adaptercli validate rotten_tomatoes_lora > /dev/null
-echo "wheel check passed: recipes, presets and python -m adaptercli work from an installed wheel"
+# The Explore page's templates and assets (`adapter hub site`) are package data too.
+"$WORK/venv/bin/python" -c "
+import sys
+from adaptercli.site import TEMPLATES
+names = ('base.html', 'index.html', 'adapter.html', 'task.html', 'plot.html', 'assets/explore.js', 'assets/style.css')
+missing = [n for n in names if not (TEMPLATES / n).is_file()]
+sys.exit(f'templates missing from the wheel: {missing}' if missing else 0)"
+echo "wheel check passed: recipes, presets, the site templates and python -m adaptercli work from an installed wheel"
