@@ -471,7 +471,8 @@ def hub_site(
     site = build_site(spec, out, index_url=index_url, title=title)
     for note in site.notes:
         errors.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {site.pages} pages for {site.adapters} adapters to {escape(str(site.out))} "
+    adapters = f"{site.adapters} adapter{'s' if site.adapters != 1 else ''}"
+    console.print(f"wrote {site.pages} pages for {adapters} to {escape(str(site.out))} "
                   f"(open {escape(str(site.out / 'index.html'))})", highlight=False, soft_wrap=True)
 
 
