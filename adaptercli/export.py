@@ -280,18 +280,17 @@ def _base_config(source: Source) -> Any | None:
         return None
 
 
-def _tied_embeddings(source: Source) -> bool:
-    """Whether the base model's output embeddings are its input embeddings (a causal LM head)."""
+def _tied_embeddings(source: Source, config: Any | None) -> bool:
+    """Whether the base model's output embeddings are its input embeddings (a causal LM head);
+    ``config``: the base model's (`_base_config`)."""
     if source.base_config_source is None:
         return True
-    config = _base_config(source)
     return config is not None and bool(getattr(config.get_text_config(), "tie_word_embeddings", True))
 
 
-def _backbone_module_names(source: Source) -> list[str] | None:
+def _backbone_module_names(config: Any | None) -> list[str] | None:
     """Every module name of the bare base model (built on the meta device: no weights are read),
     so a PEFT export can name its target modules as PEFT does; None when the config is unknown."""
-    config = _base_config(source)
     if config is None:
         return None
     import torch
@@ -411,9 +410,10 @@ def export(source: Source, to: str, dest: str, *, force: bool = False, private: 
     else:
         loaded = _require_adapter(source, to)
         if to == "peft":
-            tied = _tied_embeddings(source) if about.head_type == "causal_lm" else True
+            config = _base_config(source)  # read once: for tied embeddings and the module names
+            tied = _tied_embeddings(source, config) if about.head_type == "causal_lm" else True
             notes, layout = peft.write_adapter(folder, loaded, about.base_model, tied_embeddings=tied,
-                                               module_names=_backbone_module_names(source))
+                                               module_names=_backbone_module_names(config))
             about.auto_class = layout.auto_class if layout is not None else "AutoModel"
         else:
             notes = adapterhub.write(folder, loaded, about.base_model, source.num_layers)

@@ -102,8 +102,8 @@ def targets_for(adapted: set[str], module_names: list[str] | None) -> dict[str, 
     names = sorted({p.rsplit(".", 1)[-1] for p in adapted})
     inside_layer = sorted({p[layer_of[p].end():] if p in layer_of else p for p in adapted})  # attention.self.query
     for targets in (names, inside_layer) if module_names is not None else ():
-        for subset in (None, layers):
-            if (subset is None or subset) and _selects(module_names, targets, subset) == adapted:
+        for subset in (None, layers) if layers else (None,):
+            if _selects(module_names, targets, subset) == adapted:
                 return {"target_modules": targets, "layers_to_transform": subset}
     exact = "|".join(re.escape(p) for p in sorted(adapted))
     return {"target_modules": rf"(.*\.)?({exact})", "layers_to_transform": None}
