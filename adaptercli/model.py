@@ -30,7 +30,7 @@ from .architectures import (
 from .errors import AdapterError
 from .heads import HeadConfig, PredictionHead
 from .locate import locate
-from .methods import FAMILIES, LoRAConfig, MethodConfig, family_of, method_name, resolve_config
+from .methods import FAMILIES, MethodConfig, family_of, method_name, resolve_config
 from .methods.family import AdapterRecord, AdapterState, FusionRecord, key_pattern
 from .methods.fusion import FusionConfig, FusionRecorder, resolve_fusion_config
 from .model_io import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
@@ -666,8 +666,7 @@ def _merged_config(records: list[AdapterRecord], strategy: str, svd_rank: int | 
     if sign_method not in merging.SIGN_METHODS:
         raise AdapterError(f"majority_sign_method must be total or frequency, not '{sign_method}'")
     config = records[0].config
-    is_lora = isinstance(config, LoRAConfig) and config.composition_mode == "add" and not config.use_dora \
-        and config.vera_d is None
+    is_lora = records[0].method == "lora"  # the registry's name: plain LoRA (not IA3, DoRA or VeRA)
     if strategy in _LORA_ONLY or strategy.startswith("lora_"):
         if not is_lora:
             raise AdapterError(f"combine_strategy '{strategy}' works with LoRA adapters, not {records[0].method}")
@@ -696,8 +695,7 @@ def _fill_merged(state: AdapterState, name: str, sources: list[str], weights: li
     if strategy == "lora_delta_w_svd":
         lora.average_svd(state, name, sources, weights, state.adapters[name].config.r)
         return
-    if isinstance(state.adapters[name].config, LoRAConfig) and strategy in (*merging.STRATEGIES, *_LORA_ONLY) \
-            and state.adapters[name].config.composition_mode == "add":
+    if state.adapters[name].method == "lora" and strategy in (*merging.STRATEGIES, *_LORA_ONLY):  # as PEFT
         lora.combine_into(state, name, sources, weights, strategy, density=density, sign_method=sign_method,
                           generator=generator)
         return

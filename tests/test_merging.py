@@ -197,3 +197,21 @@ def test_adapter_merge_refuses_mixed_methods_and_base_models(tiny_bert_dir: Path
     for pair, message in (((lora, bottleneck), "mix methods"), ((lora, other_model), "different base models")):
         result = CliRunner().invoke(app, ["merge", *map(str, pair), "--dest", str(tmp_path / "m")])
         assert result.exit_code == 1 and message in result.output and not (tmp_path / "m").exists(), result.output
+
+
+def test_dora_merges_every_weight_its_magnitude_included(perturb) -> None:
+    """DoRA is not merged as plain LoRA (A and B apart): each of its weights, the magnitude vector
+    too, is combined by the strategy."""
+    model = adaptercli.init(tiny_model("bert"))
+    for i, name in enumerate(("x", "y")):
+        model.add_adapter(name, "dora")
+        perturb(model, name, seed=i)
+    model.average_adapter("t", ["x", "y"], weights=[0.7, 0.3], normalize_weights=False,
+                          combine_strategy="magnitude_prune", density=0.5)
+    state = model.adapter_state
+    merged = state.adapter_parameters("t")
+    assert any(key.endswith(".m.weight") for key in merged)  # DoRA's magnitude vectors are among them
+    for key, value in merged.items():
+        sources = [state.adapter_parameters(n)[key.replace(".t.", f".{n}.")] for n in ("x", "y")]
+        expected = merging.combine(sources, [0.7, 0.3], "magnitude_prune", density=0.5)
+        assert torch.equal(value, expected), key
