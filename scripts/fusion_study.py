@@ -5,7 +5,7 @@ Pfeiffer et al. (2021)?
 1. **Data.** Every offline data set gets a source adapter (seq_bn on all-MiniLM-L6-v2, trained on its
    whole training split). Three targets get little data: movie-sentence sentiment
    (``vader_movies_binary``, SST-2-like), Rotten Tomatoes and TREC (6 question types). Each target's
-   rows are split once (seed 0) into the **reported** split (its held-out validation rows, 600),
+   rows are split once (seed 0) into the **reported** split (its held-out validation rows, 600; TREC has 539),
    a **development** split (500 training rows, used for every choice below) and a pool; seed ``s``
    draws its 500 training rows from the pool. Rows of any target's reported or development split are
    removed from every source's training data, so no source has seen them.
