@@ -54,6 +54,8 @@ def test_reported_and_development_rows_never_reach_training(study, tmp_path):
         if meta["task"] == "tagging":
             continue
         trained = {r["text"] for r in rows(tmp_path / "data" / "sources" / source / "train.jsonl")}
+        checked = {r["text"] for r in rows(tmp_path / "data" / "sources" / source / "validation.jsonl")}
         assert trained and not trained & held_out, source
+        assert len(checked) >= 100 and not checked & held_out, source  # TREC's own validation rows are held out
     # Rotten Tomatoes and the VADER movie sentences share sentences: some had to be removed
     assert info["sources"]["rotten_tomatoes"]["removed"] > study.DEV_ROWS
