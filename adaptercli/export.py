@@ -56,7 +56,8 @@ _OWN = ("adapter", "best", "checkpoints")
 @dataclasses.dataclass
 class Source:
     """What gets exported. folder: the adapter (or fusion) folder; run: its run folder, if any;
-    members: a fusion's member folders by the names the fusion uses; card: what it is."""
+    members: a fusion's member folders by the names the fusion uses; card: what it is; setup: a
+    fusion or stack run, exported to native and hub as one adapter setup folder."""
 
     folder: Path
     run: Path | None
@@ -64,6 +65,7 @@ class Source:
     members: dict[str, Path] = dataclasses.field(default_factory=dict)
     num_layers: int | None = None
     base_config_source: tuple[str, dict[str, Any]] | None = None  # where the base model's config is
+    setup: bool = False
 
 
 @dataclasses.dataclass
@@ -202,6 +204,7 @@ def open_source(path: str | Path, *, base_model: str | None = None, task: str | 
         source.base_config_source = (str(recorded), {})
     if is_fusion:
         source.members = _member_folders(recipe, loaded.members) if recipe else {}
+    source.setup = recipe is not None and recipe.composition is not None and recipe.composition.type in ("stack", "fuse")
     return source
 
 
@@ -372,6 +375,23 @@ def _is_tied(model, key: str) -> bool:
     return any(param is other for name, other in model.named_parameters(remove_duplicate=False) if name != key)
 
 
+def _write_setup(source: Source, dest: Path, about: card.AdapterCard) -> list[str]:
+    """A fusion or stack run as one adapter setup folder (``load_adapter_setup`` reads it): its
+    members, fusion, head and composition, saved from the model as the run loads it."""
+    from .runs import load_run
+
+    assert source.run is not None
+    _, model, _, name = load_run(source.run)
+    setup = model.active_adapters
+    has_head = name in (getattr(model, "heads", None) or {})
+    model.save_adapter_setup(dest, setup, head_setup=name if has_head else None)
+    for config in [*dest.rglob("adapter_config.json"), *dest.rglob(FUSION_CONFIG)]:
+        write_json(config, {**read_json(config), "model_name": about.base_model})  # by its Hub id, as for one adapter
+    about.setup, about.members = repr(setup), setup.flatten()
+    card.write(dest, about)
+    return []
+
+
 def _listing(folder: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
@@ -393,7 +413,7 @@ def export(source: Source, to: str, dest: str, *, force: bool = False, private: 
             raise AdapterCliError(f"--dest: '{dest}' is not a Hub repository id (user/name)")
         about.format, about.location = "native", repo_id + (f"@{revision}" if revision else "")
         with tempfile.TemporaryDirectory(prefix="adaptercli-push-") as tmp:
-            notes = _write_native(source, Path(tmp), about)
+            notes = (_write_setup if source.setup else _write_native)(source, Path(tmp), about)
             files = _listing(Path(tmp))
             pushed = None if dry_run else push_folder(
                 Path(tmp), repo_id, private=private, revision=revision,
@@ -403,7 +423,7 @@ def export(source: Source, to: str, dest: str, *, force: bool = False, private: 
     check_dest(source, folder, force)
     about.format, about.location = to, None
     if to == "native":
-        notes = _write_native(source, folder, about)
+        notes = (_write_setup if source.setup else _write_native)(source, folder, about)
         return ExportResult(dest, _listing(folder), notes)
     if to == "merged":
         notes, about.auto_class = _write_merged(source, folder)
@@ -467,7 +487,7 @@ def add_to_index(index: Path, source: Source, *, org: str = "local", repo: str |
         files_at = folder / stem
         if files_at.exists():
             shutil.rmtree(files_at)
-        export(source, "native", str(files_at))
+        export(dataclasses.replace(source, setup=False), "native", str(files_at))  # the run's own adapter
         location = {"path": stem}
     names = sorted(p.name for p in files_at.iterdir() if p.is_file() and p.name in ADAPTER_FILES)
     files = {**location, "format": "adaptercli", "sha256": {n: sha256_of(files_at / n) for n in names},

@@ -69,7 +69,7 @@ for step in json.loads(sys.argv[1]):
         continue
     model = adaptercli.AutoAdapterModel.from_pretrained(step["base"])
     try:
-        model.load_adapter(step["source"], set_active=True, **step.get("kwargs", {}))
+        getattr(model, step.get("fn", "load_adapter"))(step["source"], set_active=True, **step.get("kwargs", {}))
     except adaptercli.errors.AdapterCliError as error:
         results.append({"error": str(error)})
         continue
@@ -137,8 +137,8 @@ def run_steps(env: dict, *steps: dict) -> list:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def load(base: Path, source: str, **kwargs) -> dict:
-    return {"op": "load", "base": str(base), "source": source, "kwargs": kwargs, "texts": TEXTS}
+def load(base: Path, source: str, fn: str = "load_adapter", **kwargs) -> dict:
+    return {"op": "load", "base": str(base), "source": source, "fn": fn, "kwargs": kwargs, "texts": TEXTS}
 
 
 def best_eval(run: Path) -> dict:
@@ -476,41 +476,80 @@ def test_index_entries_on_the_hub_are_checked_against_their_sha256(run: Path, hu
     assert "adapter.safetensors has sha256" in refused["error"] and "refusing to load it" in refused["error"]
 
 
-def test_a_fusion_run_exports_with_its_members(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path,
-                                               perturb) -> None:
+def composed_run(root: Path, kind: str, tiny_bert_dir: Path, sentiment_csv: Path, perturb) -> tuple[Path, torch.Tensor]:
+    """A finished run folder of a ``fuse`` (fusion 'target' over members alpha and beta) or ``stack``
+    (alpha and beta under the run's adapter 'target') composition, written as training writes it, and
+    the logits of its model."""
     model = adaptercli.AdapterModel(AutoModel.from_pretrained(tiny_bert_dir))
     for member in ("alpha", "beta"):
         model.add_adapter(member, "seq_bn")
         perturb(model, member)
-        model.save_adapter(tmp_path / member, member)
-    model.add_adapter_fusion(["alpha", "beta"], name="target")
+        model.save_adapter(root / member, member)
+    if kind == "fuse":
+        model.add_adapter_fusion(["alpha", "beta"], name="target")
+        trained = list(model.adapter_state.fusion_parameters("target").values())
+        setup = adaptercli.Fuse("alpha", "beta", name="target")
+    else:
+        model.add_adapter("target", "lora[r=4]")
+        trained = list(model.adapter_state.adapter_parameters("target").values())
+        setup = adaptercli.Stack("alpha", "beta", "target")
     model.add_classification_head("target", num_labels=2)
     with torch.no_grad():
-        for p in model.adapter_state.fusion_parameters("target").values():
+        for p in trained + list(model.heads.parameters()):
             p.add_(0.1 * torch.randn_like(p))
-    model.save_adapter_fusion(tmp_path / "fuse/run/adapter", "target", with_head=True)
-    recipe = write_recipe(tmp_path / "fuse", tiny_bert_dir, sentiment_csv, name="target",
-                          composition={"type": "fuse", "adapters": [str(tmp_path / "alpha"), str(tmp_path / "beta")]})
-    (tmp_path / "fuse/run/recipe.yaml").write_text(recipe.read_text())
-    model.set_active_adapters(adaptercli.Fuse("alpha", "beta", name="target"))
-    model.eval()
-    want = logits_of(model, AutoTokenizer.from_pretrained(tiny_bert_dir))
+    if kind == "fuse":
+        model.save_adapter_fusion(root / "run/adapter", "target", with_head=True)
+    else:
+        model.save_adapter(root / "run/adapter", "target")
+    recipe = write_recipe(root, tiny_bert_dir, sentiment_csv, name="target", method="lora", config={"r": 4},
+                          composition={"type": kind, "adapters": [str(root / "alpha"), str(root / "beta")]})
+    (root / "run/recipe.yaml").write_text(recipe.read_text())
+    model.set_active_adapters(setup)
+    return root / "run", logits_of(model.eval(), AutoTokenizer.from_pretrained(tiny_bert_dir))
 
+
+@pytest.mark.parametrize("kind, setup", [("fuse", "Fuse('alpha', 'beta', name='target')"),
+                                         ("stack", "Stack('alpha', 'beta', 'target')")])
+def test_a_fusion_or_stack_run_exports_as_one_setup_folder(kind: str, setup: str, tmp_path: Path, tiny_bert_dir: Path,
+                                                           sentiment_csv: Path, perturb) -> None:
+    run, want = composed_run(tmp_path, kind, tiny_bert_dir, sentiment_csv, perturb)
     dest = tmp_path / "shared"
-    result = runner.invoke(app, ["export", str(tmp_path / "fuse/run"), "--to", "native", "--dest", str(dest)], env=OFFLINE)
+    result = runner.invoke(app, ["export", str(run), "--to", "native", "--dest", str(dest)], env=OFFLINE)
     assert result.exit_code == 0, result.output
-    assert (dest / "members/alpha/adapter.safetensors").exists() and (dest / "members/beta/adapter_config.json").exists()
+    saved = json.loads((dest / "adapter_setup.json").read_text())
+    assert repr(adaptercli.composition.CompositionBlock.from_dict(saved["adapter_setup"])) == setup
+    assert saved["head_setup"] == "target" and (dest / "target/head_config.json").is_file()
+    assert (dest / "alpha/adapter.safetensors").is_file() and (dest / "beta/adapter_config.json").is_file()
     card = (dest / "README.md").read_text()
-    assert "load_adapter_fusion" in card and read_metadata(card)["tags"][:3] == ["adaptercli", "adapter", "fusion"]
-    fresh = adaptercli.AdapterModel(AutoModel.from_pretrained(tiny_bert_dir))
-    for member in ("alpha", "beta"):  # as the card's usage snippet says
-        fresh.load_adapter(dest / "members" / member, load_as=member, with_head=False)
-    fresh.load_adapter_fusion(dest, set_active=True)
-    fresh.eval()
+    assert 'load_adapter_setup("path/to/this/folder")' in card and "adapter-setup" in read_metadata(card)["tags"]
+    fresh = adaptercli.AdapterModel(AutoModel.from_pretrained(tiny_bert_dir)).eval()
+    fresh.load_adapter_setup(dest)  # one call: members, fusion, head, the setup made active
     assert torch.allclose(logits_of(fresh, AutoTokenizer.from_pretrained(tiny_bert_dir)), want, atol=1e-6)
-    refused = runner.invoke(app, ["export", str(tmp_path / "fuse/run"), "--to", "peft", "--dest", str(tmp_path / "p")],
-                            env=OFFLINE)
-    assert refused.exit_code == 1 and "fusions export --to native or hub" in refused.output
+    refused = runner.invoke(app, ["export", str(run), "--to", "peft", "--dest", str(tmp_path / "p")], env=OFFLINE)
+    assert kind == "stack" or refused.exit_code == 1 and "fusions export --to native or hub" in refused.output
+
+
+def test_a_fusion_run_pushed_to_the_hub_loads_by_id_in_one_call(tmp_path: Path, hub: HubServer, hub_env: dict,
+                                                                 tiny_bert_dir: Path, sentiment_csv: Path,
+                                                                 perturb) -> None:
+    from huggingface_hub import HfApi
+
+    run, want = composed_run(tmp_path, "fuse", tiny_bert_dir, sentiment_csv, perturb)
+    pushed = cli("export", str(run), "--to", "hub", "--dest", "tester/fused", "--base-model", BASE, env=hub_env)
+    assert pushed.returncode == 0, pushed.stderr
+    files = set(HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_files("tester/fused"))
+    assert {"adapter_setup.json", "alpha/adapter.safetensors", "beta/adapter.safetensors",
+            "target/adapter_fusion.safetensors", "target/head.safetensors", "README.md"} <= files
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    api.create_repo("tester/alpha")
+    api.upload_folder(folder_path=str(tmp_path / "alpha"), repo_id="tester/alpha")
+    by_id, at_main, single = run_steps(
+        hub_env, load(tiny_bert_dir, "tester/fused", fn="load_adapter_setup"),
+        load(tiny_bert_dir, "tester/fused@main", fn="load_adapter_setup"),
+        load(tiny_bert_dir, "tester/alpha", fn="load_adapter_setup"))
+    assert torch.allclose(torch.tensor(by_id["logits"]), want, atol=1e-6)
+    assert torch.allclose(torch.tensor(at_main["logits"]), want, atol=1e-6)
+    assert "not an adapter setup folder (no adapter_setup.json) (it holds one adapter" in single["error"]
 
 
 def _peft_wraps(names: list[str], config: dict) -> set[str]:
