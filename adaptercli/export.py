@@ -35,6 +35,7 @@ from .formats import adapterhub, card, peft, read_adapter, task_heads
 from .formats.common import LoadedAdapter, LoadedFusion, read_json, write_json, write_text
 from .formats.fusion import CONFIG as FUSION_CONFIG
 from .formats.fusion import read_fusion
+from .formats.setup import fusions_in, is_setup, read_setup
 from .heads import recipe_head_type
 from .hub import Pushed, download, is_repo_id, push_folder, split_revision
 from .index import ADAPTER_FILES, AdapterIndexError, Descriptor, safetensors_parameters, sha256_of
@@ -162,14 +163,16 @@ def _parameters(loaded: LoadedAdapter | LoadedFusion) -> int:
 
 def open_source(path: str | Path, *, base_model: str | None = None, task: str | None = None,
                 dataset: str | None = None, license: str | None = DEFAULT_LICENSE) -> Source:
-    """Read a run folder or an adapter (or fusion) folder and describe it for a card."""
+    """Read a run folder, an adapter (or fusion) folder or an adapter setup folder and describe it for a card."""
     path = Path(path)
+    if is_setup(path):
+        return _setup_source(path, base_model=base_model, task=task, dataset=dataset, license=license)
     run = path if (path / "recipe.yaml").is_file() and (path / "adapter").is_dir() else None
     folder = path / "adapter" if run else path
     is_fusion = (folder / FUSION_CONFIG).is_file()
     if not is_fusion and not (folder / "adapter_config.json").is_file():
-        raise AdapterCliError(f"{path}: not a run folder (recipe.yaml + adapter/) nor an adapter folder "
-                              "(adapter_config.json)")
+        raise AdapterCliError(f"{path}: not a run folder (recipe.yaml + adapter/), an adapter folder "
+                              "(adapter_config.json) nor an adapter setup folder (adapter_setup.json)")
     recipe = None
     if run:
         from .recipe import load_recipe
@@ -206,6 +209,21 @@ def open_source(path: str | Path, *, base_model: str | None = None, task: str | 
         source.members = _member_folders(recipe, loaded.members) if recipe else {}
     source.setup = recipe is not None and recipe.composition is not None and recipe.composition.type in ("stack", "fuse")
     return source
+
+
+def _setup_source(path: Path, *, base_model: str | None, task: str | None, dataset: str | None,
+                  license: str | None) -> Source:
+    """A setup folder (``save_adapter_setup``, ours or AdapterHub's) described by its members."""
+    setup = read_setup(path).adapter_setup
+    members = {name: read_adapter(path / name, with_head=False) for name in setup.flatten()}
+    fusions = [read_fusion(path / fuse.name, with_head=False) for fuse in fusions_in(setup)]
+    last = members[setup.last()]
+    about = card.AdapterCard(
+        name=path.resolve().name, method="fusion" if fusions else _method(last), config=setup.to_dict(),
+        model_type=last.model_type, hidden_size=last.hidden_size, base_model=base_model or base_model_id(last.model_name),
+        task=task or SHARING_TASKS.get(dataset or ""), dataset=dataset, license=license, setup=repr(setup),
+        members=list(members), parameters=sum(map(_parameters, [*members.values(), *fusions])))
+    return Source(path, None, about, setup=True)
 
 
 def _method(loaded: LoadedAdapter) -> str:
@@ -308,6 +326,8 @@ def _backbone_module_names(config: Any | None) -> list[str] | None:
 
 
 def _require_adapter(source: Source, target: str) -> LoadedAdapter:
+    if source.setup and source.run is None:
+        raise AdapterCliError(f"--to {target}: {source.folder} is an adapter setup; setups export --to native or hub")
     if source.card.kind == "fusion":
         raise AdapterCliError(f"--to {target}: {source.folder} is an AdapterFusion; fusions export --to native or hub")
     return read_adapter(source.folder)
@@ -380,16 +400,25 @@ def _write_setup(source: Source, dest: Path, about: card.AdapterCard) -> list[st
     members, fusion, head and composition, saved from the model as the run loads it."""
     from .runs import load_run
 
-    assert source.run is not None
+    if source.run is None:  # a setup folder already: its files as they are
+        shutil.copytree(source.folder, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "README.md"))
+        _record_base_model(dest, about.base_model)
+        card.write(dest, about)
+        return []
     _, model, _, name = load_run(source.run)
     setup = model.active_adapters
     has_head = name in (getattr(model, "heads", None) or {})
     model.save_adapter_setup(dest, setup, head_setup=name if has_head else None)
-    for config in [*dest.rglob("adapter_config.json"), *dest.rglob(FUSION_CONFIG)]:
-        write_json(config, {**read_json(config), "model_name": about.base_model})  # by its Hub id, as for one adapter
+    _record_base_model(dest, about.base_model)
     about.setup, about.members = repr(setup), setup.flatten()
     card.write(dest, about)
     return []
+
+
+def _record_base_model(folder: Path, base_id: str | None) -> None:
+    """Every member's and fusion's config names the base model by its Hub id, as for one adapter."""
+    for config in [*folder.rglob("adapter_config.json"), *folder.rglob(FUSION_CONFIG)]:
+        write_json(config, {**read_json(config), "model_name": base_id})
 
 
 def _listing(folder: Path) -> list[tuple[str, int]]:
@@ -464,6 +493,9 @@ def add_to_index(index: Path, source: Source, *, org: str = "local", repo: str |
     weights must be byte-identical to ``source``'s); without, a native export (card included) is
     kept beside the descriptor. Returns the descriptor's path and the descriptor."""
     about = source.card
+    if source.setup and source.run is None:
+        raise AdapterIndexError("an adapter setup cannot be indexed yet; index its members, and share the setup "
+                                "with `adapter export --to hub`")
     if about.kind == "fusion":
         raise AdapterIndexError("an AdapterFusion cannot be indexed yet; index its members, and share the fusion "
                                 "with `adapter export --to hub`")

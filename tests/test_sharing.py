@@ -551,6 +551,40 @@ def test_a_fusion_run_pushed_to_the_hub_loads_by_id_in_one_call(tmp_path: Path, 
     assert torch.allclose(torch.tensor(at_main["logits"]), want, atol=1e-6)
     assert "not an adapter setup folder (no adapter_setup.json) (it holds one adapter" in single["error"]
 
+    # a setup saved in Python (here AdapterHub's) pushed as it is: by id, the logits of the folder
+    pushed = cli("export", str(FIXTURES / "setups/stack"), "--to", "hub", "--dest", "tester/stacked", env=hub_env)
+    assert pushed.returncode == 0, pushed.stderr
+    ids = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    reference = adaptercli.AutoAdapterModel.from_pretrained(FIXTURES / "models/bert").eval()
+    reference.load_adapter_setup(FIXTURES / "setups/stack")
+    with torch.no_grad():
+        folder_logits = reference(input_ids=torch.tensor(ids)).logits
+    (stacked,) = run_steps(hub_env, {"op": "load", "base": FIXTURES / "models/bert", "source": "tester/stacked",
+                                     "fn": "load_adapter_setup", "ids": ids})
+    assert torch.allclose(torch.tensor(stacked["logits"]), folder_logits, atol=1e-6)
+
+
+def test_a_setup_folder_exports_as_it_is_and_loads_again(tmp_path: Path) -> None:
+    """An AdapterHub 1.3 setup folder (tests/fixtures/setups) exports with a card and still gives
+    AdapterHub's logits (atol 1e-5); the targets that hold one adapter refuse it in one line."""
+    io = load_file(FIXTURES / "setups/io/fuse.safetensors")
+    dest = tmp_path / "shared"
+    result = runner.invoke(app, ["export", str(FIXTURES / "setups/fuse"), "--to", "native", "--dest", str(dest),
+                                 "--base-model", BASE], env=OFFLINE)
+    assert result.exit_code == 0, result.output
+    card = (dest / "README.md").read_text()
+    assert "Fuse('fu_a', 'fu_b', 'fu_c')" in card and read_metadata(card)["base_model"] == BASE
+    assert json.loads((dest / "fu_a/adapter_config.json").read_text())["model_name"] == BASE
+    model = adaptercli.AutoAdapterModel.from_pretrained(FIXTURES / "models/bert").eval()
+    model.load_adapter_setup(dest)
+    with torch.no_grad():
+        got = model(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).logits
+    assert torch.allclose(got, io["expected"], atol=1e-5)
+    refused = runner.invoke(app, ["export", str(FIXTURES / "setups/fuse"), "--to", "peft", "--dest", str(tmp_path / "p")],
+                            env=OFFLINE)
+    assert refused.exit_code == 1 and "is an adapter setup; setups export --to native or hub" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
+
 
 def _peft_wraps(names: list[str], config: dict) -> set[str]:
     """The modules PEFT wraps (peft.tuners.tuners_utils.check_target_module_exists): target_modules
