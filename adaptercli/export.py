@@ -493,7 +493,7 @@ def add_to_index(index: Path, source: Source, *, org: str = "local", repo: str |
     weights must be byte-identical to ``source``'s); without, a native export (card included) is
     kept beside the descriptor. Returns the descriptor's path and the descriptor."""
     about = source.card
-    if source.setup and source.run is None:
+    if source.setup and (source.run is None or repo):
         raise AdapterIndexError("an adapter setup cannot be indexed yet; index its members, and share the setup "
                                 "with `adapter export --to hub`")
     if about.kind == "fusion":

@@ -527,6 +527,9 @@ def test_a_fusion_or_stack_run_exports_as_one_setup_folder(kind: str, setup: str
     assert torch.allclose(logits_of(fresh, AutoTokenizer.from_pretrained(tiny_bert_dir)), want, atol=1e-6)
     refused = runner.invoke(app, ["export", str(run), "--to", "peft", "--dest", str(tmp_path / "p")], env=OFFLINE)
     assert kind == "stack" or refused.exit_code == 1 and "fusions export --to native or hub" in refused.output
+    unindexed = runner.invoke(app, ["export", str(run), "--to", "hub", "--dest", "tester/x", "--index",
+                                    str(tmp_path / "index")], env=OFFLINE)  # refused before anything is pushed
+    assert unindexed.exit_code == 1 and "an adapter setup cannot be indexed yet" in unindexed.output
 
 
 def test_a_fusion_run_pushed_to_the_hub_loads_by_id_in_one_call(tmp_path: Path, hub: HubServer, hub_env: dict,
