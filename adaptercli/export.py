@@ -410,6 +410,9 @@ def _write_setup(source: Source, dest: Path, about: card.AdapterCard) -> list[st
     has_head = name in (getattr(model, "heads", None) or {})
     model.save_adapter_setup(dest, setup, head_setup=name if has_head else None)
     _record_base_model(dest, about.base_model)
+    state = model.adapter_state
+    weights = [*(state.adapter_parameters(n) for n in setup.flatten()), *(state.fusion_parameters(f.name) for f in fusions_in(setup))]
+    about.parameters = sum(p.numel() for named in weights for p in named.values())
     about.setup, about.members = repr(setup), setup.flatten()
     card.write(dest, about)
     return []

@@ -125,6 +125,24 @@ def test_a_parallel_setup_keeps_a_head_per_child(tmp_path: Path) -> None:
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+def test_a_model_without_named_heads_round_trips_a_stack(tmp_path: Path) -> None:
+    model = adaptercli.init(AutoModel.from_pretrained(MODEL_DIR).eval())
+    model.add_adapter("bn", "seq_bn")
+    model.add_adapter("lo", "lora[r=4]")
+    _perturbed(model, [*model.adapter_state.adapter_parameters("bn").values(),
+                       *model.adapter_state.adapter_parameters("lo").values()])
+    model.set_active_adapters(Stack("bn", "lo"))
+    with torch.no_grad():
+        want = model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    model.save_adapter_setup(tmp_path / "s", ["bn", "lo"])  # a list is a Stack, as for set_active_adapters
+    other = adaptercli.init(AutoModel.from_pretrained(MODEL_DIR).eval())
+    assert other.load_adapter_setup(tmp_path / "s") == (Stack("bn", "lo"), None)
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=IDS, attention_mask=MASK).last_hidden_state, want)
+    with pytest.raises(AdapterFileError, match="no head named 'bn'"):
+        model.save_adapter_setup(tmp_path / "h", Stack("bn", "lo"), head_setup="bn")
+
+
 def test_set_active_false_loads_without_activating(tmp_path: Path) -> None:
     fused_model().save_adapter_setup(tmp_path / "s", Fuse("a", "b", name="target"), head_setup="target")
     model = fresh()
@@ -136,8 +154,11 @@ def test_set_active_false_loads_without_activating(tmp_path: Path) -> None:
 def test_a_folder_that_is_not_a_setup_is_refused_in_one_line(tmp_path: Path) -> None:
     model = fused_model()
     model.save_adapter(tmp_path / "single", "a")
+    model.save_adapter(tmp_path / "run/adapter", "a")
+    (tmp_path / "run/recipe.yaml").write_text("adapter: {name: a}\n")
     for folder, hint in ((tmp_path / "single", "load it with load_adapter"), (tmp_path, ""),
-                         (tmp_path / "missing", "")):
+                         (tmp_path / "run", "a run folder: `adapter export RUN --dest DIR` writes a fusion or stack "
+                                            "run as a setup"), (tmp_path / "missing", "")):
         with pytest.raises(AdapterFileError) as error:
             fresh().load_adapter_setup(folder)
         message = str(error.value)

@@ -55,15 +55,24 @@ def fusions_in(setup: CompositionBlock) -> list[Fuse]:
     return [block for block in blocks_in(setup) if isinstance(block, Fuse)]
 
 
+def _what_it_holds(folder: Path) -> str:
+    """A hint for a folder that is not a setup: what to do with what it is."""
+    if folder.name == "adapter" and (folder.parent / "recipe.yaml").is_file():
+        return (" (a run folder: `adapter export RUN --dest DIR` writes a fusion or stack run as a setup; "
+                "load_adapter loads its adapter)")
+    if (folder / "adapter_config.json").is_file():
+        return " (it holds one adapter: load it with load_adapter)"
+    if (folder / "adapter_fusion_config.json").is_file():
+        return " (it holds a fusion: load it with load_adapter_fusion)"
+    return ""
+
+
 def read_setup(folder: Path) -> LoadedSetup:
     """Read ``adapter_setup.json``; a folder without one is refused in one line."""
     if not folder.is_dir():
         raise AdapterFileError(f"{folder}: adapter setup folder not found")
     if not is_setup(folder):
-        hint = (" (it holds one adapter: load it with load_adapter)" if (folder / "adapter_config.json").is_file()
-                else " (it holds a fusion: load it with load_adapter_fusion)"
-                if (folder / "adapter_fusion_config.json").is_file() else "")
-        raise AdapterFileError(f"{folder}: not an adapter setup folder (no {CONFIG}){hint}")
+        raise AdapterFileError(f"{folder}: not an adapter setup folder (no {CONFIG}){_what_it_holds(folder)}")
     meta = read_json(folder / CONFIG)
     if not isinstance(meta.get("adapter_setup"), dict):
         raise AdapterFileError(f"{folder / CONFIG}: 'adapter_setup' must be a composition block")
