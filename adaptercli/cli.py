@@ -268,7 +268,7 @@ BaseModelOpt = Annotated[str | None, typer.Option("--base-model", help="Hub id o
 @app.command()
 @_friendly
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder (training or fusion), or an adapter folder.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (training, stack or fusion), an adapter folder or an adapter setup folder.")],
     to: Annotated[str, typer.Option("--to", help="native, hub, peft, adapterhub or merged.")] = "native",
     dest: Annotated[str | None, typer.Option("--dest", help="Folder to write, or the Hub repository id (--to hub).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a --dest folder that already holds files.")] = False,
@@ -285,7 +285,9 @@ def export(
 ) -> None:
     """Export a trained adapter with a model card: our folder (native), pushed to the Hugging Face
     Hub (hub), a PEFT LoRA/IA3 folder (peft), an AdapterHub `adapters` folder (adapterhub), or the
-    base model with the adapter merged in (merged). The token comes from HF_TOKEN or `hf auth login`."""
+    base model with the adapter merged in (merged). A fusion or stack run (or a setup folder) goes to
+    native and hub as one adapter setup: members, fusion, head, composition, for `load_adapter_setup`.
+    The token comes from HF_TOKEN or `hf auth login`."""
     from .export import TARGETS, open_source
     from .export import export as run_export
 
@@ -296,6 +298,8 @@ def export(
     if index:  # before pushing: a bad --index stops it
         _check_index_spec(index)
     source = open_source(run_dir, base_model=base_model, task=task, dataset=dataset, license=license)
+    if index and source.setup:
+        raise AdapterCliError("--index: an adapter setup cannot be indexed yet; index its members with `adapter hub add`")
     result = run_export(source, to, dest or "", force=force, private=private, revision=revision,
                         commit_message=commit_message, dry_run=dry_run)
     for note in result.notes:

@@ -35,6 +35,7 @@ from .formats import adapterhub, card, peft, read_adapter, task_heads
 from .formats.common import LoadedAdapter, LoadedFusion, read_json, write_json, write_text
 from .formats.fusion import CONFIG as FUSION_CONFIG
 from .formats.fusion import read_fusion
+from .formats.setup import fusions_in, is_setup, read_setup
 from .heads import recipe_head_type
 from .hub import Pushed, download, is_repo_id, push_folder, split_revision
 from .index import ADAPTER_FILES, AdapterIndexError, Descriptor, safetensors_parameters, sha256_of
@@ -56,7 +57,8 @@ _OWN = ("adapter", "best", "checkpoints")
 @dataclasses.dataclass
 class Source:
     """What gets exported. folder: the adapter (or fusion) folder; run: its run folder, if any;
-    members: a fusion's member folders by the names the fusion uses; card: what it is."""
+    members: a fusion's member folders by the names the fusion uses; card: what it is; setup: a
+    fusion or stack run, exported to native and hub as one adapter setup folder."""
 
     folder: Path
     run: Path | None
@@ -64,6 +66,7 @@ class Source:
     members: dict[str, Path] = dataclasses.field(default_factory=dict)
     num_layers: int | None = None
     base_config_source: tuple[str, dict[str, Any]] | None = None  # where the base model's config is
+    setup: bool = False
 
 
 @dataclasses.dataclass
@@ -160,14 +163,16 @@ def _parameters(loaded: LoadedAdapter | LoadedFusion) -> int:
 
 def open_source(path: str | Path, *, base_model: str | None = None, task: str | None = None,
                 dataset: str | None = None, license: str | None = DEFAULT_LICENSE) -> Source:
-    """Read a run folder or an adapter (or fusion) folder and describe it for a card."""
+    """Read a run folder, an adapter (or fusion) folder or an adapter setup folder and describe it for a card."""
     path = Path(path)
+    if is_setup(path):
+        return _setup_source(path, base_model=base_model, task=task, dataset=dataset, license=license)
     run = path if (path / "recipe.yaml").is_file() and (path / "adapter").is_dir() else None
     folder = path / "adapter" if run else path
     is_fusion = (folder / FUSION_CONFIG).is_file()
     if not is_fusion and not (folder / "adapter_config.json").is_file():
-        raise AdapterCliError(f"{path}: not a run folder (recipe.yaml + adapter/) nor an adapter folder "
-                              "(adapter_config.json)")
+        raise AdapterCliError(f"{path}: not a run folder (recipe.yaml + adapter/), an adapter folder "
+                              "(adapter_config.json) nor an adapter setup folder (adapter_setup.json)")
     recipe = None
     if run:
         from .recipe import load_recipe
@@ -202,7 +207,23 @@ def open_source(path: str | Path, *, base_model: str | None = None, task: str | 
         source.base_config_source = (str(recorded), {})
     if is_fusion:
         source.members = _member_folders(recipe, loaded.members) if recipe else {}
+    source.setup = recipe is not None and recipe.composition is not None and recipe.composition.type in ("stack", "fuse")
     return source
+
+
+def _setup_source(path: Path, *, base_model: str | None, task: str | None, dataset: str | None,
+                  license: str | None) -> Source:
+    """A setup folder (``save_adapter_setup``, ours or AdapterHub's) described by its members."""
+    setup = read_setup(path).adapter_setup
+    members = {name: read_adapter(path / name, with_head=False) for name in setup.flatten()}
+    fusions = [read_fusion(path / fuse.name, with_head=False) for fuse in fusions_in(setup)]
+    last = members[setup.last()]
+    about = card.AdapterCard(
+        name=path.resolve().name, method="fusion" if fusions else _method(last), config=setup.to_dict(),
+        model_type=last.model_type, hidden_size=last.hidden_size, base_model=base_model or base_model_id(last.model_name),
+        task=task or SHARING_TASKS.get(dataset or ""), dataset=dataset, license=license, setup=repr(setup),
+        members=list(members), parameters=sum(map(_parameters, [*members.values(), *fusions])))
+    return Source(path, None, about, setup=True)
 
 
 def _method(loaded: LoadedAdapter) -> str:
@@ -305,6 +326,8 @@ def _backbone_module_names(config: Any | None) -> list[str] | None:
 
 
 def _require_adapter(source: Source, target: str) -> LoadedAdapter:
+    if source.setup and source.run is None:
+        raise AdapterCliError(f"--to {target}: {source.folder} is an adapter setup; setups export --to native or hub")
     if source.card.kind == "fusion":
         raise AdapterCliError(f"--to {target}: {source.folder} is an AdapterFusion; fusions export --to native or hub")
     return read_adapter(source.folder)
@@ -372,6 +395,35 @@ def _is_tied(model, key: str) -> bool:
     return any(param is other for name, other in model.named_parameters(remove_duplicate=False) if name != key)
 
 
+def _write_setup(source: Source, dest: Path, about: card.AdapterCard) -> list[str]:
+    """A fusion or stack run as one adapter setup folder (``load_adapter_setup`` reads it): its
+    members, fusion, head and composition, saved from the model as the run loads it."""
+    from .runs import load_run
+
+    if source.run is None:  # a setup folder already: its files as they are
+        shutil.copytree(source.folder, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "README.md"))
+        _record_base_model(dest, about.base_model)
+        card.write(dest, about)
+        return []
+    _, model, _, name = load_run(source.run)
+    setup = model.active_adapters
+    has_head = name in (getattr(model, "heads", None) or {})
+    model.save_adapter_setup(dest, setup, head_setup=name if has_head else None)
+    _record_base_model(dest, about.base_model)
+    state = model.adapter_state
+    weights = [*(state.adapter_parameters(n) for n in setup.flatten()), *(state.fusion_parameters(f.name) for f in fusions_in(setup))]
+    about.parameters = sum(p.numel() for named in weights for p in named.values())
+    about.setup, about.members = repr(setup), setup.flatten()
+    card.write(dest, about)
+    return []
+
+
+def _record_base_model(folder: Path, base_id: str | None) -> None:
+    """Every member's and fusion's config names the base model by its Hub id, as for one adapter."""
+    for config in [*folder.rglob("adapter_config.json"), *folder.rglob(FUSION_CONFIG)]:
+        write_json(config, {**read_json(config), "model_name": base_id})
+
+
 def _listing(folder: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
@@ -393,7 +445,7 @@ def export(source: Source, to: str, dest: str, *, force: bool = False, private: 
             raise AdapterCliError(f"--dest: '{dest}' is not a Hub repository id (user/name)")
         about.format, about.location = "native", repo_id + (f"@{revision}" if revision else "")
         with tempfile.TemporaryDirectory(prefix="adaptercli-push-") as tmp:
-            notes = _write_native(source, Path(tmp), about)
+            notes = (_write_setup if source.setup else _write_native)(source, Path(tmp), about)
             files = _listing(Path(tmp))
             pushed = None if dry_run else push_folder(
                 Path(tmp), repo_id, private=private, revision=revision,
@@ -403,7 +455,7 @@ def export(source: Source, to: str, dest: str, *, force: bool = False, private: 
     check_dest(source, folder, force)
     about.format, about.location = to, None
     if to == "native":
-        notes = _write_native(source, folder, about)
+        notes = (_write_setup if source.setup else _write_native)(source, folder, about)
         return ExportResult(dest, _listing(folder), notes)
     if to == "merged":
         notes, about.auto_class = _write_merged(source, folder)
@@ -444,6 +496,9 @@ def add_to_index(index: Path, source: Source, *, org: str = "local", repo: str |
     weights must be byte-identical to ``source``'s); without, a native export (card included) is
     kept beside the descriptor. Returns the descriptor's path and the descriptor."""
     about = source.card
+    if source.setup and (source.run is None or repo):
+        raise AdapterIndexError("an adapter setup cannot be indexed yet; index its members, and share the setup "
+                                "with `adapter export --to hub`")
     if about.kind == "fusion":
         raise AdapterIndexError("an AdapterFusion cannot be indexed yet; index its members, and share the fusion "
                                 "with `adapter export --to hub`")
@@ -467,7 +522,7 @@ def add_to_index(index: Path, source: Source, *, org: str = "local", repo: str |
         files_at = folder / stem
         if files_at.exists():
             shutil.rmtree(files_at)
-        export(source, "native", str(files_at))
+        export(dataclasses.replace(source, setup=False), "native", str(files_at))  # the run's own adapter
         location = {"path": stem}
     names = sorted(p.name for p in files_at.iterdir() if p.is_file() and p.name in ADAPTER_FILES)
     files = {**location, "format": "adaptercli", "sha256": {n: sha256_of(files_at / n) for n in names},

@@ -28,12 +28,20 @@ from .architectures import (
     architecture_for,
 )
 from .errors import AdapterError
+from .formats.setup import HeadSetup
 from .heads import HeadConfig, PredictionHead
 from .locate import locate
 from .methods import FAMILIES, MethodConfig, family_of, method_name, resolve_config
 from .methods.family import AdapterRecord, AdapterState, FusionRecord, key_pattern
 from .methods.fusion import FusionConfig, FusionRecorder, resolve_fusion_config
-from .model_io import load_adapter, load_adapter_fusion, save_adapter, save_adapter_fusion
+from .model_io import (
+    load_adapter,
+    load_adapter_fusion,
+    load_adapter_setup,
+    save_adapter,
+    save_adapter_fusion,
+    save_adapter_setup,
+)
 
 
 def _swap_name(key: str, old: str, new: str, containers: tuple[str, ...]) -> str:
@@ -362,6 +370,30 @@ class ModelAdaptersMixin:
         if set_active:
             self.set_active_adapters(name)
         return name
+
+    def save_adapter_setup(self, save_directory: str | Path, adapter_setup: str | list | composition.CompositionBlock,
+                           head_setup: HeadSetup = None) -> None:
+        """Write a whole composition as one folder that ``load_adapter_setup`` restores in one call:
+        each member and each fusion in a subfolder named like it, the heads named by ``head_setup``
+        (a head name, a list of names or a block of them) likewise, and ``adapter_setup.json``
+        (AdapterHub 1.x's layout)."""
+        block = composition.parse(adapter_setup)
+        if block is None:
+            raise AdapterError("save_adapter_setup needs a composition (an adapter name, a list or a block)")
+        save_adapter_setup(self, Path(save_directory), block, head_setup)
+
+    def load_adapter_setup(self, path: str | Path, set_active: bool = True, revision: str | None = None
+                           ) -> tuple[composition.CompositionBlock, HeadSetup]:
+        """Load a setup saved by ``save_adapter_setup`` (ours or AdapterHub 1.x's; a folder or a
+        Hub id ``org/name[@revision]``): its members, fusions and heads; with ``set_active`` (the
+        default, unlike AdapterHub) the composition becomes the active setup and a single named head
+        the active head. Returns the composition and the head setup."""
+        setup, head_setup = load_adapter_setup(self, locate(path, revision))
+        if set_active:
+            self.set_active_adapters(setup)
+            if isinstance(head_setup, str) and hasattr(self, "heads"):
+                self.active_head = head_setup
+        return setup, head_setup
 
     # -- reporting ------------------------------------------------------------------------------------
     def adapter_summary(self, as_table: bool = False) -> list[dict[str, Any]] | str:

@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
+from .composition import CompositionBlock
 from .formats import AdapterFileError, adapterhub, native, peft, read_adapter
 from .formats.common import LoadedAdapter, LoadedFusion
 from .formats.fusion import read_fusion, write_fusion
+from .formats.setup import HeadSetup, fusions_in, head_names, read_head, read_setup, write_head, write_setup
 from .methods import LoRAConfig
 from .methods.family import FUSION_CONTAINER, key_pattern
 
@@ -161,13 +163,65 @@ def save_adapter_fusion(model: Any, folder: Path, name: str, with_head: bool | s
             "model_type": state.model_type, "hidden_size": state.hidden_size, "num_layers": state.num_layers,
             "model_name": str(getattr(model.config, "_name_or_path", "") or ""),
             "model_class": type(model).__name__.removesuffix("WithAdapters")}
-    head = None
-    if with_head:
-        head_name = with_head if isinstance(with_head, str) else name
-        heads = getattr(model, "heads", None)
-        if heads is None or head_name not in heads:
-            raise AdapterFileError(f"no head named '{head_name}' to save with fusion '{name}' "
-                                   f"(heads: {', '.join(heads or []) or 'none'})")
-        head = ({"name": head_name, "model_type": state.model_type, "hidden_size": state.hidden_size,
-                 "config": heads[head_name].config.to_dict()}, dict(model._head_parameters(head_name)))
+    head = _named_head(model, with_head if isinstance(with_head, str) else name, f"fusion '{name}'") if with_head else None
     write_fusion(folder, meta, dict(state.fusion_parameters(name)), head)
+
+
+def _named_head(model: Any, name: str, owner: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A flexible head as data to write: its meta (config) and weights."""
+    heads = getattr(model, "heads", None)
+    if heads is None or name not in heads:
+        raise AdapterFileError(f"no head named '{name}' to save with {owner} (heads: {', '.join(heads or []) or 'none'})")
+    state = model.adapter_state
+    return ({"name": name, "model_type": state.model_type, "hidden_size": state.hidden_size,
+             "config": heads[name].config.to_dict()}, dict(model._head_parameters(name)))
+
+
+def save_adapter_setup(model: Any, folder: Path, setup: CompositionBlock, head_setup: HeadSetup) -> None:
+    """Write ``setup``'s members, fusions and the heads of ``head_setup`` into subfolders named like
+    them, then ``adapter_setup.json`` (AdapterHub's layout). Everything is checked before a file is written."""
+    state = model.adapter_state
+    if head_setup is True:
+        raise AdapterFileError("head_setup=True (the one head of a model without named heads) is not supported; "
+                               "name the heads of an AdapterModel")
+    members, fusions = setup.flatten(), [fuse.name for fuse in fusions_in(setup)]
+    for name in members:
+        state.record(name)
+    for name in fusions:
+        state.fusion(name)
+    heads = {name: _named_head(model, name, "the setup") for name in head_names(head_setup)}
+    for name in members:
+        save_adapter(model, folder / name, name, with_head=False, format="native")
+    for name in fusions:
+        save_adapter_fusion(model, folder / name, name, with_head=False)
+    for name, (meta, weights) in heads.items():  # after the members: a head may share a member's folder
+        write_head(folder / name, meta, weights)
+    write_setup(folder, setup, head_setup)
+
+
+def load_adapter_setup(model: Any, folder: Path) -> tuple[CompositionBlock, HeadSetup]:
+    """Load a setup folder (ours or AdapterHub's): every member under the name the setup uses,
+    every fusion, every head of the head setup. On any error, what was loaded is removed again."""
+    loaded = read_setup(folder)
+    setup, head_setup = loaded.adapter_setup, loaded.head_setup
+    if head_setup is True:
+        raise AdapterFileError(f"{folder}: its head setup is the one head of a model without named heads "
+                               "(AdapterHub's head_setup=True), which adaptercli does not read")
+    added: list[str] = []
+    fused: list[str] = []
+    try:
+        for name in setup.flatten():
+            added.append(load_adapter(model, folder / name, load_as=name, with_head=False))
+        for fuse in fusions_in(setup):
+            fused.append(load_adapter_fusion(model, folder / fuse.name, load_as=fuse.name, with_head=False))
+        for name in head_names(head_setup):
+            if getattr(model, "heads", None) is None:
+                raise AdapterFileError(f"{folder}: the setup has heads; load it into an AdapterModel (AutoAdapterModel)")
+            _load_head(model, read_head(folder / name, name), name, folder / name)
+    except Exception:
+        for name in fused:
+            model.delete_adapter_fusion(name)
+        for name in added:
+            model.delete_adapter(name)
+        raise
+    return setup, head_setup

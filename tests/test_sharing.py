@@ -69,7 +69,7 @@ for step in json.loads(sys.argv[1]):
         continue
     model = adaptercli.AutoAdapterModel.from_pretrained(step["base"])
     try:
-        model.load_adapter(step["source"], set_active=True, **step.get("kwargs", {}))
+        getattr(model, step.get("fn", "load_adapter"))(step["source"], set_active=True, **step.get("kwargs", {}))
     except adaptercli.errors.AdapterCliError as error:
         results.append({"error": str(error)})
         continue
@@ -137,8 +137,8 @@ def run_steps(env: dict, *steps: dict) -> list:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def load(base: Path, source: str, **kwargs) -> dict:
-    return {"op": "load", "base": str(base), "source": source, "kwargs": kwargs, "texts": TEXTS}
+def load(base: Path, source: str, fn: str = "load_adapter", **kwargs) -> dict:
+    return {"op": "load", "base": str(base), "source": source, "fn": fn, "kwargs": kwargs, "texts": TEXTS}
 
 
 def best_eval(run: Path) -> dict:
@@ -476,41 +476,117 @@ def test_index_entries_on_the_hub_are_checked_against_their_sha256(run: Path, hu
     assert "adapter.safetensors has sha256" in refused["error"] and "refusing to load it" in refused["error"]
 
 
-def test_a_fusion_run_exports_with_its_members(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path,
-                                               perturb) -> None:
+def composed_run(root: Path, kind: str, tiny_bert_dir: Path, sentiment_csv: Path, perturb) -> tuple[Path, torch.Tensor]:
+    """A finished run folder of a ``fuse`` (fusion 'target' over members alpha and beta) or ``stack``
+    (alpha and beta under the run's adapter 'target') composition, written as training writes it, and
+    the logits of its model."""
     model = adaptercli.AdapterModel(AutoModel.from_pretrained(tiny_bert_dir))
     for member in ("alpha", "beta"):
         model.add_adapter(member, "seq_bn")
         perturb(model, member)
-        model.save_adapter(tmp_path / member, member)
-    model.add_adapter_fusion(["alpha", "beta"], name="target")
+        model.save_adapter(root / member, member)
+    if kind == "fuse":
+        model.add_adapter_fusion(["alpha", "beta"], name="target")
+        trained = list(model.adapter_state.fusion_parameters("target").values())
+        setup = adaptercli.Fuse("alpha", "beta", name="target")
+    else:
+        model.add_adapter("target", "lora[r=4]")
+        trained = list(model.adapter_state.adapter_parameters("target").values())
+        setup = adaptercli.Stack("alpha", "beta", "target")
     model.add_classification_head("target", num_labels=2)
     with torch.no_grad():
-        for p in model.adapter_state.fusion_parameters("target").values():
+        for p in trained + list(model.heads.parameters()):
             p.add_(0.1 * torch.randn_like(p))
-    model.save_adapter_fusion(tmp_path / "fuse/run/adapter", "target", with_head=True)
-    recipe = write_recipe(tmp_path / "fuse", tiny_bert_dir, sentiment_csv, name="target",
-                          composition={"type": "fuse", "adapters": [str(tmp_path / "alpha"), str(tmp_path / "beta")]})
-    (tmp_path / "fuse/run/recipe.yaml").write_text(recipe.read_text())
-    model.set_active_adapters(adaptercli.Fuse("alpha", "beta", name="target"))
-    model.eval()
-    want = logits_of(model, AutoTokenizer.from_pretrained(tiny_bert_dir))
+    if kind == "fuse":
+        model.save_adapter_fusion(root / "run/adapter", "target", with_head=True)
+    else:
+        model.save_adapter(root / "run/adapter", "target")
+    recipe = write_recipe(root, tiny_bert_dir, sentiment_csv, name="target", method="lora", config={"r": 4},
+                          composition={"type": kind, "adapters": [str(root / "alpha"), str(root / "beta")]})
+    (root / "run/recipe.yaml").write_text(recipe.read_text())
+    model.set_active_adapters(setup)
+    return root / "run", logits_of(model.eval(), AutoTokenizer.from_pretrained(tiny_bert_dir))
 
+
+@pytest.mark.parametrize("kind, setup", [("fuse", "Fuse('alpha', 'beta', name='target')"),
+                                         ("stack", "Stack('alpha', 'beta', 'target')")])
+def test_a_fusion_or_stack_run_exports_as_one_setup_folder(kind: str, setup: str, tmp_path: Path, tiny_bert_dir: Path,
+                                                           sentiment_csv: Path, perturb) -> None:
+    run, want = composed_run(tmp_path, kind, tiny_bert_dir, sentiment_csv, perturb)
     dest = tmp_path / "shared"
-    result = runner.invoke(app, ["export", str(tmp_path / "fuse/run"), "--to", "native", "--dest", str(dest)], env=OFFLINE)
+    result = runner.invoke(app, ["export", str(run), "--to", "native", "--dest", str(dest)], env=OFFLINE)
     assert result.exit_code == 0, result.output
-    assert (dest / "members/alpha/adapter.safetensors").exists() and (dest / "members/beta/adapter_config.json").exists()
+    saved = json.loads((dest / "adapter_setup.json").read_text())
+    assert repr(adaptercli.composition.CompositionBlock.from_dict(saved["adapter_setup"])) == setup
+    assert saved["head_setup"] == "target" and (dest / "target/head_config.json").is_file()
+    assert (dest / "alpha/adapter.safetensors").is_file() and (dest / "beta/adapter_config.json").is_file()
     card = (dest / "README.md").read_text()
-    assert "load_adapter_fusion" in card and read_metadata(card)["tags"][:3] == ["adaptercli", "adapter", "fusion"]
-    fresh = adaptercli.AdapterModel(AutoModel.from_pretrained(tiny_bert_dir))
-    for member in ("alpha", "beta"):  # as the card's usage snippet says
-        fresh.load_adapter(dest / "members" / member, load_as=member, with_head=False)
-    fresh.load_adapter_fusion(dest, set_active=True)
-    fresh.eval()
+    assert 'load_adapter_setup("path/to/this/folder")' in card and "adapter-setup" in read_metadata(card)["tags"]
+    fresh = adaptercli.AdapterModel(AutoModel.from_pretrained(tiny_bert_dir)).eval()
+    fresh.load_adapter_setup(dest)  # one call: members, fusion, head, the setup made active
     assert torch.allclose(logits_of(fresh, AutoTokenizer.from_pretrained(tiny_bert_dir)), want, atol=1e-6)
-    refused = runner.invoke(app, ["export", str(tmp_path / "fuse/run"), "--to", "peft", "--dest", str(tmp_path / "p")],
+    refused = runner.invoke(app, ["export", str(run), "--to", "peft", "--dest", str(tmp_path / "p")], env=OFFLINE)
+    assert kind == "stack" or refused.exit_code == 1 and "fusions export --to native or hub" in refused.output
+    unindexed = runner.invoke(app, ["export", str(run), "--to", "hub", "--dest", "tester/x", "--index",
+                                    str(tmp_path / "index")], env=OFFLINE)  # refused before anything is pushed
+    assert unindexed.exit_code == 1 and "an adapter setup cannot be indexed yet" in unindexed.output
+
+
+def test_a_fusion_run_pushed_to_the_hub_loads_by_id_in_one_call(tmp_path: Path, hub: HubServer, hub_env: dict,
+                                                                 tiny_bert_dir: Path, sentiment_csv: Path,
+                                                                 perturb) -> None:
+    from huggingface_hub import HfApi
+
+    run, want = composed_run(tmp_path, "fuse", tiny_bert_dir, sentiment_csv, perturb)
+    pushed = cli("export", str(run), "--to", "hub", "--dest", "tester/fused", "--base-model", BASE, env=hub_env)
+    assert pushed.returncode == 0, pushed.stderr
+    files = set(HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_files("tester/fused"))
+    assert {"adapter_setup.json", "alpha/adapter.safetensors", "beta/adapter.safetensors",
+            "target/adapter_fusion.safetensors", "target/head.safetensors", "README.md"} <= files
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    api.create_repo("tester/alpha")
+    api.upload_folder(folder_path=str(tmp_path / "alpha"), repo_id="tester/alpha")
+    by_id, at_main, single = run_steps(
+        hub_env, load(tiny_bert_dir, "tester/fused", fn="load_adapter_setup"),
+        load(tiny_bert_dir, "tester/fused@main", fn="load_adapter_setup"),
+        load(tiny_bert_dir, "tester/alpha", fn="load_adapter_setup"))
+    assert torch.allclose(torch.tensor(by_id["logits"]), want, atol=1e-6)
+    assert torch.allclose(torch.tensor(at_main["logits"]), want, atol=1e-6)
+    assert "not an adapter setup folder (no adapter_setup.json) (it holds one adapter" in single["error"]
+
+    # a setup saved in Python (here AdapterHub's) pushed as it is: by id, the logits of the folder
+    pushed = cli("export", str(FIXTURES / "setups/stack"), "--to", "hub", "--dest", "tester/stacked", env=hub_env)
+    assert pushed.returncode == 0, pushed.stderr
+    ids = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    reference = adaptercli.AutoAdapterModel.from_pretrained(FIXTURES / "models/bert").eval()
+    reference.load_adapter_setup(FIXTURES / "setups/stack")
+    with torch.no_grad():
+        folder_logits = reference(input_ids=torch.tensor(ids)).logits
+    (stacked,) = run_steps(hub_env, {"op": "load", "base": FIXTURES / "models/bert", "source": "tester/stacked",
+                                     "fn": "load_adapter_setup", "ids": ids})
+    assert torch.allclose(torch.tensor(stacked["logits"]), folder_logits, atol=1e-6)
+
+
+def test_a_setup_folder_exports_as_it_is_and_loads_again(tmp_path: Path) -> None:
+    """An AdapterHub 1.3 setup folder (tests/fixtures/setups) exports with a card and still gives
+    AdapterHub's logits (atol 1e-5); the targets that hold one adapter refuse it in one line."""
+    io = load_file(FIXTURES / "setups/io/fuse.safetensors")
+    dest = tmp_path / "shared"
+    result = runner.invoke(app, ["export", str(FIXTURES / "setups/fuse"), "--to", "native", "--dest", str(dest),
+                                 "--base-model", BASE], env=OFFLINE)
+    assert result.exit_code == 0, result.output
+    card = (dest / "README.md").read_text()
+    assert "Fuse('fu_a', 'fu_b', 'fu_c')" in card and read_metadata(card)["base_model"] == BASE
+    assert json.loads((dest / "fu_a/adapter_config.json").read_text())["model_name"] == BASE
+    model = adaptercli.AutoAdapterModel.from_pretrained(FIXTURES / "models/bert").eval()
+    model.load_adapter_setup(dest)
+    with torch.no_grad():
+        got = model(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).logits
+    assert torch.allclose(got, io["expected"], atol=1e-5)
+    refused = runner.invoke(app, ["export", str(FIXTURES / "setups/fuse"), "--to", "peft", "--dest", str(tmp_path / "p")],
                             env=OFFLINE)
-    assert refused.exit_code == 1 and "fusions export --to native or hub" in refused.output
+    assert refused.exit_code == 1 and "is an adapter setup; setups export --to native or hub" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
 def _peft_wraps(names: list[str], config: dict) -> set[str]:

@@ -21,6 +21,7 @@ from .common import (
     AdapterFileError,
     LoadedAdapter,
     LoadedFusion,
+    LoadedHead,
     atomic_write,
     read_json,
     read_weights,
@@ -92,7 +93,7 @@ def read(folder: Path, meta: dict[str, Any], with_head: bool) -> LoadedAdapter:
     return loaded
 
 
-def read_head(folder: Path, loaded: LoadedAdapter | LoadedFusion, default_name: str) -> None:
+def read_head(folder: Path, loaded: LoadedAdapter | LoadedFusion | LoadedHead, default_name: str) -> None:
     """Fill ``loaded``'s head fields from ``head_config.json`` + the head weights, if present."""
     if (folder / "head_config.json").exists():
         head_meta = read_json(folder / "head_config.json")

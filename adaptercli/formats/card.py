@@ -33,7 +33,8 @@ class AdapterCard:
     `LIBRARIES`); base_model: Hub id of the base model (None: a local model); task: what it does
     (``sentiment``), task_type: the recipe's task (``classification``), dataset: a short name,
     datasets: Hub data set ids; metrics: the run's evaluation (``split``, ``step``); location: how
-    the usage snippet names the folder (a Hub repo id or a path).
+    the usage snippet names the folder (a Hub repo id or a path); setup: the composition of an
+    adapter setup folder (``Fuse('a', 'b', name='t')``), whose members ``members`` lists.
     """
 
     name: str
@@ -57,6 +58,7 @@ class AdapterCard:
     license: str | None = None
     recipe: str | None = None
     members: list[str] = dataclasses.field(default_factory=list)
+    setup: str | None = None
     location: str | None = None
     auto_class: str | None = None  # the transformers class a PEFT or merged folder goes with
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -71,6 +73,7 @@ def metadata(card: AdapterCard) -> dict[str, Any]:
     if card.license:
         data["license"] = card.license
     tags = ["adaptercli", "adapter" if card.format != "merged" else "merged-adapter", card.method]
+    tags += ["adapter-setup"] if card.setup else []
     tags += [t for t in (card.model_type, card.task and f"task:{card.task}", card.dataset and f"dataset:{card.dataset}")
              if t]
     data["tags"] = list(dict.fromkeys(tags))
@@ -93,19 +96,13 @@ def metadata(card: AdapterCard) -> dict[str, Any]:
 def _usage(card: AdapterCard) -> str:
     where = card.location or "path/to/this/folder"
     base = card.base_model or "path/to/the/base/model"
+    if card.format == "native" and card.setup:
+        return (f'import adaptercli\n\nmodel = adaptercli.AutoAdapterModel.from_pretrained("{base}")\n'
+                f'model.load_adapter_setup("{where}")  # members, fusion and head; the setup made active\nmodel.eval()')
     if card.format == "native" and card.kind == "fusion":
-        lines = ["import adaptercli"]
-        if card.location:  # a Hub repository: the members are subfolders of its snapshot
-            repo, _, revision = card.location.partition("@")
-            lines += ["from huggingface_hub import snapshot_download", "",
-                      f'folder = snapshot_download("{repo}"{f", revision={revision!r}" if revision else ""})']
-            where = "{folder}"
-        lines += ["", f'model = adaptercli.AutoAdapterModel.from_pretrained("{base}")']
-        quote = 'f"' if card.location else '"'
-        lines += [f'model.load_adapter({quote}{where}/members/{m}", load_as="{m}", with_head=False)' for m in card.members]
-        fusion = "folder" if card.location else f'"{where}"'
-        lines += [f"model.load_adapter_fusion({fusion}, set_active=True)", "model.eval()"]
-        return "\n".join(lines)
+        lines = ["import adaptercli", "", f'model = adaptercli.AutoAdapterModel.from_pretrained("{base}")']
+        lines += [f'model.load_adapter("path/to/{m}", with_head=False)  # the fused adapters' for m in card.members]
+        return "\n".join(lines + [f'model.load_adapter_fusion("{where}", set_active=True)', "model.eval()"])
     if card.format == "native":
         return (f'import adaptercli\n\nmodel = adaptercli.AutoAdapterModel.from_pretrained("{base}")\n'
                 f'model.load_adapter("{where}", set_active=True)\nmodel.eval()')
@@ -129,6 +126,7 @@ def render(card: AdapterCard) -> str:
             "merged": "model (base model with the adapter merged in)"}[card.format]
     lines = [f"---\n{front}---", "", f"# {card.name}", ""]
     about = f"A {card.method} {what if card.kind == 'adapter' else 'AdapterFusion'}"
+    about = f"An adapter setup, `{card.setup}`, with its members" if card.setup else about
     about += f" for **{card.task}**" if card.task else ""
     about += f" on {card.dataset}" if card.dataset else ""
     about += f", trained with adaptercli on `{card.base_model}`" if card.base_model else ""
@@ -136,7 +134,8 @@ def render(card: AdapterCard) -> str:
     facts = [("base model", card.base_model or "a local model"), ("model type", card.model_type),
              ("method", card.method), ("parameters", f"{card.parameters:,}" if card.parameters else None),
              ("head", card.head_type), ("labels", ", ".join(card.labels) if card.labels else None),
-             ("fused adapters", ", ".join(card.members) if card.members else None)]
+             ("setup", f"`{card.setup}`" if card.setup else None),
+             ("members" if card.setup else "fused adapters", ", ".join(card.members) if card.members else None)]
     lines += [f"- {k}: {v}" for k, v in facts if v] + [""]
     if card.metrics:
         lines += [f"## Evaluation ({card.split}{f', step {card.step}' if card.step is not None else ''})", "",

@@ -55,6 +55,16 @@ class LoadedFusion:
     head_name: str | None = None
 
 
+@dataclasses.dataclass
+class LoadedHead:
+    """A head read from a folder of its own (a setup's head folder)."""
+
+    head_config: HeadConfig | None = None
+    head_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    head_is_static: bool = False
+    head_name: str | None = None
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())

@@ -10,7 +10,15 @@ import torch
 
 from ..heads import HeadConfig
 from ..methods import resolve_config
-from .common import LoadedAdapter, LoadedFusion, read_json, read_weights, write_json, write_weights
+from .common import (
+    LoadedAdapter,
+    LoadedFusion,
+    LoadedHead,
+    read_json,
+    read_weights,
+    write_json,
+    write_weights,
+)
 
 FORMAT = "adaptercli"
 VERSION = "adaptercli.0.1"
@@ -49,7 +57,7 @@ def read(folder: Path, meta: dict[str, Any], with_head: bool) -> LoadedAdapter:
     return loaded
 
 
-def read_head(folder: Path, loaded: LoadedAdapter | LoadedFusion, default_name: str) -> None:
+def read_head(folder: Path, loaded: LoadedAdapter | LoadedFusion | LoadedHead, default_name: str) -> None:
     """Fill ``loaded``'s head fields from ``head_config.json`` + ``head.safetensors``, if present."""
     if (folder / HEAD_CONFIG).exists():
         head_meta = read_json(folder / HEAD_CONFIG)
