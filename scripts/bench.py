@@ -21,10 +21,11 @@ Examples::
     .venv/bin/python scripts/bench.py --threads 2 --out bench.json
     python scripts/bench.py --device cuda --bf16 --model bert-base-shape --batch 32
     python scripts/bench.py --device cuda --bf16 --model llama-1b-shape --batch 8 --seq 512
-    /tmp/benchvenv/bin/python scripts/bench.py --peft                  # also PEFT LoRA r8 q,v
+    PYTHONPATH=. /tmp/benchvenv/bin/python scripts/bench.py --peft     # also PEFT's twin of each method
+    .venv/bin/python scripts/bench.py --skip train,infer --loop lora    # train()'s loop against the bare step
 
 ``--peft`` needs ``peft`` importable; it is not a dependency of adaptercli, so use a throw-away
-virtual environment (see ``scripts/README.md``).
+virtual environment (see ``scripts/README.md``). ``scripts/bench_gpu.sh`` runs the GPU settings.
 """
 
 from __future__ import annotations
