@@ -115,3 +115,46 @@ def test_peft_twins_have_our_parameter_counts_and_start_where_ours_do(bench, tmp
         assert twin["params_match"] == (method != "vera"), (method, twin)
         if method in bench.SAME_START:
             assert twin["same_start"], (method, twin)
+
+
+# Our weight name -> PEFT's, for the twins whose weights correspond one to one.
+PEFT_NAMES = {"lora": {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"},
+              "ia3": {"lora_B": "ia3_l.default"}}
+PEFT_NAMES["dora"] = {**PEFT_NAMES["lora"], "m.weight": "lora_magnitude_vector.default.weight"}
+
+
+@pytest.mark.parametrize("method", list(PEFT_NAMES))
+def test_peft_twin_computes_our_function_given_our_weights(bench, method: str) -> None:
+    """The twin times the same computation: our adapter's weights, moved off the identity and copied
+    into PEFT's, give PEFT's model our outputs (same targets, same scaling, same DoRA norm)."""
+    pytest.importorskip("peft")
+    import copy
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    import adaptercli
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(bench.SHAPES["tiny-bert-shape"]()).eval()
+    ours = copy.deepcopy(base)
+    adaptercli.init(ours)
+    ours.add_adapter("x", method)
+    ours.set_active_adapters("x")
+    theirs = get_peft_model(copy.deepcopy(base), bench.peft_config(base, method)).eval()
+    peft_weights = dict(theirs.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, weight in ours.adapter_state.adapter_parameters("x").items():
+            weight.add_(0.3 * torch.randn(weight.shape, generator=g))
+            module, kind = name.split(".loras.x.")
+            twin = peft_weights[f"base_model.model.bert.{module}.{PEFT_NAMES[method][kind]}"]
+            twin.copy_(weight.reshape(twin.shape))
+    ids = torch.randint(1, 1000, (2, 12), generator=g)
+    def last_hidden(model):
+        return model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+
+    expected, got = last_hidden(ours), last_hidden(theirs)
+    assert (expected - last_hidden(base)).abs().max() > 1e-3  # the adapters do something (100x the tolerance)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
