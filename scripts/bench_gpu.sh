@@ -35,8 +35,9 @@ if ! "$python" -c "import omegaconf" 2>/dev/null; then
     echo "omegaconf is missing and there is no wheels/ folder: run 'make gpu-wheels' where pip reaches a registry" >&2
     exit 1
   fi
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$out/site" wheels/*.whl
-  export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
+  site=$(mktemp -d)  # not under --out, which holds only the results (six files)
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" wheels/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's adaptercli
 
