@@ -9,7 +9,7 @@ in the same process on the same model and optimizer, the bare step of ``scripts/
 step is the time between two optimizer steps, less any evaluation or checkpoint in
 between: those two are timed on their own and reported as their own rows.
 
-``interleaved`` (CPU): one bare step runs right after each of the loop's schedule steps, so drift
+``interleaved`` (CPU): one bare step runs right after each of the loop's optimizer steps, so drift
 in the machine's speed hits both alike; ``sequential``: all bare steps first, then the loop.
 
 Used by ``scripts/bench.py --loop METHODS`` (the model shape is ``--model``'s, a BERT one: the
@@ -63,12 +63,13 @@ def write_data(path: Path, rows: int, words: int) -> None:
 
 
 class Clock:
-    """Timestamps of the loop's schedule steps, with evaluation and checkpoint time taken out, and
-    the bare step's times."""
+    """The loop's time from one optimizer step to the next, evaluation and checkpoint time taken
+    out, and the bare step's times (on CUDA each bare step ends in a sync, as the loop's steps end
+    in reading the loss)."""
 
     def __init__(self, args, interleaved: bool):
         self.args, self.interleaved = args, interleaved
-        self.loop_s: list[float] = []  # between two schedule steps, less evaluation and checkpoint
+        self.loop_s: list[float] = []  # between two optimizer steps, less evaluation and checkpoint
         self.bare_s: list[float] = []
         self.eval_s: list[float] = []
         self.checkpoint_s: list[float] = []
@@ -118,11 +119,11 @@ class Clock:
                 for _ in range(self.args.warmup):
                     self.bare_step(run)
                 self.bare_s = [self.bare_step(run) for _ in range(self.args.steps)]
+
             def timed_step(*a: Any, **k: Any) -> Any:
                 out = self.optimizer_step(*a, **k)
                 now = time.perf_counter()
-                if self.mark:
-                    self.loop_s.append(now - self.mark - self.excluded)
+                self.loop_s.append(now - self.mark - self.excluded)
                 if self.interleaved:
                     self.bare_s.append(self.bare_step(run))
                 self.mark, self.excluded = time.perf_counter(), 0.0
