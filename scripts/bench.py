@@ -21,10 +21,11 @@ Examples::
     .venv/bin/python scripts/bench.py --threads 2 --out bench.json
     python scripts/bench.py --device cuda --bf16 --model bert-base-shape --batch 32
     python scripts/bench.py --device cuda --bf16 --model llama-1b-shape --batch 8 --seq 512
-    /tmp/benchvenv/bin/python scripts/bench.py --peft                  # also PEFT LoRA r8 q,v
+    PYTHONPATH=. /tmp/benchvenv/bin/python scripts/bench.py --peft     # also PEFT's twin of each method
+    .venv/bin/python scripts/bench.py --skip train,infer --loop lora    # train()'s loop against the bare step
 
 ``--peft`` needs ``peft`` importable; it is not a dependency of adaptercli, so use a throw-away
-virtual environment (see ``scripts/README.md``).
+virtual environment (see ``scripts/README.md``). ``scripts/bench_gpu.sh`` runs the GPU settings.
 """
 
 from __future__ import annotations
@@ -66,10 +67,31 @@ SHAPES: dict[str, Callable[[], transformers.PretrainedConfig]] = {
                                           num_key_value_heads=8, head_dim=64, intermediate_size=8192,
                                           vocab_size=128256, max_position_embeddings=4096, num_labels=2,
                                           pad_token_id=0),
+    # Tiny shapes of the two, for checking that the script runs (scripts/bench_gpu.sh --dry-run, tests).
+    "tiny-bert-shape": lambda: BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, num_labels=2),
+    "tiny-llama-shape": lambda: LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                            vocab_size=1000, max_position_embeddings=256, num_labels=2,
+                                            pad_token_id=0),
 }
 
-# PEFT's names for the q and v projections (LoRA r8 on q,v = our "lora" default).
-PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+# Our methods that PEFT has too. ``--peft`` times PEFT's version of each (setting ``peft_<method>``)
+# built from our method's defaults: the same target modules (read off our adapted model), rank,
+# scaling, prefix / prompt length and MLP width.
+PEFT_TWINS = ("lora", "dora", "ia3", "vera", "prefix_tuning", "prompt_tuning")
+# Twins that leave the model's output unchanged at initialisation (LoRA's and VeRA's B part is zero,
+# DoRA's magnitude is the weight's norm, IA3's scales are ones): their first loss must equal ours.
+SAME_START = ("lora", "dora", "ia3", "vera")
+# Where the trainable parameter counts cannot match, and why (printed beside the mismatch).
+PARAM_MISMATCH_WHY = {
+    "vera": "ours is AdapterHub's VeRA: it trains a [out, out] vera_B and a [r, r] vera_D per layer; "
+            "PEFT's trains the vectors lambda_b [out] and lambda_d [r]",
+    "prefix_tuning": "on a model with fewer key/value heads than query heads, PEFT's prefix embedding and its "
+                     "MLP's input are as wide as the keys (its token_dim), ours (AdapterHub's) as the hidden size",
+}
+# Minimum ours / PEFT throughput in the same run (issue 21: DoRA >= 1.1, the others >= 1.0).
+PEFT_RATIO_TARGET = {"dora": 1.1}
 
 # Minimum speedups over full fine-tuning from anchors.md, by device (and model on CUDA).
 def speedup_target(device: str, model: str, method: str) -> float | None:
@@ -120,18 +142,17 @@ def make_batch(config, args: argparse.Namespace, device: torch.device) -> dict[s
 # -- the model under each setting ----------------------------------------------------------------
 def build(base: nn.Module, setting: str, device: torch.device) -> nn.Module:
     """A fresh copy of ``base`` on ``device`` set up for ``setting``: "full" (everything trains),
-    "bare" (no adapters, eval), an adaptercli method name, "<method>+merged", "<method>+compiled", or "peft_lora"."""
+    "bare" (no adapters, eval), an adaptercli method name, "<method>+merged", "<method>+compiled", or
+    "peft_<method>" (PEFT's version of one of ``PEFT_TWINS``)."""
     model = copy.deepcopy(base).to(device)
     if setting in ("full", "bare"):
         return model
     if setting == "ideal":
         return ideal(model)
-    if setting == "peft_lora":
-        from peft import LoraConfig, get_peft_model
+    if setting.startswith("peft_"):
+        from peft import get_peft_model
 
-        config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, task_type="SEQ_CLS",
-                            target_modules=PEFT_TARGETS[model.config.model_type])
-        return get_peft_model(model, config)
+        return get_peft_model(model, peft_config(base, setting.removeprefix("peft_")))
     merged, compiled = setting.endswith("+merged"), setting.endswith("+compiled")
     method = setting.removesuffix("+merged").removesuffix("+compiled")  # not split on "+": compacter++ is a method
     adaptercli.init(model)
@@ -141,6 +162,42 @@ def build(base: nn.Module, setting: str, device: torch.device) -> nn.Module:
     if merged:
         model.merge_adapter(name)
     return torch.compile(model) if compiled else model  # what train.compile: true does
+
+
+def peft_config(base: nn.Module, method: str):
+    """PEFT's config for our ``method`` with its default config: LoRA, DoRA, IA3 and VeRA on the
+    modules our adapter wraps (found by adding ours to a copy of ``base`` on the meta device),
+    prefix and prompt tuning with our lengths and widths. The task type makes PEFT train the
+    classifier, as our settings do."""
+    import peft
+
+    from adaptercli.methods import METHODS as REGISTRY
+
+    config = REGISTRY[method].make_config()
+    common = {"task_type": "SEQ_CLS"}
+    if method == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=config.prefix_length, prefix_projection=True,
+                                       encoder_hidden_size=config.bottleneck_size, **common)
+    if method == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=config.prompt_length, prompt_tuning_init="RANDOM", **common)
+    with torch.device("meta"):
+        skeleton = type(base)(base.config)
+    adaptercli.init(skeleton)
+    try:
+        skeleton.add_adapter("twin", method)
+    except Exception as error:
+        raise ValueError(f"no twin: our {method} does not apply to this model ({error})") from error
+    targets = sorted(name for name, module in skeleton.named_modules()
+                     if isinstance(getattr(module, "loras", None), nn.ModuleDict) and "twin" in module.loras)
+    if method in ("lora", "dora"):
+        return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                               use_dora=config.use_dora, target_modules=targets, **common)
+    if method == "ia3":  # ours scales each target's output: PEFT's non-feed-forward IA3
+        return peft.IA3Config(target_modules=targets, feedforward_modules=[], **common)
+    if method == "vera":
+        return peft.VeraConfig(r=config.r, d_initial=config.vera_d, vera_dropout=config.dropout,
+                               target_modules=targets, **common)
+    raise ValueError(f"PEFT has no twin of {method!r} here; twins: {', '.join(PEFT_TWINS)}")
 
 
 def ideal(model: nn.Module) -> nn.Module:
@@ -166,6 +223,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
         self.step_s: list[float] = []
         self.loss = float("nan")
+        self.init_loss = self.eval_loss()
+
+    def eval_loss(self) -> float:
+        """The loss on the batch in eval mode (no dropout), before any step: settings that start
+        from the same function (an adapter that is the identity at initialisation) agree on it."""
+        self.model.eval()
+        with torch.no_grad(), autocast(self.args, self.device):
+            loss = float(self.model(**self.batch).loss)
+        self.model.train()
+        return loss
 
     def step(self, timed: bool) -> None:
         t0 = time.perf_counter()
@@ -187,7 +254,7 @@ class Trainer:
         else:
             step = elapsed / self.args.steps
         out = {"samples_per_s": self.args.batch / step, "step_ms": 1000 * step,
-               "trainable_params": count(self.params), "loss": self.loss}
+               "trainable_params": count(self.params), "loss": self.loss, "init_loss": self.init_loss}
         if self.step_s:
             out["min_step_ms"] = 1000 * min(self.step_s)
             out["median_step_ms"] = 1000 * statistics.median(self.step_s)
@@ -388,8 +455,17 @@ def markdown(report: dict) -> str:
                      "(only the task head trains) — the bound for any frozen-backbone method. A method whose lowest "
                      "adapter sits above the embeddings (seq_bn's first adapter is after layer 0's feed-forward block) "
                      "can come out slightly above 100%: its backward pass stops there.")
-    if report.get("ours_vs_peft") is not None:
-        lines.append(f"\nour LoRA / PEFT LoRA throughput: **{report['ours_vs_peft']:.2f}×** (target ≥ 1.15)")
+    twins = {s.removeprefix("peft_"): r for s, r in training.items() if s.startswith("peft_") and "ours_vs_peft" in r}
+    if twins:
+        lines += ["", "| ours vs PEFT | trainable params ours / PEFT | first loss ours / PEFT | ours / PEFT throughput (target) |",
+                  "|---|---:|---:|---:|"]
+        for method, r in twins.items():
+            params = f"{r['ours_params']:,} / {r['trainable_params']:,} {'✓' if r['params_match'] else '✗ differ'}"
+            start = {True: " ✓ same", False: " ✗ differ", None: ""}[r.get("same_start")]
+            lines.append(f"| {method} | {params} | {r['ours_init_loss']:.4f} / {r['init_loss']:.4f}{start} | "
+                         f"{_against(r['ours_vs_peft'], r['ours_vs_peft_target'], '.2f', 1)} |")
+        lines += [f"\n{m}: parameter counts differ: {r['params_mismatch_why']}." for m, r in twins.items()
+                  if "params_mismatch_why" in r]
     inference = report["inference"]
     if inference:
         lines += ["", "| inference | median ms/batch | min ms | overhead vs bare |", "|---|---:|---:|---:|"]
@@ -398,6 +474,10 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {setting} | error: {r['error'][:80]} | | |")
                 continue
             lines.append(f"| {setting} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {fmt(r.get('overhead_pct'), '+.1f')}% |")
+    if report.get("loop"):
+        import bench_loop
+
+        lines += ["", bench_loop.markdown(report["loop"])]
     files = report["files"]
     if files:
         lines += ["", "| adapter file | params | raw bytes | adapter.safetensors | overhead |", "|---|---:|---:|---:|---:|"]
@@ -438,6 +518,46 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def peft_twins(args: argparse.Namespace, methods: list[str]) -> list[str]:
+    """The methods whose PEFT twin this run times: ``--peft-methods``, or every method of the run that
+    PEFT has too."""
+    if not args.peft:
+        return []
+    if args.peft_methods is None:
+        return [m for m in PEFT_TWINS if m in methods]
+    chosen = [m for m in args.peft_methods.split(",") if m]
+    unknown = [m for m in chosen if m not in PEFT_TWINS]
+    if unknown:
+        raise SystemExit(f"--peft-methods: no PEFT twin for {', '.join(unknown)} (twins: {', '.join(PEFT_TWINS)})")
+    return chosen
+
+
+def compare_twins(training: dict[str, dict], twins: list[str], tolerance: float) -> None:
+    """Add to each ``peft_<method>`` row our throughput over PEFT's, both trainable parameter counts
+    and whether they match, and both first losses (eval mode, before any step) and whether they
+    agree where both adapters start as the identity. Mismatches are printed, not hidden."""
+    for method in twins:
+        theirs, ours = training.get(f"peft_{method}", {}), training.get(method, {})
+        if "samples_per_s" not in theirs or "samples_per_s" not in ours:
+            continue
+        theirs["ours_vs_peft"] = ours["samples_per_s"] / theirs["samples_per_s"]
+        theirs["ours_vs_peft_target"] = PEFT_RATIO_TARGET.get(method, 1.0)
+        theirs["ours_params"] = ours["trainable_params"]
+        theirs["params_match"] = ours["trainable_params"] == theirs["trainable_params"]
+        theirs["ours_init_loss"] = ours["init_loss"]
+        theirs["init_loss_diff"] = abs(ours["init_loss"] - theirs["init_loss"])
+        if method in SAME_START:
+            theirs["same_start"] = theirs["init_loss_diff"] <= tolerance * max(1.0, abs(ours["init_loss"]))
+        if not theirs["params_match"]:
+            why = PARAM_MISMATCH_WHY.get(method, "not expected: check the twin's config")
+            theirs["params_mismatch_why"] = why
+            print(f"warning: {method}: {ours['trainable_params']:,} trainable parameters, PEFT's "
+                  f"{theirs['trainable_params']:,} ({why})", file=sys.stderr)
+        if theirs.get("same_start") is False:
+            print(f"warning: {method}: first loss {ours['init_loss']:.6f}, PEFT's {theirs['init_loss']:.6f}: "
+                  "both should be the bare model's", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -463,7 +583,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infer-methods", default="lora,seq_bn", help="active unmerged adapters to time at inference")
     parser.add_argument("--compile", default="", help="comma-separated methods also trained through torch.compile "
                                                       "(settings <method>+compiled; the warmup steps compile)")
-    parser.add_argument("--peft", action="store_true", help="also time PEFT LoRA r8 q,v (needs peft importable)")
+    parser.add_argument("--peft", action="store_true", help="also time PEFT's version of each method that PEFT has "
+                                                               "too (needs peft importable; see --peft-methods)")
+    parser.add_argument("--peft-methods", default=None, help="comma-separated methods whose PEFT twin --peft times "
+                                                             f"(default: those of {', '.join(PEFT_TWINS)} in --methods)")
+    parser.add_argument("--loop", default="", help="comma-separated methods to train with the real train() loop "
+                                                   "(fixed-length batches) against the bare step of the same model; "
+                                                   "BERT shapes; see scripts/bench_loop.py")
+    parser.add_argument("--loop-eval-samples", type=int, default=64, help="--loop: validation set size (each "
+                                                                           "evaluation is timed on its own)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer")
     parser.add_argument("--profile", default="", help="comma-separated settings to profile (e.g. full,seq_bn) "
                                                       "after the benchmark; prints torch.profiler tables")
@@ -503,11 +631,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{max(1, cores - round(load))}.", file=sys.stderr, flush=True)
 
     report: dict[str, Any] = {"args": vars(args), "machine": machine_info(device), "training": {},
-                              "inference": {}, "files": {}, "ours_vs_peft": None}
+                              "inference": {}, "files": {}, "ours_vs_peft": None, "loop": {}}
     started = time.perf_counter()
     if "train" not in skip:
         settings = ["full", "ideal", *methods] + [f"{m}+compiled" for m in args.compile.split(",") if m]
-        settings += ["peft_lora"] if args.peft else []
+        twins = peft_twins(args, methods)
+        settings += [f"peft_{m}" for m in twins]
         report["training"], report["files"] = run_training(base, batch, settings, args, device)
         full = report["training"].get("full", {}).get("samples_per_s")
         bound = report["training"].get("ideal", {}).get("samples_per_s")
@@ -518,13 +647,21 @@ def main(argv: list[str] | None = None) -> int:
             if bound and "samples_per_s" in r and setting not in ("full", "ideal"):
                 r["of_ideal"] = r["samples_per_s"] / bound
                 r["ideal_target"] = ideal_target(setting) if setting in METHODS else None
-        ours, theirs = (report["training"].get(k, {}).get("samples_per_s") for k in ("lora", "peft_lora"))
-        if ours and theirs:
-            report["ours_vs_peft"] = ours / theirs
+        compare_twins(report["training"], twins, tolerance=2e-2 if args.bf16 else 1e-4)
+        report["ours_vs_peft"] = report["training"].get("peft_lora", {}).get("ours_vs_peft")
     if "infer" not in skip:
         infer = ["bare", *[m for m in args.infer_methods.split(",") if m], "lora+merged"]
         infer += ["peft_lora"] if args.peft else []
         report["inference"] = run_inference(base, batch, infer, args, device)
+    if args.loop:
+        import bench_loop  # beside this file
+
+        stat = min if args.stat == "min" else statistics.median
+        for method in filter(None, args.loop.split(",")):
+            try:
+                report["loop"][method] = bench_loop.run_loop(method, config, args, stat)
+            except Exception as error:  # one broken method must not hide the others' numbers
+                report["loop"][method] = {"error": f"{type(error).__name__}: {error}"}
     report["seconds"] = time.perf_counter() - started
     report["machine"]["loadavg_start_end"] = [round(load, 2), round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None]
 
