@@ -63,6 +63,7 @@ class ModelAdaptersMixin:
         method_config = resolve_config(config)
         with torch.device(next(self.parameters()).device):  # adapters live beside the weights they change
             family_of(method_config).add(state, name, method_config)
+        state.place_like_layers(name)
         self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.adapters[name] = AdapterRecord(name, method_config, method_name(method_config))
         if set_active:
@@ -165,6 +166,7 @@ class ModelAdaptersMixin:
             self.delete_adapter_fusion(name)
         with torch.device(next(self.parameters()).device):
             FAMILIES["bottleneck"].add_fusion(state, name, members, fusion_config)
+        state.place_like_layers(name)
         self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.fusions[name] = FusionRecord(name, members, fusion_config)
         if set_active:
@@ -480,7 +482,8 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         embeddings = self.base_model.get_input_embeddings()
         dropout = float(getattr(self.config, "hidden_dropout_prob", 0.1) or 0.0)
         head = PredictionHead(config, self.adapter_state.hidden_size, dropout, self.is_causal, embeddings)
-        self.heads[name] = head.to(self.device).train(self.training)  # an eval model gets an eval head (dropout)
+        dtype = embeddings.weight.dtype if embeddings is not None else None  # the backbone's (a bf16 model: a bf16 head)
+        self.heads[name] = head.to(self.device, dtype).train(self.training)  # an eval model gets an eval head (dropout)
         if set_active:
             self.active_head = name
 

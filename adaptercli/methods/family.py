@@ -184,6 +184,32 @@ class AdapterState:
         pattern = key_pattern(self.containers, name)
         return {k: p for k, p in self.backbone.named_parameters(remove_duplicate=False) if pattern.search(k)}
 
+    def place_like_layers(self, name: str) -> None:
+        """Move the modules of adapter (or fusion) ``name``, made with torch's default dtype, to
+        the device and dtype of the layer each one is attached to (the nearest module holding it
+        that has weights of its own): a bf16 layer gets a bf16 adapter, a layer on another GPU
+        its adapter there. A layer without floating-point weights of its own (a 4-bit or 8-bit
+        quantized linear layer) leaves its adapter in full precision."""
+        pattern = key_pattern(self.containers)
+        for path, module in self.backbone.named_modules():
+            for container in self.containers:
+                holder = getattr(module, container, None)
+                if not isinstance(holder, nn.ModuleDict) or name not in holder:
+                    continue
+                own: list[nn.Parameter] = []
+                parts = path.split(".") if path else []
+                while not own:
+                    layer = self.backbone.get_submodule(".".join(parts))
+                    own = [p for k, p in layer.named_parameters() if not pattern.search(k)]
+                    if not parts:
+                        break
+                    parts.pop()
+                floating = [p for p in own if p.is_floating_point()]
+                if own:
+                    holder[name].to(own[0].device)
+                if floating:
+                    _cast_floating(holder[name], floating[0].dtype)
+
     def fusion(self, name: str) -> FusionRecord:
         if name not in self.fusions:
             known = ", ".join(self.fusions) or "none"
@@ -247,6 +273,21 @@ class AdapterState:
             mask = mask[:, -probs.shape[1]:] if mask.dim() == 2 and mask.shape[0] == probs.shape[0] else None
         for recorder in self.recorders:
             recorder.add(fusion, self.fusions[fusion].members, present, layer, site, probs, mask)
+
+
+def _cast_floating(module: nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)``, except submodules marked ``keep_float32`` (torch computes them in
+    float32 only: LoReFT's orthogonal parametrisation needs ``householder_product``)."""
+    if getattr(module, "keep_float32", False):
+        return
+    for p in module.parameters(recurse=False):
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for key, buffer in module.named_buffers(recurse=False):
+        if buffer.is_floating_point():
+            setattr(module, key, buffer.to(dtype))
+    for child in module.children():
+        _cast_floating(child, dtype)
 
 
 class _InputPreparer:
