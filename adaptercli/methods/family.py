@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import ClassVar
 
 import torch
@@ -150,6 +150,7 @@ class AdapterState:
         self.merged: set[str] = set()
         self.recorders: list[FusionRecorder] = []
         self.forward_mask: torch.Tensor | None = None  # the current forward's attention mask (when needed)
+        self.on_activate: list[Callable[[], None]] = []  # called after every activation (the model's own plans)
 
     @property
     def root(self) -> nn.Module:
@@ -259,9 +260,13 @@ class AdapterState:
             for handle in handles:
                 handle.remove()
             self.active = None
+            for call in self.on_activate:
+                call()
             raise
         self.handles = handles
         self.active = setup
+        for call in self.on_activate:
+            call()
 
     def on_fusion_attention(self, fusion: str, present: list[str], probs: torch.Tensor, *, layer: int,
                             site: str) -> None:
