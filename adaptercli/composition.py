@@ -248,6 +248,14 @@ def is_plain_stack(block: CompositionBlock | None) -> bool:
     return block is None or (type(block) is Stack and all(isinstance(c, str) for c in block.children))
 
 
+def end_node(block: CompositionBlock, end: str = "last") -> str | CompositionBlock:
+    """The block's last (``end="first"``: first) element below any Stacks."""
+    node: str | CompositionBlock = block
+    while isinstance(node, Stack) and node.children:
+        node = node.children[-1 if end == "last" else 0]
+    return node
+
+
 def row_groups(block: CompositionBlock, batch: int, end: str = "last") -> list[tuple[slice, str | CompositionBlock]]:
     """How the rows of a (replicated) batch map to children of a row-splitting block.
 
@@ -255,9 +263,7 @@ def row_groups(block: CompositionBlock, batch: int, end: str = "last") -> list[t
     Parallel("a", "b"))`` -> a head per child), ``"first"`` at its first (what the embeddings-level
     invertible adapters read). Without a Parallel/BatchSplit there, one group holds every row.
     """
-    node: str | CompositionBlock = block
-    while isinstance(node, Stack) and node.children:
-        node = node.children[-1 if end == "last" else 0]
+    node = end_node(block, end)
     if isinstance(node, Parallel):
         size = batch // len(node.children)
         return [(slice(i * size, (i + 1) * size), child) for i, child in enumerate(node.children)]
@@ -358,5 +364,5 @@ def check_support(block: CompositionBlock, method_of: Callable[[str], str],
 
 __all__ = [
     "ALLOWED_NESTING", "Average", "BatchSplit", "CompositionBlock", "CompositionError", "Composer", "Fuse",
-    "Parallel", "Split", "Stack", "check_support", "parse", "row_groups", "run", "validate",
+    "Parallel", "Split", "Stack", "check_support", "end_node", "parse", "row_groups", "run", "validate",
 ]

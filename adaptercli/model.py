@@ -71,6 +71,7 @@ class ModelAdaptersMixin:
         method_config = resolve_config(config)
         with torch.device(next(self.parameters()).device):  # adapters live beside the weights they change
             family_of(method_config).add(state, name, method_config)
+        state.place_like_layers(name)
         self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.adapters[name] = AdapterRecord(name, method_config, method_name(method_config))
         if set_active:
@@ -173,6 +174,7 @@ class ModelAdaptersMixin:
             self.delete_adapter_fusion(name)
         with torch.device(next(self.parameters()).device):
             FAMILIES["bottleneck"].add_fusion(state, name, members, fusion_config)
+        state.place_like_layers(name)
         self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.fusions[name] = FusionRecord(name, members, fusion_config)
         if set_active:
@@ -485,8 +487,31 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         self.add_module(self.base_model_prefix, backbone)
         self.config = backbone.config
         self.heads = nn.ModuleDict()
-        self.active_head: str | None = None
+        self._active_head: str | None = None
         self.adapter_state = AdapterState(self, FAMILIES, layout)
+        self.adapter_state.on_activate.append(self._plan_heads)
+        self._plan_heads()
+
+    @property
+    def active_head(self) -> str | None:
+        return self._active_head
+
+    @active_head.setter
+    def active_head(self, name: str | None) -> None:
+        self._active_head = name
+        self._plan_heads()
+
+    def _plan_heads(self) -> None:
+        """Pick the head and the invertible adapter of a forward pass with one group of rows now,
+        on each change of the setup or the heads, not in the forward pass: read there by name,
+        torch.compile would guard on the name and recompile for every adapter. None: the setup
+        gives groups of rows their own heads (Parallel, BatchSplit), picked in the forward pass."""
+        active = self.adapter_state.active
+        if active is not None and isinstance(composition.end_node(active), composition.Parallel | composition.BatchSplit):
+            self._head_plan = None
+            return
+        name = self._current_head(None)
+        self._head_plan = (self.heads[name] if name is not None else None, self._inverse_for(active))
 
     @property
     def base_model(self) -> PreTrainedModel:
@@ -512,9 +537,15 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         embeddings = self.base_model.get_input_embeddings()
         dropout = float(getattr(self.config, "hidden_dropout_prob", 0.1) or 0.0)
         head = PredictionHead(config, self.adapter_state.hidden_size, dropout, self.is_causal, embeddings)
-        self.heads[name] = head.to(self.device).train(self.training)  # an eval model gets an eval head (dropout)
+        dtype = embeddings.weight.dtype if embeddings is not None else None  # the backbone's (a bf16 model: a bf16 head)
+        self.heads[name] = head.to(self.device, dtype).train(self.training)  # an eval model gets an eval head (dropout)
         if set_active:
             self.active_head = name
+        self._plan_heads()
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._plan_heads()  # its head went with it
 
     def add_classification_head(self, name: str, num_labels: int = 2, layers: int = 2, activation_function: str = "tanh",
                                 id2label: dict[int, str] | None = None, multilabel: bool = False, **kw: Any) -> None:
@@ -575,6 +606,12 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]
         attention_mask, labels = _with_prompt_positions(hidden, attention_mask, labels)
+        if head is None and self._head_plan is not None:  # one group of rows, its head picked on activation
+            chosen, inverse = self._head_plan
+            if chosen is None:
+                return AdapterModelOutput(hidden_states=hidden)
+            loss, logits = chosen.predict(hidden, attention_mask, labels, inverse)
+            return AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden)
         active = self.adapter_state.active
         groups = composition.row_groups(active, hidden.shape[0]) if active is not None and head is None else []
         if len(groups) <= 1:

@@ -31,7 +31,17 @@ from torch.utils.hooks import RemovableHandle
 from transformers.activations import ACT2FN, get_activation
 
 from ..architectures import Site, get_module, layers_with_parts
-from ..composition import CompositionBlock, CompositionError, Fuse, is_plain_stack, row_groups, run
+from ..composition import (
+    BatchSplit,
+    CompositionBlock,
+    CompositionError,
+    Fuse,
+    Parallel,
+    blocks_in,
+    is_plain_stack,
+    row_groups,
+    run,
+)
 from ..schema import spec
 from .base import ConfigError, MethodConfig
 from .family import AdapterState, MethodFamily
@@ -599,11 +609,16 @@ class BottleneckFamily(MethodFamily):
         inv = getattr(state.invertible_root, "invertible_adapters", {})
         if any(n in inv for n in names):
             embeddings = get_module(state.backbone, state.arch.embeddings)
+            apply = functools.partial(_invertible, setup, inv)
+            if not any(isinstance(b, Parallel | BatchSplit) for b in blocks_in(setup)):
+                # One group of rows: bind its adapter now, so that no adapter name is read in the
+                # forward pass (torch.compile would guard on it and recompile for each adapter).
+                apply = functools.partial(_invertible_one, inv[setup.first()] if setup.first() in inv else None)
             if state.arch.embeddings_input:  # they act on what the named module receives (T5's first block)
-                hook = functools.partial(_invertible_input, functools.partial(_invertible, setup, inv))
+                hook = functools.partial(_invertible_input, apply)
                 handles.append(embeddings.register_forward_pre_hook(hook, with_kwargs=True))
             else:
-                handles.append(embeddings.register_forward_hook(functools.partial(_invertible, setup, inv)))
+                handles.append(embeddings.register_forward_hook(apply))
         return handles
 
     # -- AdapterFusion layers ------------------------------------------------------------------------
@@ -656,6 +671,11 @@ def _invertible_input(apply: Callable, module: nn.Module, args: tuple, kwargs: d
     if args:
         return (apply(module, (), args[0]), *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": apply(module, (), kwargs["hidden_states"])}
+
+
+def _invertible_one(adapter: nn.Module | None, module: nn.Module, args: Any, output: Any) -> Any:
+    """``_invertible`` when every row runs the same first adapter (None: one without an invertible adapter)."""
+    return output if adapter is None else _replace_first(output, adapter(_first(output)))
 
 
 def _invertible(setup: CompositionBlock, inv: nn.ModuleDict, module: nn.Module, args: Any, output: Any) -> Any:

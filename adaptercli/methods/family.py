@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import ClassVar
 
 import torch
@@ -150,6 +150,7 @@ class AdapterState:
         self.merged: set[str] = set()
         self.recorders: list[FusionRecorder] = []
         self.forward_mask: torch.Tensor | None = None  # the current forward's attention mask (when needed)
+        self.on_activate: list[Callable[[], None]] = []  # called after every activation (the model's own plans)
 
     @property
     def root(self) -> nn.Module:
@@ -183,6 +184,32 @@ class AdapterState:
         """The adapter's parameters, keyed by their path inside the backbone."""
         pattern = key_pattern(self.containers, name)
         return {k: p for k, p in self.backbone.named_parameters(remove_duplicate=False) if pattern.search(k)}
+
+    def place_like_layers(self, name: str) -> None:
+        """Move the modules of adapter (or fusion) ``name``, made with torch's default dtype, to
+        the device and dtype of the layer each one is attached to (the nearest module holding it
+        that has weights of its own): a bf16 layer gets a bf16 adapter, a layer on another GPU
+        its adapter there. A layer without floating-point weights of its own (a 4-bit or 8-bit
+        quantized linear layer) leaves its adapter in full precision."""
+        pattern = key_pattern(self.containers)
+        for path, module in self.backbone.named_modules():
+            for container in self.containers:
+                holder = getattr(module, container, None)
+                if not isinstance(holder, nn.ModuleDict) or name not in holder:
+                    continue
+                own: list[nn.Parameter] = []
+                parts = path.split(".") if path else []
+                while not own:
+                    layer = self.backbone.get_submodule(".".join(parts))
+                    own = [p for k, p in layer.named_parameters() if not pattern.search(k)]
+                    if not parts:
+                        break
+                    parts.pop()
+                floating = [p for p in own if p.is_floating_point()]
+                if own:
+                    holder[name].to(own[0].device)
+                if floating:
+                    _cast_floating(holder[name], floating[0].dtype)
 
     def fusion(self, name: str) -> FusionRecord:
         if name not in self.fusions:
@@ -233,9 +260,13 @@ class AdapterState:
             for handle in handles:
                 handle.remove()
             self.active = None
+            for call in self.on_activate:
+                call()
             raise
         self.handles = handles
         self.active = setup
+        for call in self.on_activate:
+            call()
 
     def on_fusion_attention(self, fusion: str, present: list[str], probs: torch.Tensor, *, layer: int,
                             site: str) -> None:
@@ -247,6 +278,21 @@ class AdapterState:
             mask = mask[:, -probs.shape[1]:] if mask.dim() == 2 and mask.shape[0] == probs.shape[0] else None
         for recorder in self.recorders:
             recorder.add(fusion, self.fusions[fusion].members, present, layer, site, probs, mask)
+
+
+def _cast_floating(module: nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)``, except submodules marked ``keep_float32`` (torch computes them in
+    float32 only: LoReFT's orthogonal parametrisation needs ``householder_product``)."""
+    if getattr(module, "keep_float32", False):
+        return
+    for p in module.parameters(recurse=False):
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for key, buffer in module.named_buffers(recurse=False):
+        if buffer.is_floating_point():
+            setattr(module, key, buffer.to(dtype))
+    for child in module.children():
+        _cast_floating(child, dtype)
 
 
 class _InputPreparer:

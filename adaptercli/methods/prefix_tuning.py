@@ -114,12 +114,15 @@ class PrefixPool(nn.Module):
         return kv[0], kv[1]
 
 
+Gated = tuple[PrefixPool, nn.Linear | None]  # a pool and its gate at one layer (None: not gated)
+
+
 class _RowPrefixes:
     """Composer (see ``composition.run``) whose state is (start, stop, groups): which prefixes each
     run of rows ``[a, b)`` joins, as ``(a, b, pools)``. A Stack joins prefixes; Parallel and
     BatchSplit give rows their own."""
 
-    def __init__(self, pools: dict[str, PrefixPool]):
+    def __init__(self, pools: dict[str, Gated]):
         self.pools = pools
 
     def has(self, name: str) -> bool:
@@ -150,21 +153,21 @@ class _LayerPrefix:
     """What an attention module needs to join its prefixes (plain object, not a submodule):
     the same pools for every row (a Stack), or a composition that gives groups of rows their own."""
 
-    def __init__(self, layer: int, pools: list[PrefixPool], setup: CompositionBlock | None = None,
-                 by_name: dict[str, PrefixPool] | None = None, gates: dict[int, nn.Linear] | None = None):
+    def __init__(self, layer: int, pools: list[Gated], setup: CompositionBlock | None = None,
+                 by_name: dict[str, Gated] | None = None):
+        # Each pool with its gate at this layer (None: ungated), held together: looking a gate up
+        # by the pool's id() made torch.compile guard on that id and recompile for each adapter.
         self.layer, self.pools, self.setup, self.by_name = layer, pools, setup, by_name
-        self.gates = gates or {}  # id(pool) -> its gate at this layer
         # T5: the widened position bias of each bias tensor seen in this forward pass (shared by layers)
         self.bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.hidden: torch.Tensor | None = None  # the attention's input in this forward pass (for gates)
 
-    def _kv(self, pools: list[PrefixPool], dtype: torch.dtype, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kv(self, pools: list[Gated], dtype: torch.dtype, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """The joined key/value prefix of ``pools`` (the first one first) for batch ``rows``, each
         [1, heads, P, dim], or [rows, heads, P, dim] when a gate scales them per row."""
         keys, values = [], []
-        for pool in pools:
+        for pool, gate in pools:
             k, v = (t.unsqueeze(0) for t in pool.layer_kv(self.layer))
-            gate = self.gates.get(id(pool))
             if gate is not None:
                 g = torch.sigmoid(gate(self.hidden[rows].to(gate.weight.dtype))).mean(dim=1)  # [rows, 1 or 2]
                 k, v = k * g[:, 0].view(-1, 1, 1, 1), v * g[:, -1].view(-1, 1, 1, 1)
@@ -398,21 +401,20 @@ class PrefixTuningFamily(MethodFamily):
         if state.arch.decoder is not None:
             return handles + self._activate_encoder_decoder(state, setup, active, pools_by_name, bias_cache)
         for i, layer in enumerate(transformer_layers(state.backbone, state.arch)):
-            here = {n: pools_by_name[n] for n in active
+            attention = get_module(layer, state.arch.attention)
+            gates_here = getattr(getattr(attention, "prefix_tuning", None), "prefix_gates", {})
+            here = {n: (pools_by_name[n], gates_here[n] if n in gates_here else None) for n in active
                     if i not in family_config(state.adapters[n].config, self.name).leave_out}
             if here:
-                attention = get_module(layer, state.arch.attention)
-                gates_here = getattr(getattr(attention, "prefix_tuning", None), "prefix_gates", {})
-                gates = {id(pool): gates_here[n] for n, pool in here.items() if n in gates_here}
                 if is_plain_stack(setup):
-                    prefix = _LayerPrefix(i, list(here.values()), gates=gates)
+                    prefix = _LayerPrefix(i, list(here.values()))
                 else:
-                    prefix = _LayerPrefix(i, [], setup, here, gates=gates)
+                    prefix = _LayerPrefix(i, [], setup, here)
                 attention._adaptercli_prefix = prefix
                 if own:
                     attention.forward = types.MethodType(OWN_ATTENTION[own], attention)
                 handles.append(_Unset(attention))
-                if gates:
+                if any(gate is not None for _, gate in here.values()):
                     handles.append(attention.register_forward_pre_hook(_keep_input(prefix), with_kwargs=True))
         return handles
 
@@ -431,7 +433,7 @@ class PrefixTuningFamily(MethodFamily):
             for path, place in places:
                 index = counters[place]
                 counters[place] += 1
-                here = {n: pools_by_name[n][place] for n in active if place in pools_by_name[n]
+                here = {n: (pools_by_name[n][place], None) for n in active if place in pools_by_name[n]
                         and i not in family_config(state.adapters[n].config, self.name).leave_out}
                 if not here:
                     continue

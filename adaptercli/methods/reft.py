@@ -93,7 +93,11 @@ class ReftUnit(nn.Module):
             # saved, loaded and moved with the adapter's other tensors (it is in AdapterHub's files).
             orthogonal = projection.parametrizations.weight[0]
             base = orthogonal._buffers.pop("base")
+            if base is None:  # its init needs aten::geqrf, which has no meta kernel (torch skips it silently)
+                side = max(hidden_size, config.r)
+                base = torch.empty(side, side, device=projection.parametrizations.weight.original.device)
             orthogonal.base = nn.Parameter(base, requires_grad=False)
+            projection.keep_float32 = True  # householder_product has no bf16/fp16 kernel: stays fp32 on any layer
         self.projection = projection
         self.subtract_projection = config.subtract_projection
         self.non_linearity = _activation(config.non_linearity) if config.non_linearity else nn.Identity()
@@ -101,9 +105,10 @@ class ReftUnit(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         source = self.non_linearity(self.learned_source(h))
+        weight = self.projection.weight.to(source.dtype)  # [r, H]; LoReFT's is kept in fp32
         if self.subtract_projection:
-            source = source - self.projection(h)
-        return self.dropout(h + source @ self.projection.weight)
+            source = source - h.to(source.dtype) @ weight.t()
+        return self.dropout(h + (source @ weight).to(h.dtype))
 
 
 class ReftModule(nn.Module):
