@@ -242,21 +242,29 @@ def development(root: Path, info: dict, target: str) -> dict:
             "dev_scores": {k: v[2] for k, v in dev.items()}}
 
 
-def reported(root: Path, info: dict, target: str, choices: dict, oracle: bool) -> dict:
-    """Each contender's accuracy on the reported split, per seed (with ``oracle``, every source's head too)."""
-    print(f"reported phase: {target}", flush=True)
-    columns = {"full": ("full", choices["full"]), "adapter": ("adapter", None), "probe": ("probe", choices["probe"]),
-               "average": ("merge", ("linear", None, "mean")), "merge": ("merge", choices["merge"]),
-               "fusion": ("fusion", choices["fusion"])}
+def columns(choices: dict, target: str, oracle: bool) -> dict:
+    """The reported contenders of a target: {column: (kind, choice)} (with ``oracle``, every source's head)."""
+    chosen = {"full": ("full", choices["full"]), "adapter": ("adapter", None), "probe": ("probe", choices["probe"]),
+              "average": ("merge", ("linear", None, "mean")), "merge": ("merge", choices["merge"]),
+              "fusion": ("fusion", choices["fusion"])}
     if oracle:
-        columns |= {f"probe_{s}": ("probe", s) for s in source_names(target) if s != choices["probe"]}
-    results: dict[str, list[float]] = {name: [] for name in columns}
-    for seed in SEEDS:
-        for name, (kind, choice) in columns.items():
-            results[name].append(score(root, info, target, seed, "reported", kind, choice))
+        chosen |= {f"probe_{s}": ("probe", s) for s in source_names(target) if s != choices["probe"]}
+    return chosen
+
+
+def reported(root: Path, info: dict, choices: dict, seeds: list[int], oracle: bool) -> dict:
+    """Each contender's accuracy on the reported split: seed by seed over all targets, so a study cut
+    short still has every target on its finished seeds."""
+    results = {t: {name: [] for name in columns(c, t, oracle)} for t, c in choices.items()}
+    for seed in seeds:
+        print(f"reported phase: seed {seed}", flush=True)
+        for target, chosen in choices.items():
+            for name, (kind, choice) in columns(chosen, target, oracle).items():
+                results[target][name].append(score(root, info, target, seed, "reported", kind, choice))
     if oracle:
-        probes = [results[n] for n in results if n.startswith("probe")]
-        results["probe_oracle"] = [max(p[i] for p in probes) for i in range(len(SEEDS))]
+        for target_results in results.values():
+            probes = [v for n, v in target_results.items() if n.startswith("probe")]
+            target_results["probe_oracle"] = [max(p[i] for p in probes) for i in range(len(seeds))]
     return results
 
 
@@ -298,7 +306,7 @@ def describe(choice) -> str:
     return str(choice)
 
 
-def report(study: dict, seconds: float) -> tuple[str, dict]:
+def report(study: dict, seeds: list[int], seconds: float) -> tuple[str, dict]:
     """The Table-1-like markdown and the JSON payload of a finished study."""
     oracle = all("probe_oracle" in s["results"] for s in study.values())
     head = ["target (500 training rows)", *(name for _, name in COLUMNS)] + (["best source (oracle)"] if oracle else [])
@@ -306,7 +314,7 @@ def report(study: dict, seconds: float) -> tuple[str, dict]:
     keys = [key for key, _ in COLUMNS] + (["probe_oracle"] if oracle else [])
     for target, s in study.items():
         lines.append(f"| {target} | " + " | ".join(mean_sd(s["results"][k]) for k in keys) + " |")
-    means = {k: [statistics.fmean(s["results"][k][i] for s in study.values()) for i in range(len(SEEDS))] for k in keys}
+    means = {k: [statistics.fmean(s["results"][k][i] for s in study.values()) for i in range(len(seeds))] for k in keys}
     lines.append("| **mean** | " + " | ".join(f"**{mean_sd(means[k])}**" for k in keys) + " |")
     diffs = ["", "| paired difference, 95% CI (points) | fusion − best source (dev) | fusion − Average | fusion − new adapter |"
              + (" fusion − best source (oracle) |" if oracle else ""), "|---|---:|---:|---:|" + ("---:|" if oracle else "")]
@@ -322,11 +330,15 @@ def report(study: dict, seconds: float) -> tuple[str, dict]:
         c = s["choices"]
         choices.append(f"| {target} | full FT {describe(c['full'])}; fusion {describe(c['fusion'])}; best source "
                        f"{c['probe']}; best merge {describe(c['merge'])} |")
-    footer = (f"\n{len(SEEDS)} seeds ({', '.join(map(str, SEEDS))}), accuracy on {REPORTED_ROWS} held-out rows per "
-              f"target, mean ± sd over seeds; {STEPS} steps of 16 for every contender. `make fusion-study` "
+    choices += ["", "| target | accuracy on the development split (seed-0 training rows), each option |", "|---|---|"]
+    for target, s in study.items():
+        scores = sorted(s["choices"]["dev_scores"].items(), key=lambda kv: -kv[1])
+        choices.append(f"| {target} | " + ", ".join(f"{name} {100 * value:.1f}" for name, value in scores) + " |")
+    footer = (f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), accuracy on 600 held-out rows per "
+              f"target (TREC 539), mean ± sd over seeds; {STEPS} steps of 16 for every contender. `make fusion-study` "
               f"({date.today().isoformat()}, {platform.machine()} CPU, {platform.python_version()}; runs made in "
               f"this invocation took {seconds / 60:.0f} min).")
-    payload = {"seeds": SEEDS, "steps": STEPS, "study": study, "paired": payload_diffs}
+    payload = {"seeds": seeds, "steps": STEPS, "study": study, "paired": payload_diffs}
     return "\n".join(lines + diffs + choices) + "\n" + footer + "\n", payload
 
 
@@ -349,16 +361,17 @@ def main() -> int:
     parser.add_argument("--publish", default=None, help="copy fusion_study.md and fusion_study.json here")
     parser.add_argument("--oracle", action="store_true", help="also train every source's head on every seed "
                         "(the best single source picked on the reported split; 6 more runs per seed and target)")
+    parser.add_argument("--seeds", type=lambda text: [int(v) for v in text.split(",")], default=SEEDS,
+                        help="comma-separated seeds to report (default 0,1,2,3,4)")
     args = parser.parse_args()
     root = (ROOT / args.root).resolve()
     started = time.perf_counter()
     info = prepare_data(root)
     train_sources(root, info)
-    study = {}
-    for target in TARGETS:
-        choices = development(root, info, target)
-        study[target] = {"choices": choices, "results": reported(root, info, target, choices, args.oracle)}
-    markdown, payload = report(study, time.perf_counter() - started)
+    choices = {target: development(root, info, target) for target in TARGETS}
+    results = reported(root, info, choices, args.seeds, args.oracle)
+    study = {target: {"choices": choices[target], "results": results[target]} for target in TARGETS}
+    markdown, payload = report(study, args.seeds, time.perf_counter() - started)
     markdown += attention_means(root, study)
     print("\n" + markdown)
     (root / "fusion_study.md").write_text(markdown)
