@@ -90,6 +90,52 @@ class ModelAdaptersMixin:
         a list (a Stack; a list inside it is a Fuse: ``[["a", "b"], "c"]``)."""
         self.adapter_state.activate(composition.parse(setup))
 
+    def setup_named(self, name: str | composition.CompositionBlock) -> composition.CompositionBlock:
+        """What a row named ``name`` runs: an adapter (a one-adapter Stack), a fusion by its name
+        (its Fuse), or a composition block as given (checked against this model's adapters)."""
+        state = self.adapter_state
+        if isinstance(name, composition.CompositionBlock):
+            block = name
+        elif name in state.fusions:
+            members = state.fusions[name].members
+            block = composition.Fuse(*members, name=name if name != ",".join(members) else None)
+        elif name in state.adapters:
+            block = composition.Stack(name)
+        else:
+            known = ", ".join([*state.adapters, *state.fusions]) or "none"
+            raise AdapterError(f"adapter_names: no adapter or fusion named '{name}' (on this model: {known})")
+        state.check_setup(block)
+        return block
+
+    def rows_setup(self, adapter_names: list, rows: int) -> tuple[list[int], composition.CompositionBlock]:
+        """The row order and the setup that run row ``i`` through ``adapter_names[i]`` in one
+        forward pass (see ``composition.rows_by_setup``); refuses a family that cannot share a batch."""
+        if isinstance(adapter_names, str) or len(adapter_names) != rows:
+            raise AdapterError(f"adapter_names needs one name per row: {rows} rows, got "
+                               f"{'a string' if isinstance(adapter_names, str) else len(adapter_names)}")
+        order, setup = composition.rows_by_setup([self.setup_named(n) for n in adapter_names])
+        if isinstance(setup, composition.BatchSplit):
+            state = self.adapter_state
+            mixable = [f.name for f in state.families.values() if "BatchSplit" in f.blocks]
+            for name in setup.flatten():
+                if state.adapters[name].config.family not in mixable:
+                    raise AdapterError(
+                        f"adapter_names: '{name}' is a {state.adapters[name].method} adapter, which cannot share a "
+                        f"batch with other adapters (the {', '.join(mixable)} families can); give its rows a batch "
+                        "of their own")
+        return order, setup  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def running(self, setup: composition.CompositionBlock) -> Iterator[None]:
+        """Run ``setup`` inside the ``with`` block, then the setup that was active before."""
+        state = self.adapter_state
+        previous = state.active
+        state.activate(setup)
+        try:
+            yield
+        finally:
+            state.activate(previous)
+
     @property
     def active_adapters(self) -> composition.CompositionBlock | None:
         return self.adapter_state.active
@@ -535,11 +581,15 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         first = node if isinstance(node, str) or node is None else node.first()
         return inv[first] if inv is not None and first in inv else None
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, head: str | None = None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, head: str | None = None,
+                adapter_names: list | None = None, **kwargs):
         """Backbone + head. With a Parallel or BatchSplit setup (and no ``head``) every group of
         rows goes to its own head (named like its adapter) and a ``MultiHeadOutput`` holds
-        one output per group, in order; ``loss`` is the sum of theirs."""
+        one output per group, in order; ``loss`` is the sum of theirs. With ``adapter_names``
+        (one adapter, fusion or block per row) see ``forward_rows``."""
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if adapter_names is not None:
+            return self.forward_rows(adapter_names, input_ids, attention_mask, labels, **kwargs)
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]
         attention_mask, labels = _with_prompt_positions(hidden, attention_mask, labels)
@@ -555,6 +605,13 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         if channels > 1:  # Parallel replicated the batch: replicate what goes with each row too
             attention_mask, labels = (t.repeat(channels, *[1] * (t.dim() - 1)) if t is not None else None
                                       for t in (attention_mask, labels))
+        results = self._group_outputs(hidden, attention_mask, labels, groups)
+        losses = [r.loss for r in results]
+        return MultiHeadOutput(results, sum(losses) if all(loss is not None for loss in losses) else None)
+
+    def _group_outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                       groups: list[tuple[slice, Any]]) -> list[AdapterModelOutput]:
+        """Each group of rows through the head named like its setup (none: hidden states only)."""
         results = []
         for rows, node in groups:
             name = composition.head_name(node)
@@ -565,8 +622,38 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
                 hidden[rows], None if attention_mask is None else attention_mask[rows],
                 None if labels is None else labels[rows], self._inverse_for(node))
             results.append(AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden[rows]))
-        losses = [r.loss for r in results]
-        return MultiHeadOutput(results, sum(losses) if all(loss is not None for loss in losses) else None)
+        return results
+
+    def forward_rows(self, adapter_names: list, input_ids=None, attention_mask=None, labels=None,
+                     **kwargs) -> AdapterModelOutput:
+        """One forward pass in which row ``i`` runs ``adapter_names[i]`` (an adapter, a fusion's
+        name or a composition block) and its head (named like it; none: no logits for the row).
+        Rows naming the same setup are grouped (a BatchSplit over the groups), so the cost stays
+        that of one batch; outputs come back in the rows' order. ``logits`` is one tensor when
+        every row's logits have one shape, else a list of per-row tensors; ``loss`` (with
+        ``labels``) is the sum of each group's loss."""
+        inputs = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        batch = inputs.shape[0]
+        order, setup = self.rows_setup(adapter_names, batch)
+        index = torch.tensor(order, device=inputs.device)
+
+        def reorder(t: Any) -> Any:
+            return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
+
+        with self.running(setup):
+            hidden = self.base_model(input_ids=reorder(input_ids), attention_mask=reorder(attention_mask),
+                                     **{k: reorder(v) for k, v in kwargs.items()})[0]
+        mask, labels = _with_prompt_positions(hidden, reorder(attention_mask), reorder(labels))
+        results = self._group_outputs(hidden, mask, labels, composition.row_groups(setup, batch))
+        back = torch.empty_like(index)
+        back[index] = torch.arange(batch, device=index.device)
+        per_row = [row for r in results for row in (r.logits if r.logits is not None else [None] * len(r.hidden_states))]
+        logits: Any = [per_row[i] for i in back.tolist()]
+        if all(t is not None for t in logits) and len({tuple(t.shape) for t in logits}) == 1:
+            logits = torch.stack(logits)
+        losses = [r.loss for r in results if r.loss is not None]
+        return AdapterModelOutput(loss=sum(losses) if losses else None, logits=logits,
+                                  hidden_states=hidden.index_select(0, back))
 
 
 def _with_prompt_positions(hidden: torch.Tensor, attention_mask: torch.Tensor | None,
