@@ -116,14 +116,21 @@ class ModelAdaptersMixin:
         order, setup = composition.rows_by_setup([self.setup_named(n) for n in adapter_names])
         if isinstance(setup, composition.BatchSplit):
             state = self.adapter_state
-            mixable = [f.name for f in state.families.values() if "BatchSplit" in f.blocks]
             for name in setup.flatten():
-                if state.adapters[name].config.family not in mixable:
+                if not self.shares_batches(name):
+                    mixable = [f.name for f in state.families.values() if "BatchSplit" in f.blocks]
                     raise AdapterError(
                         f"adapter_names: '{name}' is a {state.adapters[name].method} adapter, which cannot share a "
                         f"batch with other adapters (the {', '.join(mixable)} families can); give its rows a batch "
                         "of their own")
         return order, setup  # type: ignore[return-value]
+
+    def shares_batches(self, setup: str | composition.CompositionBlock) -> bool:
+        """Whether rows running ``setup`` can share a forward pass with rows running other adapters
+        (every family in it runs a BatchSplit; prompt tuning and ReFT do not)."""
+        state = self.adapter_state
+        return all("BatchSplit" in state.families[state.adapters[n].config.family].blocks
+                   for n in self.setup_named(setup).flatten())
 
     @contextlib.contextmanager
     def running(self, setup: composition.CompositionBlock) -> Iterator[None]:
