@@ -61,8 +61,10 @@ class ModelAdaptersMixin:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
             raise AdapterError(f"adapter name '{name}' may only use letters, digits, '_' and '-'")
         method_config = resolve_config(config)
+        state.forget_modules()
         with torch.device(next(self.parameters()).device):  # adapters live beside the weights they change
             family_of(method_config).add(state, name, method_config)
+        state.forget_modules()
         self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.adapters[name] = AdapterRecord(name, method_config, method_name(method_config))
         if set_active:
@@ -79,6 +81,7 @@ class ModelAdaptersMixin:
         for fusion in [f.name for f in state.fusions.values() if name in f.members]:
             self.delete_adapter_fusion(fusion)  # a fusion without one of its members cannot run
         family_of(record.config).delete(state, name)
+        state.forget_modules()
         del state.adapters[name]
         heads = getattr(self, "heads", None)
         if heads is not None and name in heads:
@@ -216,8 +219,10 @@ class ModelAdaptersMixin:
             if not overwrite_ok:
                 raise AdapterError(f"a fusion named '{name}' already exists (use overwrite_ok=True to replace it)")
             self.delete_adapter_fusion(name)
+        state.forget_modules()
         with torch.device(next(self.parameters()).device):
             FAMILIES["bottleneck"].add_fusion(state, name, members, fusion_config)
+        state.forget_modules()
         self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.fusions[name] = FusionRecord(name, members, fusion_config)
         if set_active:
@@ -232,6 +237,7 @@ class ModelAdaptersMixin:
                                             for b in composition.blocks_in(state.active)):
             state.activate(None)
         FAMILIES["bottleneck"].delete_fusion(state, name)
+        state.forget_modules()
         del state.fusions[name]
 
     @staticmethod
