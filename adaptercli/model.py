@@ -146,6 +146,33 @@ class ModelAdaptersMixin:
         finally:
             state.activate(previous)
 
+    def generate(self, *args: Any, adapter_names: list | None = None, **kwargs: Any) -> Any:
+        """transformers' ``generate``; with ``adapter_names`` row ``i`` runs ``adapter_names[i]``
+        at every step (rows grouped into one BatchSplit, outputs back in the rows' order). Greedy
+        or sampled; beam search and several sequences per row are refused with per-row adapters
+        (the encoder and the decoder would see different row counts)."""
+        parent = getattr(super(), "generate", None)
+        if parent is None:
+            raise AdapterError(f"{type(self).__name__} has no transformers generate; an AdapterModel with a causal-LM "
+                               "head generates with AdapterModel.generate")
+        if adapter_names is None:
+            return parent(*args, **kwargs)
+        if kwargs.get("num_beams", 1) > 1 or kwargs.get("num_return_sequences", 1) > 1:
+            raise AdapterError("generate with adapter_names: one sequence per row (num_beams=1, num_return_sequences=1)")
+        inputs = kwargs.pop("input_ids", args[0] if args else None)
+        order, setup = self.rows_setup(adapter_names, inputs.shape[0])
+        index = torch.tensor(order, device=inputs.device)
+        kwargs = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == inputs.shape[0]
+                  else v for k, v in kwargs.items()}
+        with self.running(setup):
+            output = parent(inputs.index_select(0, index), *args[1:], **kwargs)
+        back = torch.empty_like(index)
+        back[index] = torch.arange(len(order), device=index.device)
+        if isinstance(output, torch.Tensor):
+            return output.index_select(0, back.to(output.device))
+        output.sequences = output.sequences.index_select(0, back.to(output.sequences.device))
+        return output
+
     @property
     def active_adapters(self) -> composition.CompositionBlock | None:
         return self.adapter_state.active
@@ -533,6 +560,14 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         arch = self.adapter_state.arch
         return bool(arch is not None and arch.causal or getattr(self.config, "is_decoder", False))
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,  # type: ignore[override]
+                 adapter_names: list | None = None, max_new_tokens: int = 20, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int = 0) -> torch.Tensor:
+        """Greedy continuation with causal-LM heads, each row through ``adapter_names[i]`` (None:
+        the active setup); see ``generate_greedy``. Returns the new tokens [B, <= max_new_tokens]."""
+        stop = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
+        return generate_greedy(self, input_ids, attention_mask, adapter_names, max_new_tokens, stop, pad_token_id)
+
     def add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False, set_active: bool = True) -> None:
         if name in self.heads and not overwrite_ok:
             raise AdapterError(f"a head named '{name}' already exists (use overwrite_ok=True to replace it)")
@@ -669,6 +704,32 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
                                   hidden_states=hidden.index_select(0, back))
 
 
+@torch.no_grad()
+def generate_greedy(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    adapter_names: list | None = None, max_new_tokens: int = 20,
+                    stop: set[int] | None = None, pad_token_id: int = 0) -> torch.Tensor:
+    """Greedy continuation with causal-LM heads, without a KV cache (the path training takes): row
+    ``i`` through ``adapter_names[i]`` (None: the active setup). Prompts are left-padded (positions
+    count real tokens only); returns the new tokens [B, <= max_new_tokens], a finished row (one of
+    ``stop`` written) padded with ``pad_token_id`` after its stop token."""
+    ids = input_ids
+    mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    stops = torch.tensor(sorted(stop or ()), dtype=ids.dtype, device=ids.device)
+    new = []
+    for _ in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_names=adapter_names).logits
+        last = torch.stack([row[-1] for row in logits]) if isinstance(logits, list) else logits[:, -1]
+        token = torch.where(done, torch.full_like(done, pad_token_id, dtype=ids.dtype), last.argmax(-1))
+        new.append(token)
+        done |= torch.isin(token, stops)
+        if bool(done.all()):
+            break
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(new, 1) if new else ids.new_zeros(ids.shape[0], 0)
+
+
 def _with_prompt_positions(hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                            labels: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Prompt tuning puts its positions before the input: widen the mask (attended) and the token
@@ -722,7 +783,8 @@ class AutoAdapterModel:
         return AdapterModel(AutoModel.from_config(config, **kwargs), layout)
 
 
-__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "MultiHeadOutput", "init"]
+__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "MultiHeadOutput", "generate_greedy",
+           "init"]
 
 
 # -- merging adapters: the checks and the weights (see `average_adapter`) ---------------------------------

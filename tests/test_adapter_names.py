@@ -118,3 +118,58 @@ def test_refusals_are_one_line(configs, per_row, message, perturb) -> None:
     with pytest.raises(AdapterError) as error:
         model(input_ids=ids, attention_mask=mask, adapter_names=per_row)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def _causal_model(configs: list, perturb):
+    model = adaptercli.AdapterModel(tiny_model("llama", attn="sdpa"))
+    for i, config in enumerate(configs):
+        model.add_adapter(f"a{i}", config)
+        perturb(model, f"a{i}", scale=0.5, seed=i)  # large: the adapters write different tokens
+        model.add_causal_lm_head(f"a{i}")
+    return model.eval()
+
+
+def _greedy_alone(model, name: str, prompt: list[int], steps: int) -> list[int]:
+    """What inference.answer does: one unpadded prompt, token by token, the adapter active."""
+    model.set_active_adapters(name)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_causal_generate_rows_equal_each_adapter_alone(perturb) -> None:
+    configs = ["lora", "seq_bn", "prefix_tuning[prefix_length=3,bottleneck_size=8]", "mam"]
+    model = _causal_model(configs, perturb)
+    prompts = [[5, 9, 13, 4, 7], [22, 3], [8, 8, 30, 2], [41, 17, 6], [11], [60, 61, 62, 63, 64]]
+    per_row = ["a0", "a1", "a2", "a3", "a1", "a0"]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    new = model.generate(ids, mask, adapter_names=per_row, max_new_tokens=6)
+    expected = [_greedy_alone(model, name, p, 6) for p, name in zip(prompts, per_row, strict=True)]
+    assert new.tolist() == expected
+    assert len({tuple(_greedy_alone(model, n, prompts[0], 6)) for n in ("a0", "a1", "a2")}) > 1  # they differ
+
+
+def test_seq2seq_generate_rows_equal_each_adapter_alone(perturb) -> None:
+    from test_seq2seq import tiny_t5
+
+    model = tiny_t5()
+    for i, config in enumerate(["lora", "seq_bn", "prefix_tuning[prefix_length=3,bottleneck_size=8]"]):
+        model.add_adapter(f"a{i}", config)
+        perturb(model, f"a{i}", scale=0.5, seed=i)
+    ids, mask = _padded(rows=4, length=7)
+    ids = ids % 60
+    per_row = ["a2", "a0", "a1", "a2"]
+    mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=per_row, max_new_tokens=5, do_sample=False)
+    alone = {}
+    for name in ("a0", "a1", "a2"):
+        model.set_active_adapters(name)
+        alone[name] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    for row, name in enumerate(per_row):
+        assert mixed[row].tolist() == alone[name][row].tolist(), (row, name)
+    assert len({tuple(alone[n][0].tolist()) for n in alone}) > 1  # the adapters write different tokens
+    with pytest.raises(AdapterError, match="one sequence per row"):
+        model.generate(input_ids=ids, attention_mask=mask, adapter_names=per_row, num_beams=2)
