@@ -12,6 +12,7 @@ same values. The model runs in one worker thread: batches, generation and loadin
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,7 @@ class AdapterServer:
         self.settings = settings
         self.model: Any = None
         self.tokenizer: Any = None
+        self.counting_tokenizer: Any = None
         self.base: str | None = None  # the base model's folder or id, as the first source named it
         self.served: dict[str, Served] = {}
 
@@ -113,6 +115,9 @@ class AdapterServer:
     def open_base(self, section: ModelSection) -> None:
         """Load the base model (as a run loads it: dtype, attention, quantization) and its tokenizer."""
         self.model, self.tokenizer = load_model(Recipe(model=section))
+        # Requests are counted in the event loop while the worker tokenizes batches: a fast tokenizer
+        # used from two threads at once fails ("Already borrowed"), so counting gets its own copy.
+        self.counting_tokenizer = copy.deepcopy(self.tokenizer)
         self.model.eval()
         self.base = section.name_or_path
 
@@ -208,7 +213,7 @@ class AdapterServer:
     # -- answering -------------------------------------------------------------------------------
     def count_tokens(self, text: str | list[str]) -> int:
         pair = [text] if isinstance(text, str) else list(text)
-        return len(self.tokenizer(*pair, truncation=False)["input_ids"])
+        return len(self.counting_tokenizer(*pair, truncation=False)["input_ids"])
 
     def predict_batch(self, jobs: list[Job]) -> None:
         """Answer each job (its ``result`` or ``error``): the jobs whose adapters share batches in

@@ -239,19 +239,22 @@ async def _load(url: str, offline: dict[str, list[dict]], clients: int, requests
     return statuses
 
 
-def test_load_on_localhost_every_answer_equals_predict_json(server, offline) -> None:
+@pytest.mark.parametrize(("clients", "requests"), [
+    (16, 320), pytest.param(32, 2000, marks=pytest.mark.slow)])  # the size runs with `make repro`
+def test_load_on_localhost_every_answer_equals_predict_json(server, offline, clients: int, requests: int) -> None:
     with _Uvicorn(create_app(server, token="")) as url:
         asyncio.run(_load(url, offline, clients=8, requests=40))  # warm-up
         warm = _rss_mb()
         started = time.time()
-        statuses = asyncio.run(_load(url, offline, clients=16, requests=320))
+        statuses = asyncio.run(_load(url, offline, clients=clients, requests=requests))
         elapsed = time.time() - started
         metrics = httpx.get(f"{url}/metrics").text
-    assert set(statuses) <= {200, 404, 422} and statuses[200] >= 280, statuses
+    invalid = len(range(0, requests, 11))
+    assert set(statuses) <= {200, 404, 422} and statuses[200] == requests - invalid, statuses
     assert _rss_mb() <= 1.1 * warm, (warm, _rss_mb())
     batches = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("adaptercli_batch_texts_count")))
-    assert batches < statuses[200] + 40  # requests shared batches
-    assert elapsed < 120
+    assert batches < statuses[200] + 40  # requests shared batches (40: the warm-up's)
+    assert elapsed < 60 * requests / 320
 
 
 def test_full_queue_answers_503_and_slow_answers_504(runs) -> None:
@@ -283,3 +286,33 @@ def test_full_queue_answers_503_and_slow_answers_504(runs) -> None:
     assert full.status_code == 503 and full.headers["retry-after"] == "1" and "queue is full" in full.json()["error"]
     assert late.status_code == 504 and "no answer within 1 s" in late.json()["error"]
     assert queued.status_code == 504
+
+
+def test_generate_endpoint_answers_like_adapter_generate(tmp_path, tiny_llama_dir) -> None:
+    from conftest import write_recipe
+    from rich.console import Console
+
+    from adaptercli.inference import generate
+    from adaptercli.recipe import load_recipe
+    from adaptercli.train import train
+
+    pairs = [(f"what is {a} plus {b}", f"it is {a + b}") for a in range(4) for b in range(4)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                            + "\n" for q, a in pairs))
+    recipe = write_recipe(tmp_path, tiny_llama_dir, data, method="lora", data={"task": "instruct", "label_column": None},
+                          max_steps=2, eval_steps=2, save_steps=2, max_seq_length=64)
+    train(load_recipe(recipe), console=Console(quiet=True))
+    run = tmp_path / "run"
+    expected = generate(run, ["what is 2 plus 3"], max_new_tokens=5)[0]
+    assert expected  # a random model writes five word pieces, not an empty answer
+    with TestClient(create_app(_server({"chat": run}), token="")) as client:
+        answer = client.post("/v1/generate", json={"adapter": "chat", "prompt": "what is 2 plus 3", "max_new_tokens": 5})
+        assert answer.status_code == 200 and answer.json() == {"adapter": "chat", "text": expected}
+        messages = [{"role": "user", "content": "what is 2 plus 3"}]
+        answer = client.post("/v1/generate", json={"adapter": "chat", "messages": messages, "max_new_tokens": 5})
+        assert answer.json()["text"] == expected
+        refused = client.post("/v1/predict", json={"adapter": "chat", "inputs": ["hi"]})
+        assert refused.status_code == 422 and "use /v1/generate" in refused.json()["error"]
+        both = client.post("/v1/generate", json={"adapter": "chat", "prompt": "x", "messages": messages})
+        assert both.status_code == 422 and both.json()["error"] == "give either prompt or messages"
