@@ -130,7 +130,7 @@ class ModelAdaptersMixin:
 
     def shares_batches(self, setup: str | composition.CompositionBlock) -> bool:
         """Whether rows running ``setup`` can share a forward pass with rows running other adapters
-        (every family in it runs a BatchSplit; prompt tuning and ReFT do not)."""
+        (every family in it runs a BatchSplit; prompt tuning does not)."""
         state = self.adapter_state
         return all("BatchSplit" in state.families[state.adapters[n].config.family].blocks
                    for n in self.setup_named(setup).flatten())

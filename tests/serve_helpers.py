@@ -10,7 +10,7 @@ from rich.console import Console
 from adaptercli.recipe import load_recipe
 from adaptercli.train import train
 
-# Mixed families: the first six share batches, prompt tuning and LoReFT run in batches of their own.
+# Mixed families: all but prompt tuning share batches (prompt tuning runs in batches of its own).
 METHODS = {"lora": {"r": 4, "alpha": 16}, "seq_bn": {}, "prefix_tuning": {"prefix_length": 4, "bottleneck_size": 16},
            "ia3": {}, "mam": {}, "dora": {"r": 4}, "prompt_tuning": {"prompt_length": 3}, "loreft": {}}
 

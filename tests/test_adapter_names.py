@@ -20,6 +20,8 @@ MIXED = {
                "prefix_tuning_flat[prefix_length=3]"],
     "unions": ["mam", "unipelt", "lora"],
     "across_families": ["seq_bn", "lora", "prefix_tuning[prefix_length=3,bottleneck_size=8]", "mam"],
+    "reft": ["loreft", {"method": "direft", "prefix_positions": 2, "suffix_positions": 2}, "lora",
+             {"method": "noreft", "layers": [0]}],
 }
 
 
@@ -108,7 +110,7 @@ def test_active_setup_is_restored_and_one_adapter_needs_no_split(perturb) -> Non
 
 @pytest.mark.parametrize(("configs", "per_row", "message"), [
     (["prompt_tuning", "lora"], ["a0", "a1"], "'a0' is a prompt_tuning adapter, which cannot share a batch"),
-    (["loreft", "lora"], ["a1", "a0"], "'a0' is a loreft adapter, which cannot share a batch"),
+    (["prompt_tuning", "loreft"], ["a1", "a0"], "'a0' is a prompt_tuning adapter, which cannot share a batch"),
     (["lora"], ["a0", "nope"], "no adapter or fusion named 'nope' (on this model: a0)"),
     (["lora"], ["a0"], "adapter_names needs one name per row: 2 rows, got 1"),
 ])

@@ -1,6 +1,5 @@
 """`adapter serve`: predictions through the server equal `adapter predict RUN --json` for eight
-runs of mixed families (mixed in one batch or, for prompt tuning and LoReFT, in batches of their
-own); a table of bad requests, each answered with its status and one line while the server keeps
+runs of mixed families (mixed in one batch or, for prompt tuning, in batches of its own); a table of bad requests, each answered with its status and one line while the server keeps
 answering; the queue bound (503 + Retry-After) and the timeout (504); the bearer token; and a
 bounded load test against a real uvicorn on 127.0.0.1."""
 
@@ -73,7 +72,7 @@ def test_one_mixed_batch_equals_predict_json_for_every_run(server, offline) -> N
         assert job.error is None
         _same(job.result, offline[job.served.name])
     mixing = [n for n, s in server.served.items() if s.shares_batches]
-    assert mixing == ["lora", "seq_bn", "prefix_tuning", "ia3", "mam", "dora"]
+    assert mixing == ["lora", "seq_bn", "prefix_tuning", "ia3", "mam", "dora", "loreft"]
     labels = {offline[n][0]["probability"] for n in server.served}
     assert len(labels) == len(server.served)  # the runs differ, so a mix-up would show
 
