@@ -157,7 +157,8 @@ class AdapterServer:
         model, state = self.model, self.model.adapter_state
         members: list[str] = []
         try:
-            for member in recipe.composition.adapters if recipe.composition else []:
+            comp = recipe.composition  # an averaged run's adapter is the average: no members to run
+            for member in comp.adapters if comp is not None and comp.type in ("stack", "fuse") else []:
                 found = locate(member, model_type=state.model_type, hidden_size=state.hidden_size)
                 saved = read_adapter(found, with_head=False).saved_name
                 if saved in state.adapters:
