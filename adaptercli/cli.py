@@ -225,6 +225,29 @@ def generate(
 
 @app.command()
 @_friendly
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", help="A serve.yaml: model, adapters, host, port, batching and limits.")] = None,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="NAME=SOURCE: serve a run folder, adapter folder, Hub id or index id as NAME (repeatable).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port to listen on (default 8000).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option("--max-batch-size", help="Most texts in one mixed forward pass (default 32).")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option("--max-wait-ms", help="How long a request waits for others to batch with (default 5).")] = None,
+) -> None:
+    """Serve adapters over HTTP on one frozen base model: each request names its adapter, requests arriving together run as one mixed batch (POST /v1/predict, /v1/generate; /docs describes the API)."""
+    from .serve import serve as run
+    from .serving import read_settings
+
+    pairs = [a.split("=", 1) for a in adapter or []]
+    bad = [a for a, pair in zip(adapter or [], pairs, strict=True) if len(pair) != 2 or not all(pair)]
+    if bad:
+        raise AdapterCliError(f"--adapter: expected NAME=SOURCE, got '{bad[0]}'")
+    settings = read_settings(config, adapters=dict(pairs), host=host, port=port, max_batch_size=max_batch_size,
+                             max_wait_ms=max_wait_ms)
+    run(settings)
+
+
+@app.command()
+@_friendly
 def summary(
     target: Annotated[str, typer.Argument(help="A recipe (its adapter is built) or a run folder.")],
     overrides: Overrides = None,

@@ -274,6 +274,21 @@ def row_groups(block: CompositionBlock, batch: int, end: str = "last") -> list[t
     return [(slice(0, batch), block)]
 
 
+def rows_by_setup(setups: Sequence[str | CompositionBlock]) -> tuple[list[int], str | CompositionBlock]:
+    """Rows that each name their own adapter or block, as one forward pass: the order that puts
+    rows naming the same setup next to each other (stable, setups in order of first appearance)
+    and what runs on the reordered rows: the one setup, or a BatchSplit over them."""
+    groups: dict[str, tuple[str | CompositionBlock, list[int]]] = {}
+    for row, setup in enumerate(setups):
+        groups.setdefault(setup if isinstance(setup, str) else repr(setup), (setup, []))[1].append(row)
+    if not groups:
+        raise CompositionError("no rows: name one adapter per row")
+    order = [row for _, rows in groups.values() for row in rows]
+    if len(groups) == 1:
+        return order, next(iter(groups.values()))[0]
+    return order, BatchSplit(*[s for s, _ in groups.values()], batch_sizes=[len(r) for _, r in groups.values()])
+
+
 def head_name(node: str | CompositionBlock) -> str:
     """The head a block's output goes to: a Fuse's name, else the name of its last adapter."""
     while isinstance(node, Stack):
@@ -364,5 +379,5 @@ def check_support(block: CompositionBlock, method_of: Callable[[str], str],
 
 __all__ = [
     "ALLOWED_NESTING", "Average", "BatchSplit", "CompositionBlock", "CompositionError", "Composer", "Fuse",
-    "Parallel", "Split", "Stack", "check_support", "end_node", "parse", "row_groups", "run", "validate",
+    "Parallel", "Split", "Stack", "check_support", "end_node", "parse", "row_groups", "rows_by_setup", "run", "validate",
 ]

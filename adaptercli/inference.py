@@ -38,25 +38,31 @@ def predict(run_dir: str | Path, texts: list[str]) -> list[dict[str, Any]]:
         return [{"text": text, "generated": output} for text, output in zip(texts, written, strict=True)]
     head = model.heads[name]
     kind = head.config.head_type
-    if kind not in ("classification", "multilabel_classification", "regression"):
+    if kind not in SEQUENCE_HEADS:
         raise AdapterCliError(f"predict supports sequence-level heads; this run's head is '{kind}'")
     enc = tokenizer(texts, padding=True, truncation=True, max_length=recipe.train.max_seq_length, return_tensors="pt")
     with torch.no_grad():
         logits = model(**enc).logits.float()
-    id2label = head.config.id2label or {}
-    results = []
-    for text, row in zip(texts, logits, strict=True):
-        if kind == "regression":
-            results.append({"text": text, "value": row.item()})
-        elif kind == "multilabel_classification":
-            probs = torch.sigmoid(row)
-            results.append({"text": text, "labels": [id2label.get(i, str(i)) for i in range(len(probs)) if probs[i] > 0.5],
-                            "probabilities": {id2label.get(i, str(i)): round(p.item(), 4) for i, p in enumerate(probs)}})
-        else:
-            probs = torch.softmax(row, -1)
-            best = int(probs.argmax())
-            results.append({"text": text, "label": id2label.get(best, str(best)), "probability": probs[best].item()})
-    return results
+    return [{"text": text, **prediction(kind, head.config.id2label or {}, row)} for text, row in zip(texts, logits, strict=True)]
+
+
+# The heads `predict` (and `adapter serve`) label texts with: one prediction per text.
+SEQUENCE_HEADS = ("classification", "multilabel_classification", "regression")
+
+
+def prediction(kind: str, id2label: dict[int, str], logits: torch.Tensor) -> dict[str, Any]:
+    """One text's prediction from its head's logits: the label and its probability, the labels
+    over 0.5 with every probability (multi-label), or the value (regression)."""
+    logits = logits.float()
+    if kind == "regression":
+        return {"value": logits.item()}
+    if kind == "multilabel_classification":
+        probs = torch.sigmoid(logits)
+        return {"labels": [id2label.get(i, str(i)) for i in range(len(probs)) if probs[i] > 0.5],
+                "probabilities": {id2label.get(i, str(i)): round(p.item(), 4) for i, p in enumerate(probs)}}
+    probs = torch.softmax(logits, -1)
+    best = int(probs.argmax())
+    return {"label": id2label.get(best, str(best)), "probability": probs[best].item()}
 
 
 def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -79,28 +85,38 @@ def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 64, 
         raise AdapterCliError("--num-beams: beam search is for seq2seq runs; a causal-LM run answers greedily or "
                               "sampled (--temperature)")
     chat = recipe.data.task == "instruct"
-    stop = {tokenizer.eos_token_id, *_as_list(getattr(model.config, "eos_token_id", None))} - {None}
-    stop |= {i for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>") if (i := tokenizer.convert_tokens_to_ids(t))
-             not in (None, tokenizer.unk_token_id)}
+    stop = stop_tokens(model, tokenizer)
     generator = torch.Generator().manual_seed(seed)
-    answers = []
-    for prompt in prompts:
-        text = chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
-        ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(model.device)
-        new: list[int] = []
-        with torch.no_grad():
-            for _ in range(max_new_tokens):  # no KV cache: short answers from small models, exactly the trained path
-                logits = model(input_ids=ids).logits[0, -1].float()
-                if temperature > 0:
-                    token = int(torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=generator))
-                else:
-                    token = int(logits.argmax())
-                if token in stop:
-                    break
-                new.append(token)
-                ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
-        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return answers
+    return [answer(model, tokenizer, prompt, chat, stop, max_new_tokens, temperature, generator) for prompt in prompts]
+
+
+def stop_tokens(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end an answer: end-of-sequence and the usual end-of-turn markers."""
+    stop = {tokenizer.eos_token_id, *_as_list(getattr(model.config, "eos_token_id", None))} - {None}
+    return stop | {i for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+                   if (i := tokenizer.convert_tokens_to_ids(t)) not in (None, tokenizer.unk_token_id)}
+
+
+def answer(model: Any, tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool, stop: set[int],
+           max_new_tokens: int, temperature: float, generator: torch.Generator) -> str:
+    """One prompt continued (``chat``: answered as a user turn; a list: chat messages answered) by
+    the active setup, token by token."""
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    text = chat_text(tokenizer, messages, add_generation_prompt=True) if chat else prompt
+    ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(model.device)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):  # no KV cache: short answers from small models, exactly the trained path
+            logits = model(input_ids=ids).logits[0, -1].float()
+            if temperature > 0:
+                token = int(torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=generator))
+            else:
+                token = int(logits.argmax())
+            if token in stop:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -69,9 +69,11 @@ class ModelAdaptersMixin:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
             raise AdapterError(f"adapter name '{name}' may only use letters, digits, '_' and '-'")
         method_config = resolve_config(config)
+        state.forget_modules()
         with torch.device(next(self.parameters()).device):  # adapters live beside the weights they change
             family_of(method_config).add(state, name, method_config)
         state.place_like_layers(name)
+        state.forget_modules()
         self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.adapters[name] = AdapterRecord(name, method_config, method_name(method_config))
         if set_active:
@@ -88,6 +90,7 @@ class ModelAdaptersMixin:
         for fusion in [f.name for f in state.fusions.values() if name in f.members]:
             self.delete_adapter_fusion(fusion)  # a fusion without one of its members cannot run
         family_of(record.config).delete(state, name)
+        state.forget_modules()
         del state.adapters[name]
         heads = getattr(self, "heads", None)
         if heads is not None and name in heads:
@@ -98,6 +101,86 @@ class ModelAdaptersMixin:
         """Run these adapters in every forward pass (None: none): a name, a composition block, or
         a list (a Stack; a list inside it is a Fuse: ``[["a", "b"], "c"]``)."""
         self.adapter_state.activate(composition.parse(setup))
+
+    def setup_named(self, name: str | composition.CompositionBlock) -> composition.CompositionBlock:
+        """What a row named ``name`` runs: an adapter (a one-adapter Stack), a fusion by its name
+        (its Fuse), or a composition block as given (checked against this model's adapters)."""
+        state = self.adapter_state
+        if isinstance(name, composition.CompositionBlock):
+            block = name
+        elif name in state.fusions:
+            members = state.fusions[name].members
+            block = composition.Fuse(*members, name=name if name != ",".join(members) else None)
+        elif name in state.adapters:
+            block = composition.Stack(name)
+        else:
+            known = ", ".join([*state.adapters, *state.fusions]) or "none"
+            raise AdapterError(f"adapter_names: no adapter or fusion named '{name}' (on this model: {known})")
+        state.check_setup(block)
+        return block
+
+    def rows_setup(self, adapter_names: list, rows: int) -> tuple[list[int], composition.CompositionBlock]:
+        """The row order and the setup that run row ``i`` through ``adapter_names[i]`` in one
+        forward pass (see ``composition.rows_by_setup``); refuses a family that cannot share a batch."""
+        if isinstance(adapter_names, str) or len(adapter_names) != rows:
+            raise AdapterError(f"adapter_names needs one name per row: {rows} rows, got "
+                               f"{'a string' if isinstance(adapter_names, str) else len(adapter_names)}")
+        order, setup = composition.rows_by_setup([self.setup_named(n) for n in adapter_names])
+        if isinstance(setup, composition.BatchSplit):
+            state = self.adapter_state
+            for name in setup.flatten():
+                if not self.shares_batches(name):
+                    mixable = [f.name for f in state.families.values() if "BatchSplit" in f.blocks]
+                    raise AdapterError(
+                        f"adapter_names: '{name}' is a {state.adapters[name].method} adapter, which cannot share a "
+                        f"batch with other adapters (the {', '.join(mixable)} families can); give its rows a batch "
+                        "of their own")
+        return order, setup  # type: ignore[return-value]
+
+    def shares_batches(self, setup: str | composition.CompositionBlock) -> bool:
+        """Whether rows running ``setup`` can share a forward pass with rows running other adapters
+        (every family in it runs a BatchSplit; prompt tuning does not)."""
+        state = self.adapter_state
+        return all("BatchSplit" in state.families[state.adapters[n].config.family].blocks
+                   for n in self.setup_named(setup).flatten())
+
+    @contextlib.contextmanager
+    def running(self, setup: composition.CompositionBlock) -> Iterator[None]:
+        """Run ``setup`` inside the ``with`` block, then the setup that was active before."""
+        state = self.adapter_state
+        previous = state.active
+        state.activate(setup)
+        try:
+            yield
+        finally:
+            state.activate(previous)
+
+    def generate(self, *args: Any, adapter_names: list | None = None, **kwargs: Any) -> Any:
+        """transformers' ``generate``; with ``adapter_names`` row ``i`` runs ``adapter_names[i]``
+        at every step (rows grouped into one BatchSplit, outputs back in the rows' order). Greedy
+        or sampled; beam search and several sequences per row are refused with per-row adapters
+        (the encoder and the decoder would see different row counts)."""
+        parent = getattr(super(), "generate", None)
+        if parent is None:
+            raise AdapterError(f"{type(self).__name__} has no transformers generate; an AdapterModel with a causal-LM "
+                               "head generates with AdapterModel.generate")
+        if adapter_names is None:
+            return parent(*args, **kwargs)
+        if kwargs.get("num_beams", 1) > 1 or kwargs.get("num_return_sequences", 1) > 1:
+            raise AdapterError("generate with adapter_names: one sequence per row (num_beams=1, num_return_sequences=1)")
+        inputs = kwargs.pop("input_ids", args[0] if args else None)
+        order, setup = self.rows_setup(adapter_names, inputs.shape[0])
+        index = torch.tensor(order, device=inputs.device)
+        kwargs = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == inputs.shape[0]
+                  else v for k, v in kwargs.items()}
+        with self.running(setup):
+            output = parent(inputs.index_select(0, index), *args[1:], **kwargs)
+        back = torch.empty_like(index)
+        back[index] = torch.arange(len(order), device=index.device)
+        if isinstance(output, torch.Tensor):
+            return output.index_select(0, back.to(output.device))
+        output.sequences = output.sequences.index_select(0, back.to(output.sequences.device))
+        return output
 
     @property
     def active_adapters(self) -> composition.CompositionBlock | None:
@@ -172,9 +255,11 @@ class ModelAdaptersMixin:
             if not overwrite_ok:
                 raise AdapterError(f"a fusion named '{name}' already exists (use overwrite_ok=True to replace it)")
             self.delete_adapter_fusion(name)
+        state.forget_modules()
         with torch.device(next(self.parameters()).device):
             FAMILIES["bottleneck"].add_fusion(state, name, members, fusion_config)
         state.place_like_layers(name)
+        state.forget_modules()
         self.train(self.training)  # new modules start in training mode; follow the model's (dropout)
         state.fusions[name] = FusionRecord(name, members, fusion_config)
         if set_active:
@@ -189,6 +274,7 @@ class ModelAdaptersMixin:
                                             for b in composition.blocks_in(state.active)):
             state.activate(None)
         FAMILIES["bottleneck"].delete_fusion(state, name)
+        state.forget_modules()
         del state.fusions[name]
 
     @staticmethod
@@ -531,6 +617,14 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         arch = self.adapter_state.arch
         return bool(arch is not None and arch.causal or getattr(self.config, "is_decoder", False))
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,  # type: ignore[override]
+                 adapter_names: list | None = None, max_new_tokens: int = 20, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int = 0) -> torch.Tensor:
+        """Greedy continuation with causal-LM heads, each row through ``adapter_names[i]`` (None:
+        the active setup); see ``generate_greedy``. Returns the new tokens [B, <= max_new_tokens]."""
+        stop = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
+        return generate_greedy(self, input_ids, attention_mask, adapter_names, max_new_tokens, stop, pad_token_id)
+
     def add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False, set_active: bool = True) -> None:
         if name in self.heads and not overwrite_ok:
             raise AdapterError(f"a head named '{name}' already exists (use overwrite_ok=True to replace it)")
@@ -598,11 +692,15 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         first = node if isinstance(node, str) or node is None else node.first()
         return inv[first] if inv is not None and first in inv else None
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, head: str | None = None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, head: str | None = None,
+                adapter_names: list | None = None, **kwargs):
         """Backbone + head. With a Parallel or BatchSplit setup (and no ``head``) every group of
         rows goes to its own head (named like its adapter) and a ``MultiHeadOutput`` holds
-        one output per group, in order; ``loss`` is the sum of theirs."""
+        one output per group, in order; ``loss`` is the sum of theirs. With ``adapter_names``
+        (one adapter, fusion or block per row) see ``forward_rows``."""
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if adapter_names is not None:
+            return self.forward_rows(adapter_names, input_ids, attention_mask, labels, **kwargs)
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]
         attention_mask, labels = _with_prompt_positions(hidden, attention_mask, labels)
@@ -624,6 +722,13 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         if channels > 1:  # Parallel replicated the batch: replicate what goes with each row too
             attention_mask, labels = (t.repeat(channels, *[1] * (t.dim() - 1)) if t is not None else None
                                       for t in (attention_mask, labels))
+        results = self._group_outputs(hidden, attention_mask, labels, groups)
+        losses = [r.loss for r in results]
+        return MultiHeadOutput(results, sum(losses) if all(loss is not None for loss in losses) else None)
+
+    def _group_outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                       groups: list[tuple[slice, Any]]) -> list[AdapterModelOutput]:
+        """Each group of rows through the head named like its setup (none: hidden states only)."""
         results = []
         for rows, node in groups:
             name = composition.head_name(node)
@@ -634,8 +739,64 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
                 hidden[rows], None if attention_mask is None else attention_mask[rows],
                 None if labels is None else labels[rows], self._inverse_for(node))
             results.append(AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden[rows]))
-        losses = [r.loss for r in results]
-        return MultiHeadOutput(results, sum(losses) if all(loss is not None for loss in losses) else None)
+        return results
+
+    def forward_rows(self, adapter_names: list, input_ids=None, attention_mask=None, labels=None,
+                     **kwargs) -> AdapterModelOutput:
+        """One forward pass in which row ``i`` runs ``adapter_names[i]`` (an adapter, a fusion's
+        name or a composition block) and its head (named like it; none: no logits for the row).
+        Rows naming the same setup are grouped (a BatchSplit over the groups), so the cost stays
+        that of one batch; outputs come back in the rows' order. ``logits`` is one tensor when
+        every row's logits have one shape, else a list of per-row tensors; ``loss`` (with
+        ``labels``) is the sum of each group's loss."""
+        inputs = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        batch = inputs.shape[0]
+        order, setup = self.rows_setup(adapter_names, batch)
+        index = torch.tensor(order, device=inputs.device)
+
+        def reorder(t: Any) -> Any:
+            return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
+
+        with self.running(setup):
+            hidden = self.base_model(input_ids=reorder(input_ids), attention_mask=reorder(attention_mask),
+                                     **{k: reorder(v) for k, v in kwargs.items()})[0]
+        mask, labels = _with_prompt_positions(hidden, reorder(attention_mask), reorder(labels))
+        results = self._group_outputs(hidden, mask, labels, composition.row_groups(setup, batch))
+        back = torch.empty_like(index)
+        back[index] = torch.arange(batch, device=index.device)
+        per_row = [row for r in results for row in (r.logits if r.logits is not None else [None] * len(r.hidden_states))]
+        logits: Any = [per_row[i] for i in back.tolist()]
+        if all(t is not None for t in logits) and len({tuple(t.shape) for t in logits}) == 1:
+            logits = torch.stack(logits)
+        losses = [r.loss for r in results if r.loss is not None]
+        return AdapterModelOutput(loss=sum(losses) if losses else None, logits=logits,
+                                  hidden_states=hidden.index_select(0, back))
+
+
+@torch.no_grad()
+def generate_greedy(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    adapter_names: list | None = None, max_new_tokens: int = 20,
+                    stop: set[int] | None = None, pad_token_id: int = 0) -> torch.Tensor:
+    """Greedy continuation with causal-LM heads, without a KV cache (the path training takes): row
+    ``i`` through ``adapter_names[i]`` (None: the active setup). Prompts are left-padded (positions
+    count real tokens only); returns the new tokens [B, <= max_new_tokens], a finished row (one of
+    ``stop`` written) padded with ``pad_token_id`` after its stop token."""
+    ids = input_ids
+    mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    stops = torch.tensor(sorted(stop or ()), dtype=ids.dtype, device=ids.device)
+    new = []
+    for _ in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_names=adapter_names).logits
+        last = torch.stack([row[-1] for row in logits]) if isinstance(logits, list) else logits[:, -1]
+        token = torch.where(done, torch.full_like(done, pad_token_id, dtype=ids.dtype), last.argmax(-1))
+        new.append(token)
+        done |= torch.isin(token, stops)
+        if bool(done.all()):
+            break
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(new, 1) if new else ids.new_zeros(ids.shape[0], 0)
 
 
 def _with_prompt_positions(hidden: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -691,7 +852,8 @@ class AutoAdapterModel:
         return AdapterModel(AutoModel.from_config(config, **kwargs), layout)
 
 
-__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "MultiHeadOutput", "init"]
+__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "MultiHeadOutput", "generate_greedy",
+           "init"]
 
 
 # -- merging adapters: the checks and the weights (see `average_adapter`) ---------------------------------

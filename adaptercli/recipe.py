@@ -60,6 +60,8 @@ CONFIGS_DIR = shipped_folder("configs")
 """The presets that ``defaults:`` names (``method/lora`` is ``CONFIGS_DIR/method/lora.yaml``)."""
 LAUNCH_CONFIGS = "accelerate"
 """``CONFIGS_DIR/accelerate/``: `accelerate launch --config_file` files (DDP, FSDP, DeepSpeed), not presets."""
+SERVE_CONFIGS = "serve"
+"""``CONFIGS_DIR/serve/``: `adapter serve --config` files, not presets."""
 
 
 @dataclass
@@ -345,7 +347,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 def available_presets() -> list[str]:
     """Names of the packaged presets usable in ``defaults:``, e.g. ``method/lora``."""
     return sorted(p.relative_to(CONFIGS_DIR).with_suffix("").as_posix() for p in CONFIGS_DIR.rglob("*.yaml")
-                  if p.parent.name != LAUNCH_CONFIGS)
+                  if p.parent.name not in (LAUNCH_CONFIGS, SERVE_CONFIGS))
 
 
 # --- layers ----------------------------------------------------------------------------------

@@ -151,6 +151,17 @@ class AdapterState:
         self.recorders: list[FusionRecorder] = []
         self.forward_mask: torch.Tensor | None = None  # the current forward's attention mask (when needed)
         self.on_activate: list[Callable[[], None]] = []  # called after every activation (the model's own plans)
+        self._modules: list[nn.Module] | None = None
+
+    def modules(self) -> list[nn.Module]:
+        """The backbone's modules, walked once and kept for the next activations (which run per
+        batch with per-row adapters); adding or deleting an adapter or a fusion clears the list."""
+        if self._modules is None:
+            self._modules = list(self.backbone.modules())
+        return self._modules
+
+    def forget_modules(self) -> None:
+        self._modules = None
 
     @property
     def root(self) -> nn.Module:

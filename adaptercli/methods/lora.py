@@ -317,8 +317,8 @@ class LoRAFamily(MethodFamily):
 
     @staticmethod
     def _layers_with(state: AdapterState, name: str | None = None):
-        for module in state.backbone.modules():
-            loras = getattr(module, "loras", None)
+        for module in state.modules():
+            loras = module._modules.get("loras")  # a dict look-up: nn.Module's getattr is slow when missing
             if isinstance(loras, nn.ModuleDict) and (name is None or name in loras):
                 yield module, loras
 

@@ -369,8 +369,8 @@ class PrefixTuningFamily(MethodFamily):
         pools_by_name = getattr(state.root, "prefix_tunings", {})
         active = [n for n in self.active_names(state, setup) if n in pools_by_name]
         # Every config the model's modules read (T5's encoder and decoder keep their own copies).
-        configs = list({id(c): c for c in [state.model.config, *(getattr(m, "config", None) for m in
-                        state.backbone.modules())] if isinstance(c, PretrainedConfig)}.values())
+        configs = list({id(c): c for c in [state.model.config, *(vars(m).get("config") for m in
+                        state.modules())] if isinstance(c, PretrainedConfig)}.values())
         own = state.arch.attention_forward  # DeBERTa: its own attention, whose implementation stays
         base = getattr(state, "_base_attn", None) or state.model.config._attn_implementation
         joins_functions = bool(active) and not own

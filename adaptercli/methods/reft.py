@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from ..architectures import transformer_layers
-from ..composition import CompositionBlock
+from ..composition import BatchSplit, CompositionBlock, is_plain_stack, row_groups
 from ..schema import spec
 from .base import ConfigError, MethodConfig
 from .bottleneck import ACTIVATIONS, _activation
@@ -167,6 +167,12 @@ class _Positions:
         self.B, self.T, self.device = hidden.shape[0], hidden.shape[1], hidden.device
         return self
 
+    def rows(self, rows: slice) -> _Positions:
+        """The positions of some rows only (a BatchSplit group)."""
+        part = _Positions()
+        part.mask = self.mask[rows] if self.mask is not None and self.mask.dim() == 2 else self.mask
+        return part
+
 
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
@@ -176,7 +182,9 @@ class ReftFamily(MethodFamily):
     name = "reft"
     config_class = ReftConfig
     containers = ("refts",)
-    blocks = ("Stack",)
+    # A BatchSplit of names or plain stacks (per-row adapters, `forward_rows`): each group of rows
+    # is edited by its own interventions.
+    blocks = ("Stack", "BatchSplit")
 
     def _layers(self, state: AdapterState, config: ReftConfig) -> list[tuple[int, nn.Module]]:
         arch = state.require_architecture("ReFT")
@@ -198,6 +206,9 @@ class ReftFamily(MethodFamily):
         names = self.active_names(state, setup)
         if not names:
             return []
+        if not is_plain_stack(setup) and not (isinstance(setup, BatchSplit) and all(
+                isinstance(c, str) or is_plain_stack(c) for c in setup.children)):
+            raise ConfigError(f"ReFT adapters run in a Stack or a BatchSplit of adapters, not {setup!r}")
         positions = _Positions()
 
         def grab_mask(module, args, kwargs):
@@ -208,9 +219,28 @@ class ReftFamily(MethodFamily):
         for layer in transformer_layers(state.backbone, state.require_architecture("ReFT")):
             refts = getattr(getattr(layer, "reft_layer", None), "refts", {})
             here = [refts[n] for n in names if n in refts]
-            if here:
+            if here and is_plain_stack(setup):
                 handles.append(layer.register_forward_hook(_edit(here, positions)))
+            elif here:
+                handles.append(layer.register_forward_hook(_edit_rows(setup, refts, positions)))
         return handles
+
+
+def _edit_rows(setup: BatchSplit, refts: nn.ModuleDict, positions: _Positions):
+    """Each BatchSplit group of rows through its own interventions (in stack order)."""
+    def hook(module, args, output):
+        hidden = _first(output)
+        parts = []
+        for rows, child in row_groups(setup, hidden.shape[0]):
+            part, where = hidden[rows], positions.rows(rows)
+            for name in [child] if isinstance(child, str) else child.flatten():
+                if name in refts:
+                    part = refts[name](part, where.at(part))
+            parts.append(part)
+        hidden = torch.cat(parts)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return hook
 
 
 def _edit(modules: list[ReftModule], positions: _Positions):

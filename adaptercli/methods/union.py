@@ -135,7 +135,9 @@ class UnionFamily(MethodFamily):
 
     name = "union"
     config_class = UnionConfig
-    blocks = ("Stack",)
+    # Each member family runs the union's name in a BatchSplit on its own (all three can), so rows of a
+    # union and rows of other adapters share a batch (`forward_rows`).
+    blocks = ("Stack", "BatchSplit")
 
     def __init__(self, families: dict[str, MethodFamily]):
         self.families = families

@@ -1,0 +1,177 @@
+"""Per-row adapters (`AdapterModel.forward(..., adapter_names=[...])`): a mixed batch equals each
+adapter run alone on the same padded batch, row by row within 1e-5 (logits of each row's own head
+and hidden states on real tokens), for every family that mixes, a fusion and a stack, on a tiny BERT
+and a tiny Llama; families that cannot share a batch are refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import adaptercli
+from adaptercli import Stack
+from adaptercli.errors import AdapterError
+
+MIXED = {
+    "bottleneck": ["seq_bn", "par_bn", "compacter[reduction_factor=4]", "seq_bn_inv"],
+    "lora_family": ["lora", "dora", {"method": "vera", "attn_matrices": ["q"]}, "ia3"],
+    "prefix": ["prefix_tuning[prefix_length=4,bottleneck_size=8]", "prefix_tuning[prefix_length=2,bottleneck_size=8]",
+               "prefix_tuning_flat[prefix_length=3]"],
+    "unions": ["mam", "unipelt", "lora"],
+    "across_families": ["seq_bn", "lora", "prefix_tuning[prefix_length=3,bottleneck_size=8]", "mam"],
+    "reft": ["loreft", {"method": "direft", "prefix_positions": 2, "suffix_positions": 2}, "lora",
+             {"method": "noreft", "layers": [0]}],
+}
+
+
+def _model(model_type: str, configs: list, perturb, labels: int | list[int] = 3):
+    model = adaptercli.AdapterModel(tiny_model(model_type, attn="sdpa"))
+    names = []
+    for i, config in enumerate(configs):
+        name = f"a{i}"
+        model.add_adapter(name, config)
+        perturb(model, name, seed=i)
+        model.add_classification_head(name, num_labels=labels if isinstance(labels, int) else labels[i])
+        names.append(name)
+    return model.eval(), names
+
+
+def _padded(rows: int = 6, length: int = 9, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (rows, length), generator=g)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    for row in range(rows):
+        mask[row, length - row % 4:] = 0  # 0 to 3 padded positions (right padding)
+    return ids, mask
+
+
+def _alone(model, setup, ids, mask):
+    model.set_active_adapters(model.setup_named(setup))  # an adapter, a fusion by its name or a block
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask)
+
+
+def _assert_rows_equal(model, per_row: list, ids, mask) -> None:
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=per_row)
+    for row, name in enumerate(per_row):
+        alone = _alone(model, name, ids, mask)
+        real = mask[row].bool()
+        assert (mixed.logits[row] - alone.logits[row]).abs().max() <= 1e-5, (row, name)
+        hidden = (mixed.hidden_states[row][real] - alone.hidden_states[row][real]).abs().max()
+        assert hidden <= 1e-5, (row, name, hidden.item())
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+@pytest.mark.parametrize("family", list(MIXED))
+def test_mixed_batch_rows_equal_each_adapter_alone(model_type: str, family: str, perturb) -> None:
+    model, names = _model(model_type, MIXED[family], perturb)
+    per_row = [names[i % len(names)] for i in (0, 1, 2, 0, 3, 1)]  # interleaved, not grouped
+    ids, mask = _padded()
+    _assert_rows_equal(model, per_row, ids, mask)
+    first, second = (_alone(model, n, ids, mask).logits for n in names[:2])
+    assert (first - second).abs().max() > 1e-4  # the adapters differ, so a mix-up would show
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_fusion_and_stack_rows_mix_with_single_adapters(model_type: str, perturb) -> None:
+    model, names = _model(model_type, ["seq_bn", "seq_bn", "lora"], perturb)
+    fusion = model.add_adapter_fusion(["a0", "a1"], "dynamic", name="fused")
+    perturb(model, "a1", seed=7)
+    model.add_classification_head(fusion, num_labels=3)
+    stack = Stack("a2", "a0")  # its head is a0's
+    per_row = [fusion, "a2", stack, fusion, "a1", stack]
+    ids, mask = _padded()
+    _assert_rows_equal(model, per_row, ids, mask)
+
+
+def test_heads_of_different_sizes_give_per_row_logits(perturb) -> None:
+    model, names = _model("bert", ["seq_bn", "lora"], perturb, labels=[2, 5])
+    ids, mask = _padded(rows=3)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, adapter_names=["a1", "a0", "a1"])
+    assert [tuple(t.shape) for t in out.logits] == [(5,), (2,), (5,)]
+    torch.testing.assert_close(out.logits[1], _alone(model, "a0", ids, mask).logits[1], atol=1e-5, rtol=0)
+
+
+def test_active_setup_is_restored_and_one_adapter_needs_no_split(perturb) -> None:
+    model, names = _model("bert", ["prompt_tuning", "lora"], perturb)
+    model.set_active_adapters("a1")
+    ids, mask = _padded(rows=2)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, adapter_names=["a0", "a0"])  # prompt tuning alone: fine
+    torch.testing.assert_close(out.logits, _alone(model, "a0", ids, mask).logits, atol=1e-5, rtol=0)
+    model.set_active_adapters("a1")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, adapter_names=["a0", "a0"])
+    assert model.active_adapters == Stack("a1")
+
+
+@pytest.mark.parametrize(("configs", "per_row", "message"), [
+    (["prompt_tuning", "lora"], ["a0", "a1"], "'a0' is a prompt_tuning adapter, which cannot share a batch"),
+    (["prompt_tuning", "loreft"], ["a1", "a0"], "'a0' is a prompt_tuning adapter, which cannot share a batch"),
+    (["lora"], ["a0", "nope"], "no adapter or fusion named 'nope' (on this model: a0)"),
+    (["lora"], ["a0"], "adapter_names needs one name per row: 2 rows, got 1"),
+])
+def test_refusals_are_one_line(configs, per_row, message, perturb) -> None:
+    model, _ = _model("bert", configs, perturb)
+    ids, mask = _padded(rows=2)
+    with pytest.raises(AdapterError) as error:
+        model(input_ids=ids, attention_mask=mask, adapter_names=per_row)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def _causal_model(configs: list, perturb):
+    model = adaptercli.AdapterModel(tiny_model("llama", attn="sdpa"))
+    for i, config in enumerate(configs):
+        model.add_adapter(f"a{i}", config)
+        perturb(model, f"a{i}", scale=0.5, seed=i)  # large: the adapters write different tokens
+        model.add_causal_lm_head(f"a{i}")
+    return model.eval()
+
+
+def _greedy_alone(model, name: str, prompt: list[int], steps: int) -> list[int]:
+    """What inference.answer does: one unpadded prompt, token by token, the adapter active."""
+    model.set_active_adapters(name)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_causal_generate_rows_equal_each_adapter_alone(perturb) -> None:
+    configs = ["lora", "seq_bn", "prefix_tuning[prefix_length=3,bottleneck_size=8]", "mam"]
+    model = _causal_model(configs, perturb)
+    prompts = [[5, 9, 13, 4, 7], [22, 3], [8, 8, 30, 2], [41, 17, 6], [11], [60, 61, 62, 63, 64]]
+    per_row = ["a0", "a1", "a2", "a3", "a1", "a0"]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    new = model.generate(ids, mask, adapter_names=per_row, max_new_tokens=6)
+    expected = [_greedy_alone(model, name, p, 6) for p, name in zip(prompts, per_row, strict=True)]
+    assert new.tolist() == expected
+    assert len({tuple(_greedy_alone(model, n, prompts[0], 6)) for n in ("a0", "a1", "a2")}) > 1  # they differ
+
+
+def test_seq2seq_generate_rows_equal_each_adapter_alone(perturb) -> None:
+    from test_seq2seq import tiny_t5
+
+    model = tiny_t5()
+    for i, config in enumerate(["lora", "seq_bn", "prefix_tuning[prefix_length=3,bottleneck_size=8]"]):
+        model.add_adapter(f"a{i}", config)
+        perturb(model, f"a{i}", scale=0.5, seed=i)
+    ids, mask = _padded(rows=4, length=7)
+    ids = ids % 60
+    per_row = ["a2", "a0", "a1", "a2"]
+    mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=per_row, max_new_tokens=5, do_sample=False)
+    alone = {}
+    for name in ("a0", "a1", "a2"):
+        model.set_active_adapters(name)
+        alone[name] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    for row, name in enumerate(per_row):
+        assert mixed[row].tolist() == alone[name][row].tolist(), (row, name)
+    assert len({tuple(alone[n][0].tolist()) for n in alone}) > 1  # the adapters write different tokens
+    with pytest.raises(AdapterError, match="one sequence per row"):
+        model.generate(input_ids=ids, attention_mask=mask, adapter_names=per_row, num_beams=2)
