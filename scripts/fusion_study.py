@@ -36,6 +36,7 @@ import argparse
 import io
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -336,8 +337,8 @@ def report(study: dict, seeds: list[int], seconds: float) -> tuple[str, dict]:
         choices.append(f"| {target} | " + ", ".join(f"{name} {100 * value:.1f}" for name, value in scores) + " |")
     footer = (f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), accuracy on 600 held-out rows per "
               f"target (TREC 539), mean ± sd over seeds; {STEPS} steps of 16 for every contender. `make fusion-study` "
-              f"({date.today().isoformat()}, {platform.machine()} CPU, {platform.python_version()}; runs made in "
-              f"this invocation took {seconds / 60:.0f} min).")
+              f"({date.today().isoformat()}, {os.cpu_count()}-core {platform.machine()} CPU, Python {platform.python_version()}; "
+              f"this invocation trained for {seconds / 60:.0f} min, finished runs are reused).")
     payload = {"seeds": seeds, "steps": STEPS, "study": study, "paired": payload_diffs}
     return "\n".join(lines + diffs + choices) + "\n" + footer + "\n", payload
 
