@@ -274,6 +274,19 @@ def row_groups(block: CompositionBlock, batch: int, end: str = "last") -> list[t
     return [(slice(0, batch), block)]
 
 
+def split_rows(block: str | CompositionBlock, batch: int) -> list[tuple[slice, str | CompositionBlock]] | None:
+    """A block that splits the batch at its top (a Parallel or BatchSplit): each group's rows and
+    child; else None. A site can then run each group end to end and join only its output, instead
+    of joining every piece of its state after the split (what :func:`run` does, as it must when
+    more follows the split)."""
+    return row_groups(block, batch) if isinstance(block, Parallel | BatchSplit) else None
+
+
+def touches(node: str | CompositionBlock, composer: Composer) -> bool:
+    """Whether ``node`` has an adapter at the composer's site (else running it changes nothing)."""
+    return any(composer.has(n) for n in ([node] if isinstance(node, str) else node.flatten()))
+
+
 def rows_by_setup(setups: Sequence[str | CompositionBlock]) -> tuple[list[int], str | CompositionBlock]:
     """Rows that each name their own adapter or block, as one forward pass: the order that puts
     rows naming the same setup next to each other (stable, setups in order of first appearance)
@@ -379,5 +392,6 @@ def check_support(block: CompositionBlock, method_of: Callable[[str], str],
 
 __all__ = [
     "ALLOWED_NESTING", "Average", "BatchSplit", "CompositionBlock", "CompositionError", "Composer", "Fuse",
-    "Parallel", "Split", "Stack", "check_support", "end_node", "parse", "row_groups", "rows_by_setup", "run", "validate",
+    "Parallel", "Split", "Stack", "check_support", "end_node", "parse", "row_groups", "rows_by_setup", "run",
+    "split_rows", "touches", "validate",
 ]

@@ -74,6 +74,60 @@ def test_mixed_batch_rows_equal_each_adapter_alone(model_type: str, family: str,
     assert (first - second).abs().max() > 1e-4  # the adapters differ, so a mix-up would show
 
 
+@pytest.mark.parametrize("arch", ["modernbert", "phi"])
+def test_mixed_batch_on_models_whose_adapters_replace_a_projection(arch: str, perturb) -> None:
+    """Models where the adapter's result replaces a projection's output and the model adds its
+    residual itself (AdapterHub's plugin placement): rows still equal each adapter alone."""
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    folder = Path(__file__).parent / "fixtures/breadth/models" / arch
+    model = adaptercli.AdapterModel(AutoModel.from_pretrained(folder, attn_implementation="sdpa").eval())
+    names = []
+    # (no parallel adapter: Phi's FFN has no residual input of its own)
+    for i, config in enumerate(["seq_bn", "lora", "prefix_tuning[prefix_length=3,bottleneck_size=8]", "double_seq_bn"]):
+        model.add_adapter(f"a{i}", config)
+        perturb(model, f"a{i}", seed=i)
+        model.add_classification_head(f"a{i}", num_labels=3)
+        names.append(f"a{i}")
+    model.eval()
+    ids, mask = _padded()
+    _assert_rows_equal(model, [names[i % len(names)] for i in (0, 1, 2, 0, 3, 1)], ids, mask)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bottleneck", "lora_family", "across_families"])
+def test_mixed_batch_gradients_equal_each_adapter_alone(model_type: str, family: str, perturb) -> None:
+    """With autograd on (training a BatchSplit), each adapter's gradient from a mixed batch equals
+    the gradient from its own rows run alone: the rows' paths do not leak into each other."""
+    model, names = _model(model_type, MIXED[family], perturb)
+    model.train()
+    for module in model.modules():  # dropout off: both passes must see the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    per_row = [names[i % len(names)] for i in (0, 1, 2, 0, 3, 1)]
+    ids, mask = _padded()
+    weights = torch.linspace(0.5, 1.5, 3)  # a loss that reads every logit of every row
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    mixed = grads((model(input_ids=ids, attention_mask=mask, adapter_names=per_row).logits * weights).sum())
+    alone: dict[str, torch.Tensor] = {}
+    for name in dict.fromkeys(per_row):
+        rows = [i for i, n in enumerate(per_row) if n == name]
+        model.set_active_adapters(name)
+        loss = (model(input_ids=ids[rows], attention_mask=mask[rows]).logits * weights).sum()
+        for key, grad in grads(loss).items():
+            alone[key] = alone[key] + grad if key in alone else grad
+    assert mixed.keys() == alone.keys() and len(mixed) > 2 * len(set(per_row))
+    for key in mixed:
+        torch.testing.assert_close(mixed[key], alone[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
 def test_fusion_and_stack_rows_mix_with_single_adapters(model_type: str, perturb) -> None:
     model, names = _model(model_type, ["seq_bn", "seq_bn", "lora"], perturb)

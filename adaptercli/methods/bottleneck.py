@@ -41,6 +41,8 @@ from ..composition import (
     is_plain_stack,
     row_groups,
     run,
+    split_rows,
+    touches,
 )
 from ..schema import spec
 from .base import ConfigError, MethodConfig
@@ -385,6 +387,9 @@ def compose_site(block: CompositionBlock, composer: SiteComposer, h: torch.Tenso
     """``run_site`` for any composition block: run it, then finish each run of rows with the
     post_forward of the adapter that acted last on them (rows no adapter touched get the
     layer's own ``norm(h + r)``)."""
+    groups = split_rows(block, h.shape[0])
+    if groups is not None:  # rows split at the top (mixed adapters in one batch): each group end to end
+        return _compose_rows(groups, composer, h, r, norm, normed)
     dtype = h.dtype
     some_adapter = next(iter(composer.adapters.values()))
     weight_dtype = some_adapter.weight_dtype
@@ -408,6 +413,31 @@ def compose_site(block: CompositionBlock, composer: SiteComposer, h: torch.Tenso
                 parts.append(out + r_rows if norm is None else norm(out + r_rows))
             start = end
     return torch.cat(parts).to(dtype) if len(parts) > 1 else parts[0].to(dtype)
+
+
+def _compose_rows(groups: list[tuple[slice, str | CompositionBlock]], composer: SiteComposer, h: torch.Tensor,
+                  r: torch.Tensor | None, norm: Callable | None, normed: torch.Tensor | None) -> torch.Tensor:
+    """``compose_site`` for a batch split at the top: each group of rows end to end. Rows whose
+    adapters have none at this site keep what the layer computes without adapters (the model's own
+    ``norm(h + r)``, or ``h`` where the model adds the residual itself); without autograd the
+    other groups are written into that tensor instead of joining fresh pieces."""
+    def rows_of(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+        return None if t is None else t[rows]
+
+    hooked = next(iter(composer.adapters.values())).hooked
+    unadapted = h if hooked else normed if normed is not None and normed.dtype == h.dtype else None
+
+    def group(rows: slice, child: str | CompositionBlock) -> torch.Tensor:
+        return compose_site(child, composer, h[rows], rows_of(r, rows), norm, rows_of(normed, rows))
+
+    if unadapted is None:
+        return torch.cat([group(rows, child) for rows, child in groups])
+    if not torch.is_grad_enabled():
+        for rows, child in groups:
+            if touches(child, composer):
+                unadapted[rows] = group(rows, child)
+        return unadapted
+    return torch.cat([group(rows, child) if touches(child, composer) else unadapted[rows] for rows, child in groups])
 
 
 class NICECoupling(nn.Module):

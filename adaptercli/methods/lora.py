@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import merging
 from ..architectures import get_module, layers_with_parts
-from ..composition import CompositionBlock, is_plain_stack, run
+from ..composition import CompositionBlock, is_plain_stack, run, split_rows, touches
 from ..schema import spec
 from .base import ConfigError, MethodConfig
 from .family import AdapterState, MethodFamily
@@ -257,7 +257,17 @@ def _compose_hook(setup: CompositionBlock, loras: nn.ModuleDict, skip: set[str])
     composer = LayerComposer(loras, skip)
 
     def hook(module, args, out):
-        return run(setup, (args[0], out), composer)[1]
+        x = args[0]
+        groups = split_rows(setup, out.shape[0])
+        if groups is None:
+            return run(setup, (x, out), composer)[1]
+        # Rows split at the top (mixed adapters in one batch): each group end to end on its rows.
+        if torch.is_grad_enabled():
+            return torch.cat([run(child, (x[rows], out[rows]), composer)[1] for rows, child in groups])
+        for rows, child in groups:  # no autograd: write the adapted rows into the fresh output
+            if touches(child, composer):
+                out[rows] = run(child, (x[rows], out[rows]), composer)[1]
+        return out
 
     return hook
 

@@ -178,11 +178,17 @@ class _LayerPrefix:
             keys, values = [k.expand(batch, -1, -1, -1) for k in keys], [v.expand(batch, -1, -1, -1) for v in values]
         return torch.cat(keys, dim=2).to(dtype), torch.cat(values, dim=2).to(dtype)
 
-    def join(self, query, key, value, mask, causal: bool):
+    def row_groups(self, batch: int) -> list[tuple[int, int, list[Gated]]]:
+        """Which prefixes each run of rows ``[a, b)`` of the batch joins, as ``(a, b, pools)``."""
+        if self.setup is None:
+            return [(0, batch, self.pools)]
+        return run(self.setup, (0, batch, [(0, batch, [])]), _RowPrefixes(self.by_name or {}))[2]
+
+    def join(self, query, key, value, mask, causal: bool, groups: list[tuple[int, int, list[Gated]]] | None = None):
+        """Keys and values with the prefixes in front, and the mask widened to match, for the
+        rows of ``groups`` (default: every row of the batch, as ``row_groups`` splits them)."""
         batch = key.shape[0]
-        groups = [(0, batch, self.pools)]
-        if self.setup is not None:
-            groups = run(self.setup, (0, batch, [(0, batch, [])]), _RowPrefixes(self.by_name or {}))[2]
+        groups = self.row_groups(batch) if groups is None else groups
         if len(groups) == 1 and not groups[0][2]:
             return key, value, mask
         q_len, k_len = query.shape[2], key.shape[2]
@@ -194,54 +200,84 @@ class _LayerPrefix:
         if mask is not None and mask.shape[-1] > k_len:
             mask = mask[..., -k_len:]
         if len(groups) == 1:  # every row joins the same prefixes
-            pk, pv = self._kv(groups[0][2], key.dtype, slice(0, batch))
+            pk, pv = self._kv(groups[0][2], key.dtype, slice(groups[0][0], groups[0][1]))
             n_prefix = pk.shape[2]
             pk, pv = (t.expand(batch, -1, -1, -1) for t in (pk, pv))
-            valid = None
-        else:  # rows join different prefixes: left-pad each group's to the longest and mask the padding
-            kvs = [self._kv(pools, key.dtype, slice(a, b)) if pools else None for a, b, pools in groups]
-            n_prefix = max(kv[0].shape[2] if kv else 0 for kv in kvs)
-            keys, values, valid_rows = [], [], []
-            for (a, b, _), kv in zip(groups, kvs, strict=True):
-                length = kv[0].shape[2] if kv else 0
-                pad = key.new_zeros(b - a, key.shape[1], n_prefix - length, key.shape[3])
-                keys.append(torch.cat([pad, kv[0].expand(b - a, -1, -1, -1)], dim=2) if kv else pad)
-                values.append(torch.cat([pad, kv[1].expand(b - a, -1, -1, -1)], dim=2) if kv else pad)
-                valid_rows.append(torch.arange(n_prefix, device=key.device).expand(b - a, -1) >= n_prefix - length)
-            pk, pv, valid = torch.cat(keys), torch.cat(values), torch.cat(valid_rows)  # valid [B, P]
-            if mask is None:
-                mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=key.device)
-        if mask is not None:
-            if valid is None:
+            if mask is not None:
                 pad = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)((*mask.shape[:-1], n_prefix))
-            else:
-                mask = mask.expand(batch, -1, -1, -1)
-                shape = (batch, mask.shape[1], mask.shape[2], n_prefix)
-                pad = valid[:, None, None, :].expand(shape)
-                if mask.dtype != torch.bool:
-                    pad = torch.zeros(shape, dtype=mask.dtype, device=mask.device).masked_fill(
-                        ~pad, torch.finfo(mask.dtype).min)
-            mask = torch.cat([pad, mask], dim=-1)
-        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
+                mask = torch.cat([pad, mask], dim=-1)
+            return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
+        # Rows join different prefixes: each group's is left-padded to the longest (the padding
+        # masked), written straight into the widened keys and values.
+        kvs = [self._kv(pools, key.dtype, slice(a, b)) if pools else None for a, b, pools in groups]
+        n_prefix = max(kv[0].shape[2] if kv else 0 for kv in kvs)
+        keys, values = (t.new_empty(*t.shape[:2], n_prefix + k_len, t.shape[3]) for t in (key, value))
+        keys[:, :, n_prefix:], values[:, :, n_prefix:] = key, value
+        lengths = []
+        for (a, b, _), kv in zip(groups, kvs, strict=True):
+            length = kv[0].shape[2] if kv else 0
+            keys[a:b, :, : n_prefix - length] = 0
+            values[a:b, :, : n_prefix - length] = 0
+            if kv:
+                keys[a:b, :, n_prefix - length : n_prefix] = kv[0]
+                values[a:b, :, n_prefix - length : n_prefix] = kv[1]
+            lengths += [length] * (b - a)
+        # valid[row, p]: prefix position p holds one of the row's own prefixes
+        valid = torch.arange(n_prefix, device=key.device) >= n_prefix - torch.tensor(lengths, device=key.device)[:, None]
+        if mask is None:
+            mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=key.device)
+        mask = mask.expand(batch, -1, -1, -1)
+        shape = (batch, mask.shape[1], mask.shape[2], n_prefix)
+        pad = valid[:, None, None, :].expand(shape)
+        if mask.dtype != torch.bool:
+            pad = torch.zeros(shape, dtype=mask.dtype, device=mask.device).masked_fill(~pad, torch.finfo(mask.dtype).min)
+        return keys, values, torch.cat([pad, mask], dim=-1)
 
 
 def _with_prefix(inner: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        prefix = getattr(module, "_adaptercli_prefix", None)
-        if prefix is not None:
-            causal = bool(getattr(module, "is_causal", False))
-            k_len = key.shape[2]
-            key, value, attention_mask = prefix.join(query, key, value, attention_mask, causal)
-            kwargs["is_causal"] = False
-            if kwargs.get("position_bias") is not None and key.shape[2] > k_len:
-                kwargs["position_bias"] = _widened_bias(module, prefix, kwargs["position_bias"], query.shape[2],
-                                                        key.shape[2] - k_len, k_len)
         if inner == "sdpa":
             function = ALL_ATTENTION_FUNCTIONS["sdpa"]
         else:
             function = sys.modules[type(module).__module__].eager_attention_forward
             kwargs.pop("is_causal", None)
-        return function(module, query, key, value, attention_mask, **kwargs)
+        prefix = getattr(module, "_adaptercli_prefix", None)
+        if prefix is None:
+            return function(module, query, key, value, attention_mask, **kwargs)
+        causal = bool(getattr(module, "is_causal", False))
+
+        def joined(query, key, value, mask, groups, kwargs):
+            k_len = key.shape[2]
+            key, value, mask = prefix.join(query, key, value, mask, causal, groups)
+            if key.shape[2] > k_len:
+                if inner == "sdpa":
+                    kwargs["is_causal"] = False  # the mask is explicit once the prefix widens the keys
+                if kwargs.get("position_bias") is not None:
+                    kwargs["position_bias"] = _widened_bias(module, prefix, kwargs["position_bias"], query.shape[2],
+                                                            key.shape[2] - k_len, k_len)
+            return function(module, query, key, value, mask, **kwargs)
+
+        batch = key.shape[0]
+        groups = prefix.row_groups(batch)
+        if len(groups) == 1 or inner != "sdpa" or kwargs.get("position_bias") is not None:
+            return joined(query, key, value, attention_mask, groups, kwargs)
+        # Rows join different prefixes (mixed adapters in one batch): each group of rows attends
+        # with only its own prefixes, instead of every row padded to the longest.
+        def rows(a: int, b: int, pools: list[Gated]) -> torch.Tensor:
+            mask = attention_mask
+            if mask is not None and mask.shape[0] == batch:
+                mask = mask[a:b]
+            return joined(query[a:b], key[a:b], value[a:b], mask, [(a, b, pools)], dict(kwargs))[0]
+
+        if torch.is_grad_enabled() or all(pools for _, _, pools in groups):
+            return torch.cat([rows(*group) for group in groups]), None
+        # Without autograd: one call for the whole batch without prefixes (right for the rows that
+        # have none, wherever they sit), then the rows with prefixes, written over theirs.
+        output = function(module, query, key, value, attention_mask, **kwargs)[0]
+        for a, b, pools in groups:
+            if pools:
+                output[a:b] = rows(a, b, pools)
+        return output, None
 
     return attention
 
