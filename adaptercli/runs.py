@@ -102,17 +102,24 @@ def attach_adapter(model: AdapterModel, recipe: Recipe) -> str:
     return name
 
 
-def load_members(model: AdapterModel, recipe: Recipe) -> list[str]:
-    """Load the composition's member adapters (frozen; heads left behind), each under its saved
-    name, or that name plus its position when two members share one."""
+def member_sources(model: AdapterModel, recipe: Recipe) -> list[tuple[Path, str]]:
+    """The composition's member adapters: each one's folder and the name it runs under (its saved
+    name, or that name plus its position when two members share one, or the recipe's adapter has it).
+    A fusion trained over them names them so: whoever loads the run must use the same names."""
     state = model.adapter_state
-    names: list[str] = []
+    members: list[tuple[Path, str]] = []
     for index, source in enumerate(recipe.composition.adapters if recipe.composition else []):
         folder = locate(source, model_type=state.model_type, hidden_size=state.hidden_size)
         saved = read_adapter(folder, with_head=False).saved_name
-        load_as = f"{saved}_{index}" if saved in names or saved == recipe.adapter.name else None
-        names.append(model.load_adapter(folder, load_as=load_as, with_head=False))
-    return names
+        taken = saved in [name for _, name in members] or saved == recipe.adapter.name
+        members.append((folder, f"{saved}_{index}" if taken else saved))
+    return members
+
+
+def load_members(model: AdapterModel, recipe: Recipe) -> list[str]:
+    """Load the composition's member adapters (frozen; heads left behind) under the names of
+    ``member_sources``."""
+    return [model.load_adapter(folder, load_as=name, with_head=False) for folder, name in member_sources(model, recipe)]
 
 
 def setup_of(recipe: Recipe, members: list[str]) -> Stack | Fuse:

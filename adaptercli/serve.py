@@ -71,12 +71,17 @@ if FastAPI is not None:
         source: Text
 
 
-def _validation_line(exc: RequestValidationError) -> str:
+def _validation_line(exc: RequestValidationError, content_type: str) -> str:
     """The first problem of a request body, in one line (``inputs.0: Input should be ...``)."""
     error = exc.errors()[0]
     if error.get("type") == "json_invalid":
         return "the request body is not valid JSON"
     where = ".".join(str(p) for p in error.get("loc", ())[1:] if not str(p).startswith(("list[", "str", "constrained")))
+    if not where and error.get("type") == "missing":
+        return "the request has no body: send a JSON object (content-type: application/json)"
+    if not where and "json" not in content_type:  # FastAPI reads a body as JSON only when it is declared so
+        sent = f"it was sent as {content_type}" if content_type else "it was sent without one"
+        return f"the body must be sent as JSON with the header content-type: application/json ({sent})"
     if error.get("type") == "missing":
         return f"{where}: required field missing"
     return f"{where or 'body'}: {error.get('msg', 'invalid')}"
@@ -133,7 +138,7 @@ def _add_error_handlers(app: Any) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return JSONResponse({"error": _validation_line(exc)}, status_code=422)
+        return JSONResponse({"error": _validation_line(exc, request.headers.get("content-type", ""))}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

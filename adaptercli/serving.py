@@ -28,7 +28,7 @@ from .formats import read_adapter
 from .inference import answer, prediction, stop_tokens
 from .locate import locate
 from .recipe import FULL_FINETUNING, ModelSection, Recipe, load_recipe
-from .runs import load_model
+from .runs import load_model, member_sources
 
 TOKEN_ENV = "ADAPTERCLI_SERVE_TOKEN"
 
@@ -158,13 +158,11 @@ class AdapterServer:
         members: list[str] = []
         try:
             comp = recipe.composition  # an averaged run's adapter is the average: no members to run
-            for member in comp.adapters if comp is not None and comp.type in ("stack", "fuse") else []:
-                found = locate(member, model_type=state.model_type, hidden_size=state.hidden_size)
-                saved = read_adapter(found, with_head=False).saved_name
-                if saved in state.adapters:
-                    raise AdapterCliError(f"adapter '{name}': its member '{saved}' clashes with an adapter already "
+            for found, member in member_sources(model, recipe) if comp is not None and comp.type in ("stack", "fuse") else []:
+                if member in state.adapters:
+                    raise AdapterCliError(f"adapter '{name}': its member '{member}' clashes with an adapter already "
                                           "loaded; serve one of them only")
-                members.append(model.load_adapter(found, with_head=False))
+                members.append(model.load_adapter(found, load_as=member, with_head=False))
             if recipe.composition is not None and recipe.composition.type == "fuse":
                 model.load_adapter_fusion(folder / "adapter", load_as=name, with_head=True)
                 setup: CompositionBlock = Fuse(*members, name=name)

@@ -2,11 +2,12 @@
 
 Two measurements, on one machine, in one run:
 
-1. **Throughput** (texts/s, median over ``--repeats`` timed passes after one warm-up) of the same
-   batches of ``--batch`` texts run three ways: *mixed* (each row its own adapter, one forward pass
-   through ``adapter_names``), *one adapter* (every row through one active adapter, a plain
-   forward pass: what a server of one adapter runs) and *alone*
-   (each request of ``--texts-per-request`` texts as its own forward pass, through its adapter).
+1. **Throughput** (texts/s, median over ``--repeats`` timed passes after one warm-up, the ways
+   taking turns) of the same batch of ``--batch`` texts run three ways: *mixed* (each row its own
+   adapter, one forward pass through ``adapter_names``), *one adapter* (every row through one
+   active adapter, a plain forward pass: what a server of that one adapter runs; each of the eight
+   in turn, their mean time) and *alone* (each request of ``--texts-per-request`` texts as its own
+   forward pass, through its adapter).
    Targets (issue 19): mixed >= 0.9x one adapter and >= 3x alone.
 2. **Latency** through the real server (uvicorn on 127.0.0.1, the batcher, HTTP): an open-loop
    client sends requests at ``--rate`` per second (Poisson arrivals) for ``--duration`` seconds,
@@ -18,7 +19,7 @@ and two-label heads, saved to a temporary folder and served from there. ``--tiny
 
 Examples::
 
-    .venv/bin/python scripts/bench_serve.py --threads 4 --out bench_serve.json
+    .venv/bin/python scripts/bench_serve.py --out bench_serve.json
     .venv/bin/python scripts/bench_serve.py --tiny --repeats 2 --duration 2 --rate 20   # a smoke run
 """
 
@@ -82,18 +83,24 @@ def texts(count: int, words: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(words // 2, words))) for _ in range(count)]
 
 
-def _median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_medians(runs: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median seconds of each run, the runs taking turns (one warm-up pass each first), so that
+    other load on the machine falls on all of them alike."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def throughput(model, tokenizer, batch: int, words: int, per_request: int, repeats: int) -> dict[str, float]:
-    """Texts per second: mixed adapters in one pass, one adapter, and each request alone."""
+def throughput(model, tokenizer, batch: int, words: int, per_request: int, repeats: int) -> dict[str, Any]:
+    """Texts per second of the same batch: mixed adapters in one pass; through one adapter (each
+    of the eight in turn, every row through it: what a server of that one adapter runs); and each
+    request alone, through its adapter."""
     sample = texts(batch, words, seed=1)
     names = [list(ADAPTERS)[(i // per_request) % len(ADAPTERS)] for i in range(batch)]
     random.Random(2).shuffle(names)
@@ -101,23 +108,25 @@ def throughput(model, tokenizer, batch: int, words: int, per_request: int, repea
     requests = [(sample[i:i + per_request], names[i]) for i in range(0, batch, per_request)]
     encoded = [(tokenizer(t, padding=True, return_tensors="pt"), n) for t, n in requests]
 
-    def mixed():
-        model(**enc, adapter_names=names)
-
-    def one():  # what a server of one adapter runs: the adapter active, a plain forward pass
-        model(**enc)
+    def one(name: str):
+        def run():
+            model.set_active_adapters(name)
+            model(**enc)
+        return run
 
     def alone():
         for request, name in encoded:
             model(**request, adapter_names=[name] * request["input_ids"].shape[0])
 
-    model.set_active_adapters(names[0])
+    runs = {"mixed": lambda: model(**enc, adapter_names=names), **{f"one:{n}": one(n) for n in ADAPTERS}, "alone": alone}
     with torch.no_grad():
-        seconds = {k: _median_seconds(f, repeats) for k, f in (("mixed", mixed), ("one_adapter", one), ("alone", alone))}
-    result = {f"{k}_texts_per_s": batch / s for k, s in seconds.items()}
-    result["mixed_vs_one_adapter"] = seconds["one_adapter"] / seconds["mixed"]
-    result["mixed_vs_alone"] = seconds["alone"] / seconds["mixed"]
-    return result
+        seconds = _interleaved_medians(runs, repeats)
+    one_adapter = statistics.mean(seconds[f"one:{n}"] for n in ADAPTERS)
+    return {"mixed_texts_per_s": batch / seconds["mixed"], "one_adapter_texts_per_s": batch / one_adapter,
+            "alone_texts_per_s": batch / seconds["alone"],
+            "one_adapter_texts_per_s_each": {n: batch / seconds[f"one:{n}"] for n in ADAPTERS},
+            "mixed_vs_one_adapter": one_adapter / seconds["mixed"], "mixed_vs_alone": seconds["alone"] / seconds["mixed"],
+            "tokens_per_text": int(enc["input_ids"].shape[1])}
 
 
 def save_adapters(model, folder: Path) -> dict[str, str]:

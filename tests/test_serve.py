@@ -116,6 +116,9 @@ BAD_REQUESTS = [
     ("POST", "/v1/predict", {"adapter": "lora", "inputs": ["x"], "extra": 1}, None, 422,
      "extra: Extra inputs are not permitted"),
     ("POST", "/v1/predict", [1, 2], None, 422, "body: Input should be a valid dictionary"),
+    ("POST", "/v1/predict", None, None, 422, "the request has no body: send a JSON object"),
+    ("POST", "/v1/predict", '{"adapter": "lora", "inputs": ["x"]}', {"authorization": f"Bearer {TOKEN}",
+     "content-type": "text/plain"}, 422, "sent as JSON with the header content-type: application/json (it was sent as text/plain)"),
     ("POST", "/v1/predict", {"adapter": "nope", "inputs": ["x"]}, None, 404,
      "no adapter named 'nope' is served (served: lora, seq_bn, prefix_tuning, ia3, mam, dora, prompt_tuning, loreft)"),
     ("POST", "/v1/predict", {"adapter": "lora", "inputs": ["x"] * 9}, None, 413, "inputs: 9 texts, at most 8 per request"),
@@ -139,8 +142,7 @@ def test_bad_requests_get_their_status_and_one_line(server, offline) -> None:
         for method, path, body, headers, status, message in BAD_REQUESTS:
             sent = {**(good if headers is None else headers)}  # given headers replace the token
             if isinstance(body, str):
-                response = client.request(method, path, content=body,
-                                          headers={**sent, "content-type": "application/json"})
+                response = client.request(method, path, content=body, headers={"content-type": "application/json", **sent})
             else:
                 response = client.request(method, path, json=body, headers=sent)
             assert response.status_code == status, (path, body, response.text)
@@ -154,6 +156,40 @@ def test_bad_requests_get_their_status_and_one_line(server, offline) -> None:
         assert 'adaptercli_requests_total{method="POST",route="/v1/predict",status="422"}' in metrics
         assert "adaptercli_batch_texts_bucket" in metrics and "adaptercli_queue_length 0" in metrics
     assert len(BAD_REQUESTS) >= 15
+
+
+def test_fusion_and_stack_runs_are_served_beside_single_adapters(runs, offline, tmp_path, tiny_bert_dir,
+                                                                 sentiment_csv) -> None:
+    """A fuse run (its members loaded under their saved names, the fusion under the served name)
+    and a stack run share one mixed batch with single adapters; each answers like `adapter predict
+    RUN --json` on its own run folder."""
+    from conftest import write_recipe
+    from rich.console import Console
+
+    from adaptercli.recipe import load_recipe
+    from adaptercli.train import train
+
+    second = train_runs(tmp_path / "second", tiny_bert_dir, sentiment_csv, {"seq_bn": {"reduction_factor": 8}})["seq_bn"]
+    built = {}
+    for kind, method, members in (("fuse", None, [runs["seq_bn"], second]), ("stack", "seq_bn", [runs["lora"]])):
+        recipe = write_recipe(tmp_path / kind, tiny_bert_dir, sentiment_csv, method=method or "seq_bn",
+                              name=f"{kind}_run", composition={"type": kind, "adapters": [str(m) for m in members]},
+                              max_steps=2, eval_steps=2, save_steps=2, learning_rate=5e-2)
+        train(load_recipe(recipe), console=Console(quiet=True))
+        built[kind] = tmp_path / kind / "run"
+    printed = {}
+    for kind, run in built.items():
+        result = CliRunner().invoke(cli_app, ["predict", str(run), *TEXTS, "--json"], env=ENV)
+        assert result.exit_code == 0, result.output
+        printed[kind] = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    server = _server({"fuse": built["fuse"], "stack": built["stack"], "ia3": runs["ia3"], "mam": runs["mam"]})
+    assert server.served["fuse"].shares_batches and server.served["stack"].shares_batches
+    jobs = [Job(s, TEXTS, False, None) for s in server.served.values()]
+    server.predict_batch(jobs)  # one mixed batch: a fusion, a stack and two single adapters
+    for job in jobs:
+        assert job.error is None, job.error
+        _same(job.result, printed.get(job.served.name) or offline[job.served.name])
+    assert printed["fuse"] != printed["stack"]
 
 
 def test_load_and_unload_while_serving(runs, offline) -> None:
