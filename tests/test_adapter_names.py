@@ -74,6 +74,27 @@ def test_mixed_batch_rows_equal_each_adapter_alone(model_type: str, family: str,
     assert (first - second).abs().max() > 1e-4  # the adapters differ, so a mix-up would show
 
 
+@pytest.mark.parametrize("config", ["prefix_tuning[prefix_length=4,bottleneck_size=8]", "mam"])
+def test_prefixes_are_computed_once_at_inference_and_again_when_a_weight_changes(config: str, perturb) -> None:
+    model, (name,) = _model("bert", [config], perturb)
+    model.set_active_adapters(name)
+    pool = next(m for m in model.modules() if type(m).__name__ == "PrefixPool")
+    calls = []
+    pool.control_trans.register_forward_hook(lambda *args: calls.append(1))
+    ids, mask = _padded()
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).logits
+        again = model(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 1 and torch.equal(first, again)  # the MLP ran once for two batches
+    with torch.no_grad():
+        pool.control_trans[0].weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+        changed = model(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 2 and (changed - first).abs().max() > 1e-4
+    fresh = model(input_ids=ids, attention_mask=mask).logits  # autograd on: computed, never kept
+    assert len(calls) == 3
+    torch.testing.assert_close(changed, fresh.detach(), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["modernbert", "phi"])
 def test_mixed_batch_on_models_whose_adapters_replace_a_projection(arch: str, perturb) -> None:
     """Models where the adapter's result replaces a projection's output and the model adds its
