@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .base import ConfigError
 from .family import AdapterState
-from .lora import LoRA, LoRAConfig, LoRAFamily, _features, _is_conv1d
+from .lora import LoRA, LoRAConfig, LoRAFamily, _features, _is_conv1d, up_operand
 
 
 def is_variant(config: LoRAConfig) -> bool:
@@ -111,9 +111,9 @@ class LoRAVariant(LoRA):
             return out + self._fill((delta * gate.unsqueeze(-1)).flatten(-2), 0.0).to(out.dtype)
         if self.vera:  # through the rank r, as LoRA: never the [out, in] matrix (~5x fewer FLOPs on MiniLM)
             shared_a, shared_b = self._shared["lora_A"], self._shared["lora_B"]
-            delta = ((x_in @ shared_a.t()) @ self.vera_D.t()) @ (self.vera_B @ shared_b).t()
+            delta = ((x_in @ shared_a.t()) @ self.vera_D.t()) @ up_operand(self.vera_B @ shared_b)
         else:
-            delta = (x_in @ self.lora_A.t()) @ self.lora_B.t()
+            delta = (x_in @ self.lora_A.t()) @ up_operand(self.lora_B)
         if self.gate is not None:
             delta = delta * torch.sigmoid(self.gate(x.to(dtype))).mean(dim=1, keepdim=True)
         else:
