@@ -179,12 +179,14 @@ class _LayerPrefix:
         return torch.cat(keys, dim=2).to(dtype), torch.cat(values, dim=2).to(dtype)
 
     def join(self, query, key, value, mask, causal: bool):
+        """The keys, values and mask with the prefixes joined in front, and whether every row
+        sees a prefix (so no row of the widened mask can be fully masked)."""
         batch = key.shape[0]
         groups = [(0, batch, self.pools)]
         if self.setup is not None:
             groups = run(self.setup, (0, batch, [(0, batch, [])]), _RowPrefixes(self.by_name or {}))[2]
         if len(groups) == 1 and not groups[0][2]:
-            return key, value, mask
+            return key, value, mask, False
         q_len, k_len = query.shape[2], key.shape[2]
         if mask is None and causal and q_len > 1:
             # SDPA would have used is_causal, which aligns the triangle top-left: wrong once the
@@ -222,7 +224,7 @@ class _LayerPrefix:
                     pad = torch.zeros(shape, dtype=mask.dtype, device=mask.device).masked_fill(
                         ~pad, torch.finfo(mask.dtype).min)
             mask = torch.cat([pad, mask], dim=-1)
-        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
+        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask, valid is None
 
 
 def _with_prefix(inner: str):
@@ -231,11 +233,13 @@ def _with_prefix(inner: str):
         if prefix is not None:
             causal = bool(getattr(module, "is_causal", False))
             k_len = key.shape[2]
-            key, value, attention_mask = prefix.join(query, key, value, attention_mask, causal)
+            key, value, attention_mask, every_row = prefix.join(query, key, value, attention_mask, causal)
             kwargs["is_causal"] = False
             if kwargs.get("position_bias") is not None and key.shape[2] > k_len:
                 kwargs["position_bias"] = _widened_bias(module, prefix, kwargs["position_bias"], query.shape[2],
                                                         key.shape[2] - k_len, k_len)
+            if inner == "sdpa" and every_row and _math_attention_applies(module, query, key, kwargs):
+                return _math_attention(query, key, value, attention_mask, kwargs["dropout"], kwargs.get("scaling"))
         if inner == "sdpa":
             function = ALL_ATTENTION_FUNCTIONS["sdpa"]
         else:
@@ -244,6 +248,33 @@ def _with_prefix(inner: str):
         return function(module, query, key, value, attention_mask, **kwargs)
 
     return attention
+
+
+def _math_attention_applies(module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
+    """Whether SDPA would run its math fallback here, which :func:`_math_attention` reproduces:
+    training with attention dropout, on the CPU, in float32 (the fused CPU kernel has no dropout);
+    and nothing the plain formula leaves out (a position bias, grouped key/value heads, softcap,
+    attention weights asked for, a negative scale), outside torch.compile."""
+    scaling = kwargs.get("scaling")
+    return (query.device.type == "cpu" and query.dtype == key.dtype == torch.float32
+            and kwargs.get("dropout", 0.0) > 0 and kwargs.get("position_bias") is None
+            and getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("softcap") is None
+            and not kwargs.get("output_attentions", False) and (scaling is None or scaling > 0)
+            and not torch.compiler.is_compiling())
+
+
+def _math_attention(query, key, value, mask, dropout: float, scaling: float | None):
+    """SDPA's math fallback, operation for operation (the same dropout draws, the same result to
+    the bit), less its guard for rows whose every key is masked: with a prefix seen by every row
+    there are none, and the guard (isneginf, all, where over [B, heads, Q, P + K]) cost more than
+    the softmax itself. Shapes as SDPA's; returns ([B, Q, heads, dim], None) as transformers' SDPA
+    attention does."""
+    scale = math.sqrt(scaling if scaling is not None else 1 / math.sqrt(query.shape[-1]))
+    scores = torch.matmul(query * scale, key.transpose(-2, -1) * scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = nn.functional.dropout(torch.softmax(scores, dim=-1), dropout, training=True)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
 def _widened_bias(module: nn.Module, prefix: _LayerPrefix, bias: torch.Tensor, q_len: int, n_prefix: int,
@@ -289,7 +320,7 @@ def _disentangled_attention(module, hidden_states, attention_mask, output_attent
         key, value = split(module.key_proj(hidden_states)), split(module.value_proj(hidden_states))
         scale_factor = 1 + sum(kind in module.pos_att_type for kind in ("c2p", "p2c"))
     batch, _, n_query, head_dim = query.shape
-    joined_key, joined_value, mask = module._adaptercli_prefix.join(query, key, value, attention_mask.bool(), False)
+    joined_key, joined_value, mask, _ = module._adaptercli_prefix.join(query, key, value, attention_mask.bool(), False)
     n_prefix = joined_key.shape[2] - key.shape[2]
     scale = math.sqrt(head_dim * scale_factor)
     relative = None
