@@ -106,6 +106,37 @@ def test_prefix_tuning_sdpa_equals_eager_with_padding(perturb) -> None:
         assert torch.allclose(outputs[model_type, "eager"][keep], outputs[model_type, "sdpa"][keep], atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type,dropout_key", [("bert", "attention_probs_dropout_prob"), ("gpt2", "attn_pdrop")])
+def test_prefix_tuning_training_attention_equals_sdpa(model_type: str, dropout_key: str, monkeypatch) -> None:
+    """In training on the CPU the prefixed attention runs its own copy of SDPA's math fallback
+    (without the fully-masked-row guard): the same dropout draws, outputs and gradients to the bit."""
+    from transformers import AutoConfig
+
+    import adaptercli.methods.prefix_tuning as prefix_module
+
+    config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], dropout_key: 0.1})
+    torch.manual_seed(0)
+    model = adaptercli.init(AutoModel.from_config(config, attn_implementation="sdpa"))
+    model.add_adapter("p", "prefix_tuning[prefix_length=5]")
+    model.train_adapter("p")
+    ids, mask = batch()
+    calls = []
+    math_attention = prefix_module._math_attention
+    monkeypatch.setattr(prefix_module, "_math_attention", lambda *a: calls.append(1) or math_attention(*a))
+    results = []
+    for own in (True, False):
+        if not own:
+            monkeypatch.setattr(prefix_module, "_math_attention_applies", lambda *a: False)
+        torch.manual_seed(3)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((hidden, torch.autograd.grad(hidden.square().sum(), params)))
+    assert len(calls) == config.num_hidden_layers  # every layer took our path in the first pass
+    (ours, our_grads), (sdpa, sdpa_grads) = results
+    assert torch.equal(ours, sdpa)
+    assert all(torch.equal(a, b) for a, b in zip(our_grads, sdpa_grads, strict=True))
+
+
 def test_inactive_adapters_install_no_hooks() -> None:
     model = adaptercli.init(tiny_model("bert"))
     for i, method in enumerate(["seq_bn", "lora", "prefix_tuning", "ia3"]):

@@ -271,6 +271,9 @@ def _with_prefix(inner: str):
                 if kwargs.get("position_bias") is not None:
                     kwargs["position_bias"] = _widened_bias(module, prefix, kwargs["position_bias"], query.shape[2],
                                                             key.shape[2] - k_len, k_len)
+                # One group: every row sees a prefix, so no row of the widened mask is fully masked.
+                if inner == "sdpa" and len(groups) == 1 and _math_attention_applies(module, query, key, kwargs):
+                    return _math_attention(query, key, value, mask, kwargs["dropout"], kwargs.get("scaling"))
             return function(module, query, key, value, mask, **kwargs)
 
         batch = key.shape[0]
@@ -296,6 +299,33 @@ def _with_prefix(inner: str):
         return output, None
 
     return attention
+
+
+def _math_attention_applies(module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
+    """Whether SDPA would run its math fallback here, which :func:`_math_attention` reproduces:
+    training with attention dropout, on the CPU, in float32 (the fused CPU kernel has no dropout);
+    and nothing the plain formula leaves out (a position bias, grouped key/value heads, softcap,
+    attention weights asked for, a negative scale), outside torch.compile."""
+    scaling = kwargs.get("scaling")
+    return (query.device.type == "cpu" and query.dtype == key.dtype == torch.float32
+            and kwargs.get("dropout", 0.0) > 0 and kwargs.get("position_bias") is None
+            and getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("softcap") is None
+            and not kwargs.get("output_attentions", False) and (scaling is None or scaling > 0)
+            and not torch.compiler.is_compiling())
+
+
+def _math_attention(query, key, value, mask, dropout: float, scaling: float | None):
+    """SDPA's math fallback, operation for operation (the same dropout draws, the same result to
+    the bit), less its guard for rows whose every key is masked: with a prefix seen by every row
+    there are none, and the guard (isneginf, all, where over [B, heads, Q, P + K]) cost more than
+    the softmax itself. Shapes as SDPA's; returns ([B, Q, heads, dim], None) as transformers' SDPA
+    attention does."""
+    scale = math.sqrt(scaling if scaling is not None else 1 / math.sqrt(query.shape[-1]))
+    scores = torch.matmul(query * scale, key.transpose(-2, -1) * scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = nn.functional.dropout(torch.softmax(scores, dim=-1), dropout, training=True)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
 def _widened_bias(module: nn.Module, prefix: _LayerPrefix, bias: torch.Tensor, q_len: int, n_prefix: int,
