@@ -428,6 +428,11 @@ def _compose_rows(groups: list[tuple[slice, str | CompositionBlock]], composer: 
     unadapted = h if hooked else normed if normed is not None and normed.dtype == h.dtype else None
 
     def group(rows: slice, child: str | CompositionBlock) -> torch.Tensor:
+        if isinstance(child, str) or is_plain_stack(child):  # what the adapters alone run (run_site)
+            present = [composer.adapters[n] for n in ([child] if isinstance(child, str) else child.children)
+                       if n in composer.adapters]
+            if present:
+                return run_site(present, h[rows], rows_of(r, rows), norm, rows_of(normed, rows))
         return compose_site(child, composer, h[rows], rows_of(r, rows), norm, rows_of(normed, rows))
 
     if unadapted is None:

@@ -197,6 +197,19 @@ class LoRA(nn.Module):
             delta = after_a @ up_operand(scaled_b)
         return out + delta.to(out.dtype)
 
+    def apply_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """``apply`` written into ``out`` itself, without autograd (a mixed batch writing its rows
+        into the layer's output): one in-place kernel, no new tensor. False where that does not
+        apply (a subclass's own ``apply``, fused q/k/v slots, another dtype); then call ``apply``."""
+        if type(self).apply is not LoRA.apply or self.slots or out.dtype != self.lora_B.dtype or not out.is_contiguous():
+            return False
+        if self.scale_mode:
+            out.mul_(self.lora_B.view(-1) * self.scaling)
+        else:
+            after_a = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
+            out.view(-1, out.shape[-1]).addmm_(after_a.reshape(-1, after_a.shape[-1]), up_operand(self.lora_B * self.scaling))
+        return True
+
     def weight_delta(self) -> torch.Tensor:
         """``B A`` as an [out, in] matrix (add mode), or the [out] scale vector (scale mode)."""
         if self.scale_mode:
@@ -277,8 +290,15 @@ def _compose_hook(setup: CompositionBlock, loras: nn.ModuleDict, skip: set[str])
         if torch.is_grad_enabled():
             return torch.cat([run(child, (x[rows], out[rows]), composer)[1] for rows, child in groups])
         for rows, child in groups:  # no autograd: write the adapted rows into the fresh output
-            if touches(child, composer):
-                out[rows] = run(child, (x[rows], out[rows]), composer)[1]
+            if not touches(child, composer):
+                continue
+            part, x_rows = out[rows], x[rows]
+            if not (isinstance(child, str) or is_plain_stack(child)):
+                part.copy_(run(child, (x_rows, part), composer)[1])
+                continue
+            for name in [child] if isinstance(child, str) else child.children:
+                if composer.has(name) and not composer.loras[name].apply_into(x_rows, part):
+                    part.copy_(composer.loras[name].apply(x_rows, part))
         return out
 
     return hook
