@@ -281,22 +281,21 @@ def _with_prefix(inner: str):
         if len(groups) == 1 or inner != "sdpa" or kwargs.get("position_bias") is not None:
             return joined(query, key, value, attention_mask, groups, kwargs)
         # Rows join different prefixes (mixed adapters in one batch): each group of rows attends
-        # with only its own prefixes, instead of every row padded to the longest.
+        # with only its own prefixes, instead of every row padded to the longest; neighbouring
+        # groups without prefixes attend together.
         def rows(a: int, b: int, pools: list[Gated]) -> torch.Tensor:
             mask = attention_mask
             if mask is not None and mask.shape[0] == batch:
                 mask = mask[a:b]
             return joined(query[a:b], key[a:b], value[a:b], mask, [(a, b, pools)], dict(kwargs))[0]
 
-        if torch.is_grad_enabled() or all(pools for _, _, pools in groups):
-            return torch.cat([rows(*group) for group in groups]), None
-        # Without autograd: one call for the whole batch without prefixes (right for the rows that
-        # have none, wherever they sit), then the rows with prefixes, written over theirs.
-        output = function(module, query, key, value, attention_mask, **kwargs)[0]
+        runs: list[tuple[int, int, list[Gated]]] = []
         for a, b, pools in groups:
-            if pools:
-                output[a:b] = rows(a, b, pools)
-        return output, None
+            if not pools and runs and not runs[-1][2] and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], b, [])
+            else:
+                runs.append((a, b, pools))
+        return torch.cat([rows(*run) for run in runs]), None
 
     return attention
 
