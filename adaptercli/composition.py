@@ -340,15 +340,14 @@ def run(node: str | CompositionBlock, state: S, composer: Composer[S]) -> S:
     place leave their part of the state as it is."""
     if isinstance(node, str):
         return composer.single(node, state) if composer.has(node) else state
-    if not any(composer.has(n) for n in node.flatten()):
+    if not touches(node, composer):
         return state
     if isinstance(node, Stack):
         for child in node.children:
             state = run(child, state, composer)
         return state
     if isinstance(node, Fuse):
-        members = [run(c, state, composer) for c in node.children
-                   if any(composer.has(n) for n in ([c] if isinstance(c, str) else c.flatten()))]
+        members = [run(c, state, composer) for c in node.children if touches(c, composer)]
         return composer.fuse(node, state, members)
     if isinstance(node, Average):
         return composer.average(state, [run(c, state, composer) for c in node.children], node.weights)
