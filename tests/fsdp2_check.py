@@ -66,4 +66,8 @@ for i, s in back.items():
         full = v.full_tensor() if isinstance(v, DTensor) else v
         assert torch.equal(full, reference[i][k]), (i, k)
 print(f"rank {rank}: fsdp2 gather and optimizer round trip ok", flush=True)
+# Both ranks reach here before either tears its process group down: a rank that exits while
+# its peer still runs local checks can abort in gloo's teardown ("terminate called without an
+# active exception", exit -6) although every check passed.
+dist.barrier()
 dist.destroy_process_group()
