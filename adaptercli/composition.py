@@ -287,15 +287,19 @@ def touches(node: str | CompositionBlock, composer: Composer) -> bool:
     return any(composer.has(n) for n in ([node] if isinstance(node, str) else node.flatten()))
 
 
-def rows_by_setup(setups: Sequence[str | CompositionBlock]) -> tuple[list[int], str | CompositionBlock]:
+def rows_by_setup(setups: Sequence[str | CompositionBlock], key: Callable[[str | CompositionBlock], Any] | None = None,
+                  ) -> tuple[list[int], str | CompositionBlock]:
     """Rows that each name their own adapter or block, as one forward pass: the order that puts
-    rows naming the same setup next to each other (stable, setups in order of first appearance)
-    and what runs on the reordered rows: the one setup, or a BatchSplit over them."""
+    rows naming the same setup next to each other (stable, setups in order of first appearance,
+    then sorted by ``key`` of the setup where given) and what runs on the reordered rows: the one
+    setup, or a BatchSplit over them."""
     groups: dict[str, tuple[str | CompositionBlock, list[int]]] = {}
     for row, setup in enumerate(setups):
         groups.setdefault(setup if isinstance(setup, str) else repr(setup), (setup, []))[1].append(row)
     if not groups:
         raise CompositionError("no rows: name one adapter per row")
+    if key is not None:
+        groups = dict(sorted(groups.items(), key=lambda item: key(item[1][0])))
     order = [row for _, rows in groups.values() for row in rows]
     if len(groups) == 1:
         return order, next(iter(groups.values()))[0]

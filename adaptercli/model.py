@@ -32,6 +32,7 @@ from .formats.setup import HeadSetup
 from .heads import HeadConfig, PredictionHead
 from .locate import locate
 from .methods import FAMILIES, MethodConfig, family_of, method_name, resolve_config
+from .methods.base import family_config
 from .methods.family import AdapterRecord, AdapterState, FusionRecord, key_pattern
 from .methods.fusion import FusionConfig, FusionRecorder, resolve_fusion_config
 from .model_io import (
@@ -125,7 +126,7 @@ class ModelAdaptersMixin:
         if isinstance(adapter_names, str) or len(adapter_names) != rows:
             raise AdapterError(f"adapter_names needs one name per row: {rows} rows, got "
                                f"{'a string' if isinstance(adapter_names, str) else len(adapter_names)}")
-        order, setup = composition.rows_by_setup([self.setup_named(n) for n in adapter_names])
+        order, setup = composition.rows_by_setup([self.setup_named(n) for n in adapter_names], key=self._apart)
         if isinstance(setup, composition.BatchSplit):
             state = self.adapter_state
             for name in setup.flatten():
@@ -136,6 +137,13 @@ class ModelAdaptersMixin:
                         f"batch with other adapters (the {', '.join(mixable)} families can); give its rows a batch "
                         "of their own")
         return order, setup  # type: ignore[return-value]
+
+    def _apart(self, setup: composition.CompositionBlock) -> tuple[str, ...]:
+        """The families in ``setup`` whose sites run its rows apart from the others (see
+        ``MethodFamily.rows_apart``): a mixed batch puts the groups without one first, as one run."""
+        state = self.adapter_state
+        return tuple(sorted({f.name for n in setup.flatten() if n in state.adapters for f in state.families.values()
+                             if f.rows_apart and family_config(state.adapters[n].config, f.name) is not None}))
 
     def shares_batches(self, setup: str | composition.CompositionBlock) -> bool:
         """Whether rows running ``setup`` can share a forward pass with rows running other adapters

@@ -95,6 +95,50 @@ def test_prefixes_are_computed_once_at_inference_and_again_when_a_weight_changes
     torch.testing.assert_close(changed, fresh.detach(), atol=1e-6, rtol=0)
 
 
+def test_groups_with_prefixes_go_last_so_the_others_attend_as_one_run(perturb) -> None:
+    """Prefixed attention runs each group with prefixes on its own and neighbouring groups without
+    prefixes together: the batch puts the groups that use prefixes (prefix tuning, MAM) after the
+    others, in order of first appearance within each kind, and rows still come back in order."""
+    model, names = _model("bert", ["prefix_tuning[prefix_length=3,bottleneck_size=8]", "lora", "mam", "seq_bn"], perturb)
+    per_row = [names[i] for i in (0, 1, 2, 3, 0, 1)]
+    order, setup = model.rows_setup(per_row, len(per_row))
+    assert [c.last() for c in setup.children] == ["a1", "a3", "a0", "a2"] and setup.batch_sizes == [2, 1, 2, 1]
+    assert order == [1, 5, 3, 0, 4, 2]
+    ids, mask = _padded()
+    _assert_rows_equal(model, per_row, ids, mask)
+
+
+def _kept_values(model) -> dict:
+    return {(id(m), slot): entry[2] for m in model.modules() for slot, entry in vars(m).get("_adaptercli_kept", {}).items()}
+
+
+@pytest.mark.parametrize("config", ["dora", {"method": "vera", "attn_matrices": ["q"]}, "compacter[reduction_factor=4]",
+                                    "lora", "ia3"])
+def test_batch_independent_weights_are_kept_at_inference_and_follow_every_weight_change(config, perturb) -> None:
+    """DoRA's magnitude, VeRA's and LoRA's scaled up-projection, Compacter's Kronecker weight, IA3's
+    scale: computed once for many batches at inference, and recomputed after an in-place change to
+    any weight they come from (each of the adapter's own, and the adapted layer's for DoRA)."""
+    model, (name,) = _model("bert", [config], perturb)
+    model.set_active_adapters(name)
+    ids, mask = _padded()
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).logits
+        values = _kept_values(model)
+        again = model(input_ids=ids, attention_mask=mask).logits
+    assert values and all(v is values[k] for k, v in _kept_values(model).items())  # nothing computed again
+    assert torch.equal(first, again)
+    sources = list(model.adapter_state.adapter_parameters(name).values())
+    if config == "dora":
+        sources += [m.weight for m in model.modules() if hasattr(m, "loras")]
+    for tensor in sources:
+        with torch.no_grad():
+            tensor.mul_(1.25).add_(0.05)  # in place, as an optimizer step or a merge changes a weight
+            served = model(input_ids=ids, attention_mask=mask).logits
+        fresh = model(input_ids=ids, attention_mask=mask).logits  # autograd on: computed, never kept
+        torch.testing.assert_close(served, fresh.detach(), atol=1e-6, rtol=0)
+    assert (served - first).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("arch", ["modernbert", "phi"])
 def test_mixed_batch_on_models_whose_adapters_replace_a_projection(arch: str, perturb) -> None:
     """Models where the adapter's result replaces a projection's output and the model adds its

@@ -57,6 +57,9 @@ class MethodFamily:
 
     # The composition blocks this family can run (see composition.check_support).
     blocks: ClassVar[tuple[str, ...]] = ("Stack",)
+    # In a mixed batch its sites run each group of rows that uses it on its own, and neighbouring
+    # groups that do not, together (prefix tuning's attention); such groups go last in the batch.
+    rows_apart: ClassVar[bool] = False
 
     def activate(self, state: AdapterState, setup: composition.CompositionBlock | None) -> list[RemovableHandle]:
         """Install the forward hooks that run this family's adapters in ``setup`` (None: none) and

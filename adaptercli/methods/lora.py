@@ -31,6 +31,7 @@ from ..composition import CompositionBlock, is_plain_stack, run, split_rows, tou
 from ..schema import spec
 from .base import ConfigError, MethodConfig
 from .family import AdapterState, MethodFamily
+from .kept import kept
 
 
 @dataclasses.dataclass
@@ -180,11 +181,11 @@ class LoRA(nn.Module):
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The adapted output for layer input ``x`` and unadapted output ``out``."""
         if self.scale_mode:
-            return out * (self._fill(self.lora_B.view(-1), 1.0) * self.scaling).to(out.dtype)
+            return out * self._scale_vector().to(out.dtype)
         after_a = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()  # [..., r * n]
-        # The scaling goes on B (out x r), not on the full-width output: one multiply fewer per token.
-        scaled_b = self.lora_B * self.scaling
         if self.slots:
+            # The scaling goes on B (out x r), not on the full-width output: one multiply fewer per token.
+            scaled_b = self.lora_B * self.scaling
             n, r = sum(self.slots), scaled_b.shape[1]
             groups = after_a.unflatten(-1, (n, r))  # [..., n, r]
             delta = self._fill(torch.einsum("...nr,ndr->...nd", groups, scaled_b.view(n, -1, r)).flatten(-2), 0.0)
@@ -192,10 +193,18 @@ class LoRA(nn.Module):
             # One GEMM that also adds the base output (no separate full-width add).
             width = out.shape[-1]
             return torch.addmm(out.reshape(-1, width), after_a.reshape(-1, after_a.shape[-1]),
-                               up_operand(scaled_b)).view(out.shape)
+                               self._scaled_up()).view(out.shape)
         else:
-            delta = after_a @ up_operand(scaled_b)
+            delta = after_a @ self._scaled_up()
         return out + delta.to(out.dtype)
+
+    def _scale_vector(self) -> torch.Tensor:
+        """IA3's per-channel factor (kept across forward passes at inference, see ``kept``)."""
+        return kept(self, "scale", (self.lora_B,), lambda: self._fill(self.lora_B.view(-1), 1.0) * self.scaling)
+
+    def _scaled_up(self) -> torch.Tensor:
+        """``scaling * B`` as the right operand of ``after_a @ ...`` (see ``up_operand``), kept at inference."""
+        return kept(self, "up", (self.lora_B,), lambda: up_operand(self.lora_B * self.scaling))
 
     def apply_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """``apply`` written into ``out`` itself, without autograd (a mixed batch writing its rows
@@ -204,10 +213,10 @@ class LoRA(nn.Module):
         if type(self).apply is not LoRA.apply or self.slots or out.dtype != self.lora_B.dtype or not out.is_contiguous():
             return False
         if self.scale_mode:
-            out.mul_(self.lora_B.view(-1) * self.scaling)
+            out.mul_(self._scale_vector())
         else:
             after_a = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
-            out.view(-1, out.shape[-1]).addmm_(after_a.reshape(-1, after_a.shape[-1]), up_operand(self.lora_B * self.scaling))
+            out.view(-1, out.shape[-1]).addmm_(after_a.reshape(-1, after_a.shape[-1]), self._scaled_up())
         return True
 
     def weight_delta(self) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .base import ConfigError
 from .family import AdapterState
+from .kept import kept
 from .lora import LoRA, LoRAConfig, LoRAFamily, _features, _is_conv1d, up_operand
 
 
@@ -109,27 +110,59 @@ class LoRAVariant(LoRA):
             delta = torch.einsum("...nr,ndr->...nd", groups, self.lora_B.view(n, -1, r))  # [..., n, out / 3]
             gate = torch.sigmoid(self.gate(x.to(dtype))).mean(dim=1, keepdim=True)  # [batch, 1, n]
             return out + self._fill((delta * gate.unsqueeze(-1)).flatten(-2), 0.0).to(out.dtype)
-        if self.vera:  # through the rank r, as LoRA: never the [out, in] matrix (~5x fewer FLOPs on MiniLM)
-            shared_a, shared_b = self._shared["lora_A"], self._shared["lora_B"]
-            after_a, up = (x_in @ shared_a.t()) @ self.vera_D.t(), self.vera_B @ shared_b  # [..., r], [out, r]
-        else:
-            after_a, up = x_in @ self.lora_A.t(), self.lora_B
-        # The gate (one number per row) and the scaling go on the r-wide factors, not on the
-        # out-wide delta: fewer full-width passes forward and backward.
+        after_a = self._after_a(x_in)
         if self.gate is not None:
+            # The gate (one number per row) goes on the r-wide factor, not on the out-wide delta.
             after_a = after_a * torch.sigmoid(self.gate(x.to(dtype))).mean(dim=1, keepdim=True)
+            up = up_operand(self._up())
         else:
-            up = up * self.scaling
+            up = self._scaled_up()
         if not self.dora and out.dtype != dtype:
-            return out + (after_a @ up_operand(up)).to(out.dtype)
+            return out + (after_a @ up).to(out.dtype)
         # One GEMM that also adds the layer's output: out + delta without a separate full-width add.
         width = out.shape[-1]
-        adapted = torch.addmm(out.to(dtype).reshape(-1, width), after_a.reshape(-1, after_a.shape[-1]),
-                              up_operand(up)).view(out.shape)
+        adapted = torch.addmm(out.to(dtype).reshape(-1, width), after_a.reshape(-1, after_a.shape[-1]), up).view(out.shape)
         if self.dora:
-            norm = torch.linalg.norm(self._base.weight.to(dtype) + self.delta_matrix(), dim=1)
-            adapted = (self.m.weight.view(-1) / norm) * adapted
+            adapted = self._magnitude() * adapted
         return adapted.to(out.dtype)
+
+    def apply_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """``apply`` written into ``out`` (see ``LoRA.apply_into``): ungated, unfused layers only."""
+        dtype = self.vera_B.dtype if self.vera else self.lora_A.dtype
+        if self.slots or self.gate is not None or out.dtype != dtype or not out.is_contiguous():
+            return False
+        after_a = self._after_a(self.dropout(x.to(dtype)))
+        out.view(-1, out.shape[-1]).addmm_(after_a.reshape(-1, after_a.shape[-1]), self._scaled_up())
+        if self.dora:
+            out.mul_(self._magnitude())
+        return True
+
+    def _after_a(self, x_in: torch.Tensor) -> torch.Tensor:
+        """The input through the rank-r down side: ``A x`` (VeRA: ``Λ_d A0 x``; never the [out, in]
+        matrix, ~5x fewer FLOPs on MiniLM)."""
+        if self.vera:
+            return (x_in @ self._shared["lora_A"].t()) @ self.vera_D.t()
+        return x_in @ self.lora_A.t()
+
+    def _up(self) -> torch.Tensor:
+        """The up side, [out, r]: B (VeRA: ``Λ_b B0``)."""
+        return self.vera_B @ self._shared["lora_B"] if self.vera else self.lora_B
+
+    def _sources(self) -> tuple[torch.Tensor, ...]:
+        """What the kept values are computed from: own weights, VeRA's shared ones, the layer's weight."""
+        shared = tuple(self._shared.values()) if self.vera else ()
+        return (*self.parameters(), *shared, self._base.weight)
+
+    def _scaled_up(self) -> torch.Tensor:
+        return kept(self, "up", self._sources(), lambda: up_operand(self._up() * self.scaling))
+
+    def _magnitude(self) -> torch.Tensor:
+        """DoRA's per-output factor ``m / ||W + ΔW||_row``, [out]; kept at inference (it does not
+        depend on the batch, and costs a full [out, in] matrix per call)."""
+        def compute() -> torch.Tensor:
+            dtype = self.vera_B.dtype if self.vera else self.lora_A.dtype
+            return self.m.weight.view(-1) / torch.linalg.norm(self._base.weight.to(dtype) + self.delta_matrix(), dim=1)
+        return kept(self, "magnitude", self._sources(), compute)
 
     def weight_delta(self) -> torch.Tensor:
         if self.dora or self.gate is not None:

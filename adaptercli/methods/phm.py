@@ -20,6 +20,7 @@ import torch.nn as nn
 # ``config`` below is a bottleneck config (BnConfig, its phm_* fields), typed by its base class:
 # bottleneck.py imports this module.
 from .base import ConfigError, MethodConfig
+from .kept import kept
 
 
 def _init_weight(tensor: torch.Tensor, config: MethodConfig) -> None:
@@ -121,5 +122,8 @@ class PHMLayer(nn.Module):
         return torch.einsum("iab,icd->acbd", rule, W).reshape(self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.hypercomplex_weight().to(x.dtype)
+        shared = tuple(self._shared.values()) if self._shared is not None else ()
+        # H does not depend on the batch: at inference it is kept until a weight changes.
+        weight = kept(self, f"H{x.dtype}", (*self.parameters(), *shared), lambda: self.hypercomplex_weight().to(x.dtype))
+        y = x @ weight
         return y if self.b is None else y + self.b

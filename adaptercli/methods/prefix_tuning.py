@@ -39,6 +39,7 @@ from ..schema import spec
 from .base import ConfigError, MethodConfig, family_config
 from .bottleneck import ACTIVATIONS, _activation
 from .family import AdapterState, MethodFamily
+from .kept import kept
 
 
 @dataclasses.dataclass
@@ -98,34 +99,23 @@ class PrefixPool(nn.Module):
             )
         self.dropout = nn.Dropout(config.dropout)
         self._per_layer: list[torch.Tensor] | None = None
-        # Inference: the prefixes kept across forward passes with what they were computed from.
-        self._kept: tuple[tuple, list[torch.Tensor]] | None = None
 
     def clear(self) -> None:
         self._per_layer = None
 
-    def _weights_key(self) -> tuple | None:
-        """What the prefixes are computed from, while nothing can train them (no autograd, eval
-        mode, eager): each parameter's identity and version (any in-place update bumps it)."""
-        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
-            return None
-        return tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters())
+    def _compute(self) -> list[torch.Tensor]:
+        kv = self.control_trans if self.flat else self.control_trans(self.wte.weight)
+        kv = self.dropout(kv.view(self.shape))  # [P, n_layers * 2, heads, dim]
+        # One split for all layers: its backward concatenates, instead of zero-filling a
+        # full-size gradient per layer as separate slices would.
+        return [t.permute(1, 2, 0, 3) for t in kv.split(2, dim=1)]  # [2, heads, P, dim]
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value prefix of one layer, each [kv_heads, P, head_dim]. Computed once per
         forward pass; at inference once until a weight changes (the reparametrisation MLP is
         batch-independent work that a server would otherwise repeat for every batch)."""
         if self._per_layer is None:
-            key = self._weights_key()
-            if key is not None and self._kept is not None and self._kept[0] == key:
-                self._per_layer = self._kept[1]
-            else:
-                kv = self.control_trans if self.flat else self.control_trans(self.wte.weight)
-                kv = self.dropout(kv.view(self.shape))  # [P, n_layers * 2, heads, dim]
-                # One split for all layers: its backward concatenates, instead of zero-filling a
-                # full-size gradient per layer as separate slices would.
-                self._per_layer = [t.permute(1, 2, 0, 3) for t in kv.split(2, dim=1)]  # [2, heads, P, dim]
-                self._kept = None if key is None else (key, self._per_layer)
+            self._per_layer = kept(self, "prefixes", list(self.parameters()), self._compute)
         kv = self._per_layer[layer]
         return kv[0], kv[1]
 
@@ -411,6 +401,7 @@ class PrefixTuningFamily(MethodFamily):
     name = "prefix_tuning"
     blocks = ("Stack", "Parallel", "BatchSplit")
     config_class = PrefixTuningConfig
+    rows_apart = True
     containers = ("prefix_tunings", "prefix_gates")
 
     def add(self, state: AdapterState, name: str, config: PrefixTuningConfig) -> None:
