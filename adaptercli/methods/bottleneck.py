@@ -229,8 +229,10 @@ class BottleneckAdapter(nn.Module):
 
     def _delta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's contribution and its scaled up-projection (what AdapterFusion attends over)."""
-        up = self.adapter_up(self.adapter_down(x)) * self.scaling
-        out = self.dropout(up)
+        up = self.adapter_up(self.adapter_down(x))
+        if not (isinstance(self.scaling, float) and self.scaling == 1.0):
+            up = up * self.scaling
+        out = self.dropout(up) if self.training else up
         if self.gate is not None:
             gate = torch.sigmoid(self.gate(x)).mean(dim=1, keepdim=True)  # [B, 1, 1]
             out = out * gate

@@ -290,6 +290,13 @@ class LayerComposer:
 def _compose_hook(setup: CompositionBlock, loras: nn.ModuleDict, skip: set[str]):
     composer = LayerComposer(loras, skip)
 
+    plans: dict[int, list] = {}  # batch size -> [(rows, child, its LoRAs here or None: a block)]
+
+    def plan(groups: list) -> list:
+        return [(rows, child, [composer.loras[n] for n in ([child] if isinstance(child, str) else child.children)
+                               if composer.has(n)] if isinstance(child, str) or is_plain_stack(child) else None)
+                for rows, child in groups if touches(child, composer)]
+
     def hook(module, args, out):
         x = args[0]
         groups = split_rows(setup, out.shape[0])
@@ -298,16 +305,17 @@ def _compose_hook(setup: CompositionBlock, loras: nn.ModuleDict, skip: set[str])
         # Rows split at the top (mixed adapters in one batch): each group end to end on its rows.
         if torch.is_grad_enabled():
             return torch.cat([run(child, (x[rows], out[rows]), composer)[1] for rows, child in groups])
-        for rows, child in groups:  # no autograd: write the adapted rows into the fresh output
-            if not touches(child, composer):
-                continue
+        steps = plans.get(out.shape[0])
+        if steps is None:
+            steps = plans[out.shape[0]] = plan(groups)
+        for rows, child, loras in steps:  # no autograd: write the adapted rows into the fresh output
             part, x_rows = out[rows], x[rows]
-            if not (isinstance(child, str) or is_plain_stack(child)):
+            if loras is None:
                 part.copy_(run(child, (x_rows, part), composer)[1])
                 continue
-            for name in [child] if isinstance(child, str) else child.children:
-                if composer.has(name) and not composer.loras[name].apply_into(x_rows, part):
-                    part.copy_(composer.loras[name].apply(x_rows, part))
+            for lora in loras:
+                if not lora.apply_into(x_rows, part):
+                    part.copy_(lora.apply(x_rows, part))
         return out
 
     return hook

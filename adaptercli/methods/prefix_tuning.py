@@ -397,6 +397,18 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIXED["eager"], eager_mask)
 ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIXED["sdpa"], sdpa_mask)
 
 
+def _model_configs(state: AdapterState) -> list[PretrainedConfig]:
+    """Every config the model's modules read (T5's encoder and decoder keep their own copies),
+    found once per module list (activation runs per mixed batch)."""
+    modules = state.modules()
+    kept_configs = vars(state).get("_model_configs")
+    if kept_configs is None or kept_configs[0] is not modules:
+        configs = list({id(c): c for c in [state.model.config, *(vars(m).get("config") for m in modules)]
+                        if isinstance(c, PretrainedConfig)}.values())
+        kept_configs = state._model_configs = (modules, configs)
+    return kept_configs[1]
+
+
 class PrefixTuningFamily(MethodFamily):
     name = "prefix_tuning"
     blocks = ("Stack", "Parallel", "BatchSplit")
@@ -440,9 +452,7 @@ class PrefixTuningFamily(MethodFamily):
     def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
         pools_by_name = getattr(state.root, "prefix_tunings", {})
         active = [n for n in self.active_names(state, setup) if n in pools_by_name]
-        # Every config the model's modules read (T5's encoder and decoder keep their own copies).
-        configs = list({id(c): c for c in [state.model.config, *(vars(m).get("config") for m in
-                        state.modules())] if isinstance(c, PretrainedConfig)}.values())
+        configs = _model_configs(state)
         own = state.arch.attention_forward  # DeBERTa: its own attention, whose implementation stays
         base = getattr(state, "_base_attn", None) or state.model.config._attn_implementation
         joins_functions = bool(active) and not own
