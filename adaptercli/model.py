@@ -126,7 +126,16 @@ class ModelAdaptersMixin:
         if isinstance(adapter_names, str) or len(adapter_names) != rows:
             raise AdapterError(f"adapter_names needs one name per row: {rows} rows, got "
                                f"{'a string' if isinstance(adapter_names, str) else len(adapter_names)}")
-        order, setup = composition.rows_by_setup([self.setup_named(n) for n in adapter_names], key=self._apart)
+        named: dict[str, composition.CompositionBlock] = {}  # each name looked up and checked once
+
+        def setup_of(name: Any) -> composition.CompositionBlock:
+            if not isinstance(name, str):
+                return self.setup_named(name)
+            if name not in named:
+                named[name] = self.setup_named(name)
+            return named[name]
+
+        order, setup = composition.rows_by_setup([setup_of(n) for n in adapter_names], key=self._apart)
         if isinstance(setup, composition.BatchSplit):
             state = self.adapter_state
             for name in setup.flatten():

@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -155,6 +155,7 @@ class AdapterState:
         self.forward_mask: torch.Tensor | None = None  # the current forward's attention mask (when needed)
         self.on_activate: list[Callable[[], None]] = []  # called after every activation (the model's own plans)
         self._modules: list[nn.Module] | None = None
+        self._derived: dict[str, Any] = {}
 
     def modules(self) -> list[nn.Module]:
         """The backbone's modules, walked once and kept for the next activations (which run per
@@ -165,6 +166,15 @@ class AdapterState:
 
     def forget_modules(self) -> None:
         self._modules = None
+        self._derived: dict[str, Any] = {}
+
+    def derived(self, key: str, compute: Callable[[list[nn.Module]], Any]) -> Any:
+        """``compute(self.modules())``, kept with the module list (found again once an adapter or
+        a fusion is added or deleted): what activation looks up in the modules per batch."""
+        modules = self.modules()
+        if key not in self._derived:
+            self._derived[key] = compute(modules)
+        return self._derived[key]
 
     @property
     def root(self) -> nn.Module:

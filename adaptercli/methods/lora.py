@@ -384,7 +384,7 @@ class LoRAFamily(MethodFamily):
     def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
         names = [n for n in self.active_names(state, setup) if n not in state.merged]  # merged: in the weights
         handles = []
-        for module, loras in self._layers_with(state):
+        for module, loras in state.derived("loras", lambda modules: list(self._layers_with(state))):
             active = [n for n in names if n in loras]
             if not active:
                 continue

@@ -398,15 +398,10 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIXED["sdpa"], sdpa_mask)
 
 
 def _model_configs(state: AdapterState) -> list[PretrainedConfig]:
-    """Every config the model's modules read (T5's encoder and decoder keep their own copies),
-    found once per module list (activation runs per mixed batch)."""
-    modules = state.modules()
-    kept_configs = vars(state).get("_model_configs")
-    if kept_configs is None or kept_configs[0] is not modules:
-        configs = list({id(c): c for c in [state.model.config, *(vars(m).get("config") for m in modules)]
-                        if isinstance(c, PretrainedConfig)}.values())
-        kept_configs = state._model_configs = (modules, configs)
-    return kept_configs[1]
+    """Every config the model's modules read (T5's encoder and decoder keep their own copies)."""
+    return state.derived("model_configs", lambda modules: list({
+        id(c): c for c in [state.model.config, *(vars(m).get("config") for m in modules)]
+        if isinstance(c, PretrainedConfig)}.values()))
 
 
 class PrefixTuningFamily(MethodFamily):
