@@ -18,6 +18,8 @@ MIXED = {
     "lora_family": ["lora", "dora", {"method": "vera", "attn_matrices": ["q"]}, "ia3"],
     "prefix": ["prefix_tuning[prefix_length=4,bottleneck_size=8]", "prefix_tuning[prefix_length=2,bottleneck_size=8]",
                "prefix_tuning_flat[prefix_length=3]"],
+    "prefix_one_length": ["prefix_tuning[prefix_length=3,bottleneck_size=8]", "prefix_tuning_flat[prefix_length=3]", "lora",
+                          "prefix_tuning[prefix_length=3,bottleneck_size=6]"],
     "unions": ["mam", "unipelt", "lora"],
     "across_families": ["seq_bn", "lora", "prefix_tuning[prefix_length=3,bottleneck_size=8]", "mam"],
     "reft": ["loreft", {"method": "direft", "prefix_positions": 2, "suffix_positions": 2}, "lora",

@@ -122,8 +122,12 @@ class PHMLayer(nn.Module):
         return torch.einsum("iab,icd->acbd", rule, W).reshape(self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or self.training or (self.b is not None and self.b.dtype != x.dtype):
+            y = x @ self.hypercomplex_weight().to(x.dtype)
+            return y if self.b is None else y + self.b
+        # At inference H (batch-independent) is kept, as ``linear``'s [out, in] operand, until a
+        # weight changes: one GEMM with the bias, no Kronecker sum per call.
         shared = tuple(self._shared.values()) if self._shared is not None else ()
-        # H does not depend on the batch: at inference it is kept until a weight changes.
-        weight = kept(self, f"H{x.dtype}", (*self.parameters(), *shared), lambda: self.hypercomplex_weight().to(x.dtype))
-        y = x @ weight
-        return y if self.b is None else y + self.b
+        weight = kept(self, f"H{x.dtype}", (*self.parameters(), *shared),
+                      lambda: self.hypercomplex_weight().to(x.dtype).t().contiguous())
+        return nn.functional.linear(x, weight, self.b)

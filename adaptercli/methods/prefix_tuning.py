@@ -270,24 +270,40 @@ def _with_prefix(inner: str):
         groups = prefix.row_groups(batch)
         if len(groups) == 1 or inner != "sdpa" or kwargs.get("position_bias") is not None:
             return joined(query, key, value, attention_mask, groups, kwargs)
-        # Rows join different prefixes (mixed adapters in one batch): each group of rows attends
-        # with only its own prefixes, instead of every row padded to the longest; neighbouring
-        # groups without prefixes attend together.
-        def rows(a: int, b: int, pools: list[Gated]) -> torch.Tensor:
+        # Rows join different prefixes (mixed adapters in one batch): each run of neighbouring
+        # groups whose prefixes have one length attends together (without prefixes: as they are;
+        # with: each row its own group's, no padding), never padded to the longest.
+        def rows(run: list[tuple[int, int, list[Gated]]]) -> torch.Tensor:
+            a, b = run[0][0], run[-1][1]
             mask = attention_mask
             if mask is not None and mask.shape[0] == batch:
                 mask = mask[a:b]
-            return joined(query[a:b], key[a:b], value[a:b], mask, [(a, b, pools)], dict(kwargs))[0]
+            if not run[0][2]:
+                within = [(0, b - a, [])]
+            elif len(run) == 1:  # by the batch's rows, which a gate reads the attention's input by
+                within = run
+            else:  # ungated (see _joins_with): by the run's rows
+                within = [(x - a, y - a, pools) for x, y, pools in run]
+            return joined(query[a:b], key[a:b], value[a:b], mask, within, dict(kwargs))[0]
 
-        runs: list[tuple[int, int, list[Gated]]] = []
+        runs: list[list[tuple[int, int, list[Gated]]]] = []
         for a, b, pools in groups:
-            if not pools and runs and not runs[-1][2] and runs[-1][1] == a:
-                runs[-1] = (runs[-1][0], b, [])
+            if runs and runs[-1][-1][1] == a and _joins_with(runs[-1][-1][2], pools):
+                runs[-1].append((a, b, pools))
             else:
-                runs.append((a, b, pools))
-        return torch.cat([rows(*run) for run in runs]), None
+                runs.append([(a, b, pools)])
+        return torch.cat([rows(run) for run in runs]), None
 
     return attention
+
+
+def _joins_with(pools: list[Gated], others: list[Gated]) -> bool:
+    """Whether two neighbouring groups of rows can attend in one call: both without prefixes, or
+    both with ungated prefixes of one total length (no padding between them)."""
+    if not pools or not others:
+        return not pools and not others
+    return (all(gate is None for _, gate in (*pools, *others))
+            and sum(p.shape[0] for p, _ in pools) == sum(p.shape[0] for p, _ in others))
 
 
 def _math_attention_applies(module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
