@@ -3,6 +3,7 @@ label texts (`predict`), and continue prompts or write a seq2seq run's texts (`g
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -101,22 +102,72 @@ def answer(model: Any, tokenizer: Any, prompt: str | list[dict[str, str]], chat:
            max_new_tokens: int, temperature: float, generator: torch.Generator) -> str:
     """One prompt continued (``chat``: answered as a user turn; a list: chat messages answered) by
     the active setup, token by token."""
+    return answer_rows(model, tokenizer, [Continuation(prompt, chat, max_new_tokens, temperature, generator)], stop)[0]
+
+
+@dataclasses.dataclass
+class Continuation:
+    """One prompt of :func:`answer_rows`: how to read it, how far and how to sample, and the
+    setup its row runs (an adapter's composition block; None: the active setup)."""
+
+    prompt: str | list[dict[str, str]]
+    chat: bool
+    max_new_tokens: int
+    temperature: float
+    generator: torch.Generator
+    setup: Any = None
+
+
+def answer_rows(model: Any, tokenizer: Any, rows: list[Continuation], stop: set[int]) -> list[str]:
+    """Several prompts continued together, one forward pass per token for all rows still going:
+    left-padded (positions count real tokens), each row through its own setup (different adapters
+    mixed in one batch), sampled with its own temperature and generator, dropped from the batch
+    once it ends. Each row's answer is the one :func:`answer` gives it alone; one row is exactly
+    ``answer``'s path (no padding, no mask)."""
+    ids = [_prompt_ids(tokenizer, row.prompt, row.chat) for row in rows]
+    new: list[list[int]] = [[] for _ in rows]
+    live = [i for i, row in enumerate(rows) if row.max_new_tokens > 0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        while live:  # no KV cache: short answers from small models, exactly the trained path
+            sequences = [ids[i] + new[i] for i in live]
+            longest = max(len(seq) for seq in sequences)
+            inputs: dict[str, torch.Tensor] = {"input_ids": torch.tensor(
+                [[pad] * (longest - len(seq)) + seq for seq in sequences], device=model.device)}
+            if any(len(seq) < longest for seq in sequences):
+                mask = torch.tensor([[0] * (longest - len(seq)) + [1] * len(seq) for seq in sequences], device=model.device)
+                inputs |= {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+            setups = [rows[i].setup for i in live]
+            if all(setup is None for setup in setups):
+                logits = model(**inputs).logits
+            elif len({repr(setup) for setup in setups}) == 1:
+                with model.running(setups[0]):
+                    logits = model(**inputs).logits
+            else:
+                logits = model(**inputs, adapter_names=setups).logits
+            going = []
+            for j, i in enumerate(live):
+                token = _next_token(logits[j][-1], rows[i].temperature, rows[i].generator)
+                if token in stop:
+                    continue
+                new[i].append(token)
+                if len(new[i]) < rows[i].max_new_tokens:
+                    going.append(i)
+            live = going
+    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     text = chat_text(tokenizer, messages, add_generation_prompt=True) if chat else prompt
-    ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(model.device)
-    new: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):  # no KV cache: short answers from small models, exactly the trained path
-            logits = model(input_ids=ids).logits[0, -1].float()
-            if temperature > 0:
-                token = int(torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=generator))
-            else:
-                token = int(logits.argmax())
-            if token in stop:
-                break
-            new.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+    return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+
+
+def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    logits = logits.float()
+    if temperature > 0:
+        return int(torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=generator))
+    return int(logits.argmax())
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from .errors import AdapterCliError
 from .inference import SEQUENCE_HEADS
-from .serving import TOKEN_ENV, AdapterServer, Batcher, Job, Metrics, Served, ServeSettings, now
+from .serving import TOKEN_ENV, AdapterServer, Batcher, GenerateJob, Job, Metrics, Served, ServeSettings, now
 
 try:
     from fastapi import FastAPI, Request
@@ -100,10 +100,12 @@ def create_app(server: AdapterServer, token: str | None = None) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
         batcher = holder["batcher"] = Batcher(server, executor, metrics)
-        metrics.queue_length = batcher.queue.qsize
-        task = asyncio.create_task(batcher.run())
+        generating = holder["generate"] = Batcher(server, executor, metrics, work="generate_batch")
+        metrics.queue_length = lambda: batcher.queue.qsize() + generating.queue.qsize()
+        tasks = [asyncio.create_task(b.run()) for b in (batcher, generating)]
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="adaptercli serve", lifespan=lifespan,
@@ -170,6 +172,23 @@ def _check_predict(server: AdapterServer, body: PredictRequest) -> Served:
     return served
 
 
+async def _answered(batcher: Batcher, job: Job | GenerateJob) -> None:
+    """Queue ``job`` on ``batcher`` and wait for its batch: 503 when the queue is full, 504 past
+    the request timeout, the job's own error if it failed."""
+    limits = batcher.settings
+    try:
+        batcher.submit(job)
+    except asyncio.QueueFull:
+        raise Refused(503, f"the queue is full ({limits.max_queue} requests); retry shortly",
+                      {"Retry-After": "1"}) from None
+    try:
+        await asyncio.wait_for(job.future, limits.timeout_s)
+    except asyncio.TimeoutError:
+        raise Refused(504, f"no answer within {limits.timeout_s:g} s") from None
+    if job.error is not None:
+        raise Refused(*job.error)
+
+
 def _add_routes(app: Any, server: AdapterServer, holder: dict[str, Batcher], executor: ThreadPoolExecutor,
                 metrics: Metrics) -> None:
     limits = server.settings
@@ -179,17 +198,7 @@ def _add_routes(app: Any, server: AdapterServer, holder: dict[str, Batcher], exe
         """Label each text (or text pair) with one adapter: what `adapter predict RUN --json` prints."""
         served = _check_predict(server, body)
         job = Job(served, list(body.inputs), body.scores, asyncio.get_running_loop().create_future())
-        try:
-            holder["batcher"].submit(job)
-        except asyncio.QueueFull:
-            raise Refused(503, f"the queue is full ({limits.max_queue} requests); retry shortly",
-                          {"Retry-After": "1"}) from None
-        try:
-            await asyncio.wait_for(job.future, limits.timeout_s)
-        except asyncio.TimeoutError:
-            raise Refused(504, f"no answer within {limits.timeout_s:g} s") from None
-        if job.error is not None:
-            raise Refused(*job.error)
+        await _answered(holder["batcher"], job)
         return {"adapter": served.name, "predictions": job.result}
 
     @app.post("/v1/generate")
@@ -206,15 +215,10 @@ def _add_routes(app: Any, server: AdapterServer, holder: dict[str, Batcher], exe
         prompt = body.prompt if body.prompt is not None else body.messages
         if body.prompt is not None and (tokens := server.count_tokens(body.prompt)) > limits.max_tokens:
             raise Refused(413, f"prompt: {tokens} tokens, at most {limits.max_tokens}")
-        work = asyncio.get_running_loop().run_in_executor(
-            executor, server.generate, served, prompt, body.max_new_tokens, float(body.temperature), body.seed)
-        try:
-            text = await asyncio.wait_for(work, limits.timeout_s)
-        except asyncio.TimeoutError:
-            raise Refused(504, f"no answer within {limits.timeout_s:g} s") from None
-        except AdapterCliError as exc:
-            raise Refused(422, str(exc).splitlines()[0]) from None
-        return {"adapter": served.name, "text": text}
+        job = GenerateJob(served, prompt, body.max_new_tokens, float(body.temperature), body.seed,
+                          asyncio.get_running_loop().create_future())
+        await _answered(holder["generate"], job)
+        return {"adapter": served.name, "text": job.result}
 
     @app.get("/v1/adapters")
     async def adapters() -> dict[str, Any]:

@@ -25,7 +25,7 @@ import yaml
 from .composition import CompositionBlock, Fuse, Stack
 from .errors import AdapterCliError
 from .formats import read_adapter
-from .inference import answer, prediction, stop_tokens
+from .inference import Continuation, answer_rows, prediction, stop_tokens
 from .locate import locate
 from .recipe import FULL_FINETUNING, ModelSection, Recipe, load_recipe
 from .runs import load_model, member_sources
@@ -221,10 +221,7 @@ class AdapterServer:
         live = [j for j in jobs if j.served.name in self.served and self.served[j.served.name] is j.served]
         for job in set(jobs) - set(live):
             job.error = (404, f"adapter '{job.served.name}' was unloaded")
-        parts = [[j for j in live if j.served.shares_batches]]
-        for name in dict.fromkeys(j.served.name for j in live if not j.served.shares_batches):
-            parts.append([j for j in live if j.served.name == name])
-        for part in (p for p in parts if p):
+        for part in (p for p in self._parts(live) if p):
             try:
                 self._forward(part)
             except Exception:
@@ -232,7 +229,7 @@ class AdapterServer:
                     try:
                         self._forward([job])
                     except Exception as exc:  # noqa: BLE001 - the request fails, the server goes on
-                        job.error = (500, f"prediction failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+                        job.error = (500, f"prediction failed: {_first_line(exc)}")
 
     def _forward(self, jobs: list[Job]) -> None:
         features, setups = [], []
@@ -255,15 +252,43 @@ class AdapterServer:
                 job.result.append(out)
                 row += 1
 
-    def generate(self, served: Served, prompt: str | list[dict[str, str]], max_new_tokens: int,
-                 temperature: float, seed: int) -> str:
-        """Continue a prompt (or answer chat messages) with one served causal-LM adapter."""
-        if self.served.get(served.name) is not served:
-            raise AdapterCliError(f"adapter '{served.name}' was unloaded")
-        with self.model.running(served.setup):
-            return answer(self.model, self.tokenizer, prompt, served.chat or not isinstance(prompt, str),
-                          stop_tokens(self.model, self.tokenizer), max_new_tokens, temperature,
-                          torch.Generator().manual_seed(seed))
+    def generate_batch(self, jobs: list[GenerateJob]) -> None:
+        """Answer each generate job (its ``result`` or ``error``): the jobs whose adapters share
+        batches continued together (one forward pass per token for every row still going), each
+        other adapter's together on their own; a failing batch is retried job by job."""
+        live = [j for j in jobs if j.served.name in self.served and self.served[j.served.name] is j.served]
+        for job in set(jobs) - set(live):
+            job.error = (404, f"adapter '{job.served.name}' was unloaded")
+        for part in (p for p in self._parts(live) if p):
+            try:
+                self._generate(part)
+            except Exception:
+                for job in part:
+                    try:
+                        self._generate([job])
+                    except AdapterCliError as exc:
+                        job.error = (422, str(exc).splitlines()[0])
+                    except Exception as exc:  # noqa: BLE001 - the request fails, the server goes on
+                        job.error = (500, f"generation failed: {_first_line(exc)}")
+
+    def _generate(self, jobs: list[GenerateJob]) -> None:
+        rows = [Continuation(job.prompt, job.served.chat or not isinstance(job.prompt, str), job.max_new_tokens,
+                             job.temperature, torch.Generator().manual_seed(job.seed), job.served.setup)
+                for job in jobs]
+        texts = answer_rows(self.model, self.tokenizer, rows, stop_tokens(self.model, self.tokenizer))
+        for job, text in zip(jobs, texts, strict=True):
+            job.result = text
+
+    def _parts(self, jobs: list) -> list[list]:
+        """The jobs whose adapters share batches, then each other adapter's jobs on their own."""
+        parts = [[j for j in jobs if j.served.shares_batches]]
+        for name in dict.fromkeys(j.served.name for j in jobs if not j.served.shares_batches):
+            parts.append([j for j in jobs if j.served.name == name])
+        return parts
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 def _model_id(name: str) -> str:
@@ -286,16 +311,36 @@ class Job:
     error: tuple[int, str] | None = None
 
 
+@dataclasses.dataclass(eq=False)
+class GenerateJob:
+    """One generate request on its way through a batch."""
+
+    served: Served
+    prompt: str | list[dict[str, str]]
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    future: asyncio.Future
+    result: str | None = None
+    error: tuple[int, str] | None = None
+
+    @property
+    def inputs(self) -> list[Any]:  # one row of the batch
+        return [self.prompt]
+
+
 class Batcher:
-    """Collects predict requests for up to ``max_wait_ms`` (or ``max_batch_size`` texts) and runs
-    them as one batch in the worker thread."""
+    """Collects requests for up to ``max_wait_ms`` (or ``max_batch_size`` rows: predict texts,
+    generate prompts) and runs them as one batch in the worker thread with the server's method
+    named ``work`` (``predict_batch`` or ``generate_batch``)."""
 
-    def __init__(self, server: AdapterServer, executor: ThreadPoolExecutor, metrics: Metrics):
-        self.server, self.executor, self.metrics = server, executor, metrics
+    def __init__(self, server: AdapterServer, executor: ThreadPoolExecutor, metrics: Metrics,
+                 work: str = "predict_batch"):
+        self.server, self.executor, self.metrics, self.work = server, executor, metrics, work
         self.settings = server.settings
-        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=self.settings.max_queue)
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=self.settings.max_queue)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | GenerateJob) -> None:
         """Queue a job; raises asyncio.QueueFull when the queue is full."""
         self.queue.put_nowait(job)
 
@@ -315,10 +360,10 @@ class Batcher:
                 continue
             self.metrics.batch(sum(len(j.inputs) for j in jobs))
             try:
-                await loop.run_in_executor(self.executor, self.server.predict_batch, jobs)
+                await loop.run_in_executor(self.executor, getattr(self.server, self.work), jobs)
             except Exception as exc:  # noqa: BLE001 - never let the batching loop die
                 for job in jobs:
-                    job.error = job.error or (500, f"prediction failed: {exc}")
+                    job.error = job.error or (500, f"failed: {_first_line(exc)}")
             for job in jobs:
                 if not job.future.done():
                     job.future.set_result(None)
@@ -354,7 +399,7 @@ class Metrics:
                  "# TYPE adaptercli_requests_total counter"]
         lines += [f'adaptercli_requests_total{{method="{m}",route="{r}",status="{s}"}} {n}'
                   for (m, r, s), n in sorted(self.requests.items())]
-        lines += ["# HELP adaptercli_queue_length Predict requests waiting for a batch.",
+        lines += ["# HELP adaptercli_queue_length Predict and generate requests waiting for a batch.",
                   "# TYPE adaptercli_queue_length gauge", f"adaptercli_queue_length {self.queue_length()}"]
         lines += _histogram("adaptercli_request_seconds", "Request latency in seconds.", LATENCY_BUCKETS,
                             self.latency, self.latency_sum)

@@ -243,8 +243,8 @@ def test_refusals_are_one_line(configs, per_row, message, perturb) -> None:
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def _causal_model(configs: list, perturb):
-    model = adaptercli.AdapterModel(tiny_model("llama", attn="sdpa"))
+def _causal_model(configs: list, perturb, model_type: str = "llama"):
+    model = adaptercli.AdapterModel(tiny_model(model_type, attn="sdpa"))
     for i, config in enumerate(configs):
         model.add_adapter(f"a{i}", config)
         perturb(model, f"a{i}", scale=0.5, seed=i)  # large: the adapters write different tokens
@@ -274,6 +274,56 @@ def test_causal_generate_rows_equal_each_adapter_alone(perturb) -> None:
     expected = [_greedy_alone(model, name, p, 6) for p, name in zip(prompts, per_row, strict=True)]
     assert new.tolist() == expected
     assert len({tuple(_greedy_alone(model, n, prompts[0], 6)) for n in ("a0", "a1", "a2")}) > 1  # they differ
+
+
+class _Numbers:
+    """A tokenizer for a tiny random model: a prompt is its token ids written out ("5 9 13")."""
+
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [int(t) for t in text.split()]}
+
+    def decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, tokens))
+
+
+@pytest.mark.parametrize(("model_type", "same_adapter"), [("llama", False), ("llama", True), ("gpt2", False)])
+def test_answer_rows_continue_each_prompt_as_it_is_continued_alone(model_type: str, same_adapter: bool, perturb) -> None:
+    """Several prompts continued together (what `adapter serve` does with generate requests that
+    arrive together): prompts of different lengths, each row its own adapter (or one for all), its
+    own temperature, seed and length, and stop tokens: each row writes what `answer` writes alone."""
+    from adaptercli.inference import Continuation, answer, answer_rows
+
+    model = _causal_model(["lora", "seq_bn", "prefix_tuning[prefix_length=3,bottleneck_size=8]", "mam"], perturb, model_type)
+    tokenizer = _Numbers()
+    prompts = ["5 9 13 4 7", "22 3", "8 8 30 2", "41 17 6", "11", "60 61 62 63 64"]
+    per_row = ["a2"] * 6 if same_adapter else ["a0", "a1", "a2", "a3", "a1", "a0"]
+    temperatures, lengths = [0.0, 0.8, 0.0, 1.3, 0.5, 0.0], [6, 3, 5, 6, 0, 4]
+
+    def alone(stop: set[int]) -> list[str]:
+        answers = []
+        for i, (prompt, name) in enumerate(zip(prompts, per_row, strict=True)):
+            model.set_active_adapters(name)
+            answers.append(answer(model, tokenizer, prompt, False, stop, lengths[i], temperatures[i],
+                                  torch.Generator().manual_seed(i)))
+        model.set_active_adapters(None)
+        return answers
+
+    def together(stop: set[int]) -> list[str]:
+        rows = [Continuation(prompt, False, lengths[i], temperatures[i], torch.Generator().manual_seed(i),
+                             model.setup_named(name)) for i, (prompt, name) in enumerate(zip(prompts, per_row, strict=True))]
+        return answer_rows(model, tokenizer, rows, stop)
+
+    free = alone(set())
+    assert together(set()) == free and free[4] == "" and len(free[0].split()) == 6
+    row, k = next((r, i) for r, text in enumerate(free) for i, t in enumerate(text.split()) if i and t not in text.split()[:i])
+    stop = {int(free[row].split()[k])}  # a token that row writes k-th, not before: it now ends there
+    stopped = alone(stop)
+    assert stopped[row].split() == free[row].split()[:k] and together(stop) == stopped
+    if not same_adapter:  # the adapters write different tokens, so a row given another's would show
+        per_row[0] = "a1"
+        assert alone(set())[0] != free[0]
 
 
 def test_seq2seq_generate_rows_equal_each_adapter_alone(perturb) -> None:

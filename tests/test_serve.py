@@ -351,3 +351,27 @@ def test_generate_endpoint_answers_like_adapter_generate(tmp_path, tiny_llama_di
         assert refused.status_code == 422 and "use /v1/generate" in refused.json()["error"]
         both = client.post("/v1/generate", json={"adapter": "chat", "prompt": "x", "messages": messages})
         assert both.status_code == 422 and both.json()["error"] == "give either prompt or messages"
+
+    # Generate requests that arrive together run as one batch (one forward pass per token for every
+    # prompt still going), each with its own length, temperature and seed: each answer is the one
+    # `adapter generate` writes for that prompt alone.
+    asks = [{"prompt": "what is 2 plus 3", "max_new_tokens": 5},
+            {"prompt": "what is one plus one and then two", "max_new_tokens": 3, "temperature": 0.9, "seed": 7},
+            {"prompt": "hello", "max_new_tokens": 6, "temperature": 1.2, "seed": 1},
+            {"messages": messages, "max_new_tokens": 4}]
+    alone = [generate(run, [ask.get("prompt", "what is 2 plus 3")], max_new_tokens=ask["max_new_tokens"],
+                      temperature=ask.get("temperature", 0.0), seed=ask.get("seed", 0))[0] for ask in asks]
+
+    async def together(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            return await asyncio.gather(*[http.post("/v1/generate", json={"adapter": "chat", **ask}) for ask in asks])
+
+    server = _server({"chat": run}, max_wait_ms=1000)
+    batches: list[int] = []
+    continue_rows = server._generate
+    server._generate = lambda jobs: batches.append(len(jobs)) or continue_rows(jobs)
+    with _Uvicorn(create_app(server, token="")) as url:
+        answers = asyncio.run(together(url))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert [a.json()["text"] for a in answers] == alone and len(set(alone)) > 1
+    assert batches == [4] and "adaptercli_batch_texts_count 1" in metrics
