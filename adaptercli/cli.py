@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -180,7 +180,7 @@ def predict(
     file: Annotated[Path | None, typer.Option("--file", help="A text file, one example per line.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
 ) -> None:
-    """Predict the label (and its probability) of each text with a trained run's adapter; a seq2seq run writes each text's summary or translation."""
+    """Predict the label (and its probability) of each text with a trained run's adapter; a tagging run tags each word (words split at spaces); a seq2seq run writes each text's summary or translation."""
     from .inference import predict as run
 
     items = list(texts or [])
@@ -199,8 +199,17 @@ def predict(
     for column in results[0]:
         table.add_column(column)
     for row in results:
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()])
+        table.add_row(*[_cell(v) for v in row.values()])
     console.print(table)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: a probability to four places; a tagged text as ``word/TAG`` pairs."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list) and all(isinstance(v, dict) and "tag" in v for v in value):
+        return " ".join(f"{v['token']}/{v['tag']}" for v in value)
+    return str(value)
 
 
 @app.command()

@@ -39,16 +39,44 @@ def predict(run_dir: str | Path, texts: list[str]) -> list[dict[str, Any]]:
         return [{"text": text, "generated": output} for text, output in zip(texts, written, strict=True)]
     head = model.heads[name]
     kind = head.config.head_type
-    if kind not in SEQUENCE_HEADS:
-        raise AdapterCliError(f"predict supports sequence-level heads; this run's head is '{kind}'")
+    if kind not in PREDICT_HEADS:
+        raise AdapterCliError(f"predict supports classification, regression and tagging heads; this run's head is '{kind}'")
+    id2label = head.config.id2label or {}
+    if kind == "tagging":
+        words = [text.split() for text in texts]
+        enc = tokenizer(words, is_split_into_words=True, padding=True, truncation=True,
+                        max_length=recipe.train.max_seq_length, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**enc).logits
+        return [{"text": text, **tag_words(id2label, row_words, enc.word_ids(i), logits[i])}
+                for i, (text, row_words) in enumerate(zip(texts, words, strict=True))]
     enc = tokenizer(texts, padding=True, truncation=True, max_length=recipe.train.max_seq_length, return_tensors="pt")
     with torch.no_grad():
         logits = model(**enc).logits.float()
-    return [{"text": text, **prediction(kind, head.config.id2label or {}, row)} for text, row in zip(texts, logits, strict=True)]
+    return [{"text": text, **prediction(kind, id2label, row)} for text, row in zip(texts, logits, strict=True)]
 
 
-# The heads `predict` (and `adapter serve`) label texts with: one prediction per text.
+# The heads `predict` (and `adapter serve`) label texts with: one prediction per text, and tagging
+# (one tag per word: a text is split into words at white space, as the tagging data holds them).
 SEQUENCE_HEADS = ("classification", "multilabel_classification", "regression")
+PREDICT_HEADS = (*SEQUENCE_HEADS, "tagging")
+
+
+def tag_words(id2label: dict[int, str], words: list[str], word_ids: list[int | None],
+              logits: torch.Tensor) -> dict[str, Any]:
+    """A tagging head's prediction for one text: each word with its tag and the tag's probability,
+    read at the word's first sub-token (where training puts a word's label). ``word_ids``: the
+    word of each position of ``logits`` (None: a special or padding token); words cut off by the
+    length limit are left out."""
+    tokens, seen = [], set()
+    for position, word in enumerate(word_ids):
+        if word is None or word in seen:
+            continue
+        seen.add(word)
+        probs = torch.softmax(logits[position].float(), -1)
+        best = int(probs.argmax())
+        tokens.append({"token": words[word], "tag": id2label.get(best, str(best)), "probability": probs[best].item()})
+    return {"tokens": tokens}
 
 
 def prediction(kind: str, id2label: dict[int, str], logits: torch.Tensor) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 from .errors import AdapterCliError
-from .inference import SEQUENCE_HEADS
+from .inference import PREDICT_HEADS
 from .serving import TOKEN_ENV, AdapterServer, Batcher, GenerateJob, Job, Metrics, Served, ServeSettings, now
 
 try:
@@ -160,12 +160,14 @@ def _served(server: AdapterServer, name: str) -> Served:
 def _check_predict(server: AdapterServer, body: PredictRequest) -> Served:
     served = _served(server, body.adapter)
     limits = server.settings
-    if served.head not in SEQUENCE_HEADS:
+    if served.head not in PREDICT_HEADS:
         hint = "; use /v1/generate" if served.head == "causal_lm" else ""
         raise Refused(422, f"adapter '{served.name}' has a {served.head or 'missing'} head: predict answers "
-                           f"classification and regression heads{hint}")
+                           f"classification, regression and tagging heads{hint}")
     if len(body.inputs) > limits.max_texts:
         raise Refused(413, f"inputs: {len(body.inputs)} texts, at most {limits.max_texts} per request")
+    if served.head == "tagging" and (pair := next((i for i, t in enumerate(body.inputs) if not isinstance(t, str)), None)) is not None:
+        raise Refused(422, f"inputs.{pair}: a tagging adapter tags the words of a text, not a text pair")
     for i, text in enumerate(body.inputs):
         if (tokens := server.count_tokens(text)) > limits.max_tokens:
             raise Refused(413, f"inputs.{i}: {tokens} tokens, at most {limits.max_tokens} per text")

@@ -25,7 +25,7 @@ import yaml
 from .composition import CompositionBlock, Fuse, Stack
 from .errors import AdapterCliError
 from .formats import read_adapter
-from .inference import Continuation, answer_rows, prediction, stop_tokens
+from .inference import Continuation, answer_rows, prediction, stop_tokens, tag_words
 from .locate import locate
 from .recipe import FULL_FINETUNING, ModelSection, Recipe, load_recipe
 from .runs import load_model, member_sources
@@ -232,20 +232,34 @@ class AdapterServer:
                         job.error = (500, f"prediction failed: {_first_line(exc)}")
 
     def _forward(self, jobs: list[Job]) -> None:
-        features, setups = [], []
+        features, setups, words = [], [], []
         for job in jobs:
             for text in job.inputs:
-                pair = [text] if isinstance(text, str) else list(text)
-                features.append(self.tokenizer(*pair, truncation=True, max_length=job.served.max_length))
+                if job.served.head == "tagging":  # its words, as `adapter predict` splits them
+                    words.append(text.split())
+                    features.append(self.tokenizer(words[-1], is_split_into_words=True, truncation=True,
+                                                   max_length=job.served.max_length))
+                else:
+                    pair = [text] if isinstance(text, str) else list(text)
+                    features.append(self.tokenizer(*pair, truncation=True, max_length=job.served.max_length))
+                    words.append([])
                 setups.append(job.served.setup)
+        word_ids = [feature.word_ids() if row_words else None for feature, row_words in zip(features, words, strict=True)]
         batch = self.tokenizer.pad(features, return_tensors="pt").to(self.model.device)
         with torch.no_grad():
             logits = self.model(**batch, adapter_names=setups).logits
+        width = batch["input_ids"].shape[1]
         row = 0
         for job in jobs:
             job.result = []
             for text in job.inputs:
-                out = {"text": text, **prediction(job.served.head, job.served.id2label, logits[row])}
+                if job.served.head == "tagging":
+                    ids = word_ids[row]
+                    padding = [None] * (width - len(ids))
+                    ids = padding + ids if self.tokenizer.padding_side == "left" else ids + padding
+                    out = {"text": text, **tag_words(job.served.id2label, words[row], ids, logits[row])}
+                else:
+                    out = {"text": text, **prediction(job.served.head, job.served.id2label, logits[row])}
                 if job.scores and job.served.head == "classification":
                     probs = torch.softmax(logits[row].float(), -1).tolist()
                     out["scores"] = {job.served.id2label.get(i, str(i)): p for i, p in enumerate(probs)}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from serve_helpers import train_runs
@@ -190,6 +191,60 @@ def test_fusion_and_stack_runs_are_served_beside_single_adapters(runs, offline, 
         assert job.error is None, job.error
         _same(job.result, printed.get(job.served.name) or offline[job.served.name])
     assert printed["fuse"] != printed["stack"]
+
+
+def test_tagging_runs_tag_each_word_like_predict_json(runs, offline, tmp_path, tiny_bert_dir) -> None:
+    """A tagging run (each word its tag, read at its first sub-token) is served beside a
+    classification run in one mixed batch; both equal `adapter predict RUN --json`, and a text pair
+    for the tagger is refused in one line."""
+    from conftest import write_recipe
+    from rich.console import Console
+
+    from adaptercli.recipe import load_recipe
+    from adaptercli.train import train
+
+    sentences = [(["alice", "lives", "in", "paris"], ["B-PER", "O", "O", "B-LOC"]),
+                 (["bob", "visited", "new", "york", "today"], ["B-PER", "O", "B-LOC", "I-LOC", "O"])]
+    data = tmp_path / "ner.jsonl"
+    data.write_text("".join(json.dumps({"text": w, "label": t}) + "\n" for w, t in sentences * 16))
+    recipe = write_recipe(tmp_path / "tag", tiny_bert_dir, data, method="lora", name="ner", data={"task": "tagging"},
+                          max_steps=2, eval_steps=2, save_steps=2, learning_rate=5e-2)
+    train(load_recipe(recipe), console=Console(quiet=True))
+    run = tmp_path / "tag" / "run"
+    texts = ["alice lives in paris", "carol and bob visited new york yesterday afternoon", "unbelievably"]
+    result = CliRunner().invoke(cli_app, ["predict", str(run), *texts, "--json"], env=ENV)
+    assert result.exit_code == 0, result.output
+    printed = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [[t["token"] for t in p["tokens"]] for p in printed] == [t.split() for t in texts]
+    assert {t["tag"] for p in printed for t in p["tokens"]} <= {"O", "B-PER", "B-LOC", "I-LOC"}
+    from adaptercli.runs import load_run
+
+    _, model, tokenizer, name = load_run(run)  # by hand: each word's first sub-token
+    id2label = model.heads[name].config.id2label
+    for text, expected in zip(texts, printed, strict=True):
+        enc = tokenizer(text.split(), is_split_into_words=True, return_tensors="pt")
+        with torch.no_grad():
+            probs = torch.softmax(model(**enc).logits[0].float(), -1)
+        ids = enc.word_ids()
+        firsts = [ids.index(w) for w in range(len(text.split()))]
+        assert len(ids) > len(firsts) + 2 or text != texts[2]  # "unbelievably" is several sub-tokens
+        assert [t["tag"] for t in expected["tokens"]] == [id2label[int(probs[i].argmax())] for i in firsts]
+        assert [t["probability"] for t in expected["tokens"]] == pytest.approx([float(probs[i].max()) for i in firsts], abs=1e-5)
+    server = _server({"ner": run, "lora": runs["lora"]})
+    jobs = [Job(server.served["ner"], texts, False, None), Job(server.served["lora"], TEXTS, False, None)]
+    server.predict_batch(jobs)  # one mixed batch: tagging rows beside classification rows
+    assert jobs[0].error is None and jobs[1].error is None
+    _same(jobs[1].result, offline["lora"])
+    for answer, expected in zip(jobs[0].result, printed, strict=True):
+        assert [(t["token"], t["tag"]) for t in answer["tokens"]] == [(t["token"], t["tag"]) for t in expected["tokens"]]
+        assert [t["probability"] for t in answer["tokens"]] == pytest.approx([t["probability"] for t in expected["tokens"]],
+                                                                              abs=1e-5)
+    with TestClient(create_app(server, token="")) as client:
+        answer = client.post("/v1/predict", json={"adapter": "ner", "inputs": texts[:1]})
+        served = answer.json()["predictions"][0]["tokens"]
+        assert answer.status_code == 200 and [t["tag"] for t in served] == [t["tag"] for t in printed[0]["tokens"]]
+        pair = client.post("/v1/predict", json={"adapter": "ner", "inputs": ["fine", ["a", "b"]]})
+        assert pair.status_code == 422 and pair.json()["error"] == "inputs.1: a tagging adapter tags the words of a text, not a text pair"
 
 
 def test_load_and_unload_while_serving(runs, offline) -> None:
