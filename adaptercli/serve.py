@@ -161,7 +161,7 @@ def _check_predict(server: AdapterServer, body: PredictRequest) -> Served:
     served = _served(server, body.adapter)
     limits = server.settings
     if served.head not in PREDICT_HEADS:
-        hint = "; use /v1/generate" if served.head == "causal_lm" else ""
+        hint = "; use /v1/generate" if served.head in ("causal_lm", "seq2seq") else ""
         raise Refused(422, f"adapter '{served.name}' has a {served.head or 'missing'} head: predict answers "
                            f"classification, regression and tagging heads{hint}")
     if len(body.inputs) > limits.max_texts:
@@ -207,11 +207,13 @@ def _add_routes(app: Any, server: AdapterServer, holder: dict[str, Batcher], exe
     async def generate(body: GenerateRequest) -> dict[str, Any]:
         """Continue a prompt, or answer chat messages, with one causal-LM adapter."""
         served = _served(server, body.adapter)
-        if served.head != "causal_lm":
+        if served.head not in ("causal_lm", "seq2seq"):
             raise Refused(422, f"adapter '{served.name}' has a {served.head or 'missing'} head: generate needs a "
-                               "causal-LM adapter; use /v1/predict")
+                               "causal-LM adapter or a seq2seq run; use /v1/predict")
         if (body.prompt is None) == (body.messages is None):
             raise Refused(422, "give either prompt or messages")
+        if served.head == "seq2seq" and body.messages is not None:
+            raise Refused(422, f"adapter '{served.name}' is a seq2seq run: give its source text as prompt, not messages")
         if body.max_new_tokens > limits.max_new_tokens:
             raise Refused(422, f"max_new_tokens: at most {limits.max_new_tokens}")
         prompt = body.prompt if body.prompt is not None else body.messages

@@ -24,10 +24,11 @@ import yaml
 
 from .composition import CompositionBlock, Fuse, Stack
 from .errors import AdapterCliError
+from .evaluation import TextGeneration
 from .formats import read_adapter
 from .inference import Continuation, answer_rows, prediction, stop_tokens, tag_words
 from .locate import locate
-from .recipe import FULL_FINETUNING, ModelSection, Recipe, load_recipe
+from .recipe import FULL_FINETUNING, DataSection, ModelSection, Recipe, load_recipe
 from .runs import load_model, member_sources
 
 TOKEN_ENV = "ADAPTERCLI_SERVE_TOKEN"
@@ -94,6 +95,7 @@ class Served:
     shares_batches: bool
     loaded: list[str]  # adapters it added to the model (members included)
     fusion: str | None = None
+    source_prefix: str = ""  # a seq2seq run's data.source_prefix, put before each prompt
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "task": self.task, "head": self.head,
@@ -109,25 +111,37 @@ class AdapterServer:
         self.tokenizer: Any = None
         self.counting_tokenizer: Any = None
         self.base: str | None = None  # the base model's folder or id, as the first source named it
+        self.seq2seq = False  # an encoder-decoder with its own LM head (seq2seq runs), else heads
         self.served: dict[str, Served] = {}
 
     # -- loading ---------------------------------------------------------------------------------
-    def open_base(self, section: ModelSection) -> None:
-        """Load the base model (as a run loads it: dtype, attention, quantization) and its tokenizer."""
-        self.model, self.tokenizer = load_model(Recipe(model=section))
+    def open_base(self, section: ModelSection, seq2seq: bool = False) -> None:
+        """Load the base model (as a run loads it: dtype, attention, quantization) and its tokenizer:
+        with flexible heads, or (``seq2seq``) the encoder-decoder with its own LM head."""
+        self.model, self.tokenizer = load_model(Recipe(model=section, data=DataSection(task="seq2seq")) if seq2seq
+                                                else Recipe(model=section))
+        self.seq2seq = seq2seq
         # Requests are counted in the event loop while the worker tokenizes batches: a fast tokenizer
         # used from two threads at once fails ("Already borrowed"), so counting gets its own copy.
         self.counting_tokenizer = copy.deepcopy(self.tokenizer)
         self.model.eval()
         self.base = section.name_or_path
 
-    def _check_base(self, base: str | ModelSection | None, name: str) -> None:
-        """One base model for everything: ``model:`` of the settings, else the first source's."""
+    def _check_base(self, base: str | ModelSection | None, name: str, seq2seq: bool = False) -> None:
+        """One base model for everything: ``model:`` of the settings, else the first source's; and
+        one kind of it (seq2seq runs on the encoder-decoder with its LM head; the others with heads)."""
         section = ModelSection(name_or_path=base) if isinstance(base, str) else base
+        if self.model is not None and seq2seq != self.seq2seq:
+            if self.served:
+                kinds = ("a seq2seq run", "seq2seq runs") if seq2seq else ("not a seq2seq run", "runs with heads")
+                raise AdapterCliError(f"adapter '{name}' is {kinds[0]}, but the server runs "
+                                      f"{'seq2seq runs' if self.seq2seq else 'adapters with heads'}: serve {kinds[1]} "
+                                      "on a server of their own")
+            self.open_base(ModelSection(name_or_path=self.base) if section is None else section, seq2seq)
         if self.model is None:
             if section is None:
                 raise AdapterCliError(f"adapter '{name}': its files do not name a base model; set `model:` in serve.yaml")
-            self.open_base(section)
+            self.open_base(section, seq2seq)
         elif section is not None and _model_id(section.name_or_path) != _model_id(self.base or ""):
             raise AdapterCliError(f"adapter '{name}' needs base model {section.name_or_path}, but the server runs "
                                   f"{self.base}: all adapters must share one base model")
@@ -149,11 +163,11 @@ class AdapterServer:
     def _load_run(self, name: str, source: str) -> Served:
         folder = Path(source)
         recipe = load_recipe(folder / "recipe.yaml")
-        if recipe.adapter.method == FULL_FINETUNING or recipe.data.task == "seq2seq":
-            kind = "a full fine-tuning baseline" if recipe.adapter.method == FULL_FINETUNING else "a seq2seq run"
-            raise AdapterCliError(f"adapter '{name}': {source} is {kind}; `adapter serve` serves adapter runs "
-                                  "with a head (classification, regression, causal LM)")
-        self._check_base(recipe.model, name)
+        if recipe.adapter.method == FULL_FINETUNING:
+            raise AdapterCliError(f"adapter '{name}': {source} is a full fine-tuning baseline; `adapter serve` serves "
+                                  "adapter runs")
+        seq2seq = recipe.data.task == "seq2seq"
+        self._check_base(recipe.model, name, seq2seq)
         model, state = self.model, self.model.adapter_state
         members: list[str] = []
         try:
@@ -167,15 +181,18 @@ class AdapterServer:
                 model.load_adapter_fusion(folder / "adapter", load_as=name, with_head=True)
                 setup: CompositionBlock = Fuse(*members, name=name)
             else:
-                model.load_adapter(folder / "adapter", load_as=name, with_head=True)
+                model.load_adapter(folder / "adapter", load_as=name, with_head=not seq2seq)
                 setup = Stack(*members, name)
         except Exception:
             self._remove(members + [name], name)
             raise
         fusion = name if isinstance(setup, Fuse) else None
-        return self._served(name, source, setup, members + ([] if fusion else [name]), fusion,
-                            task=recipe.data.task, max_length=recipe.train.max_seq_length,
-                            chat=recipe.data.task == "instruct")
+        served = self._served(name, source, setup, members + ([] if fusion else [name]), fusion,
+                              task=recipe.data.task, max_length=recipe.train.max_seq_length,
+                              chat=recipe.data.task == "instruct")
+        if seq2seq:
+            served.head, served.source_prefix = "seq2seq", recipe.data.source_prefix
+        return served
 
     def _load_adapter(self, name: str, source: str) -> Served:
         state = self.model.adapter_state if self.model is not None else None
@@ -189,7 +206,8 @@ class AdapterServer:
     def _served(self, name: str, source: str, setup: CompositionBlock, loaded: list[str], fusion: str | None, *,
                 task: str | None, max_length: int, chat: bool) -> Served:
         model = self.model
-        head = model.heads[name].config if name in model.heads else None
+        heads = getattr(model, "heads", {})  # an encoder-decoder keeps its own LM head
+        head = heads[name].config if name in heads else None
         method = "fusion" if fusion else model.adapter_state.adapters[name].method
         return Served(name, source, setup, method, task, head.head_type if head else None,
                       dict(head.id2label or {}) if head else {}, min(max_length, self.settings.max_tokens), chat,
@@ -203,7 +221,7 @@ class AdapterServer:
         state = self.model.adapter_state
         if fusion and fusion in state.fusions:
             self.model.delete_adapter_fusion(fusion)
-        if fusion and fusion in self.model.heads:
+        if fusion and fusion in getattr(self.model, "heads", {}):
             del self.model.heads[fusion]
         for adapter in adapters:
             if adapter in state.adapters:
@@ -286,12 +304,41 @@ class AdapterServer:
                         job.error = (500, f"generation failed: {_first_line(exc)}")
 
     def _generate(self, jobs: list[GenerateJob]) -> None:
+        if self.seq2seq:
+            self._write(jobs)
+            return
         rows = [Continuation(job.prompt, job.served.chat or not isinstance(job.prompt, str), job.max_new_tokens,
                              job.temperature, torch.Generator().manual_seed(job.seed), job.served.setup)
                 for job in jobs]
         texts = answer_rows(self.model, self.tokenizer, rows, stop_tokens(self.model, self.tokenizer))
         for job, text in zip(jobs, texts, strict=True):
             job.result = text
+
+    def _write(self, jobs: list[GenerateJob]) -> None:
+        """Seq2seq jobs, as `adapter generate RUN` writes each prompt (after the run's source
+        prefix, with the KV cache): the greedy ones in one ``generate`` call (each row its own
+        adapter, cut to its own ``max_new_tokens``: a greedy text's start does not depend on how
+        far it goes); each sampled one on its own, seeded as `adapter generate --seed` seeds it."""
+        def encoded(part: list[GenerateJob]) -> dict[str, torch.Tensor]:
+            features = [self.tokenizer(job.served.source_prefix + str(job.prompt), truncation=True,
+                                       max_length=job.served.max_length) for job in part]
+            return self.tokenizer.pad(features, return_tensors="pt").to(self.model.device)
+
+        writing = TextGeneration(self.tokenizer, max(job.max_new_tokens for job in jobs))
+        greedy = [job for job in jobs if job.temperature == 0]
+        if greedy:
+            setups = [job.served.setup for job in greedy]
+            with torch.no_grad():
+                ids = self.model.generate(**encoded(greedy), adapter_names=setups, do_sample=False, num_beams=1,
+                                          max_new_tokens=max(job.max_new_tokens for job in greedy))
+            for row, job in enumerate(greedy):  # the decoder's start token, then the new tokens
+                job.result = writing.decode(ids[row : row + 1, : 1 + job.max_new_tokens])[0]
+        for job in (job for job in jobs if job.temperature > 0):
+            torch.manual_seed(job.seed)  # `model.generate` samples with torch's global generator
+            with self.model.running(job.served.setup), torch.no_grad():
+                ids = self.model.generate(**encoded([job]), do_sample=True, temperature=job.temperature,
+                                          num_beams=1, max_new_tokens=job.max_new_tokens)
+            job.result = writing.decode(ids)[0]
 
     def _parts(self, jobs: list) -> list[list]:
         """The jobs whose adapters share batches, then each other adapter's jobs on their own."""

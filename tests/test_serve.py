@@ -19,6 +19,7 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from serve_helpers import train_runs
+from test_seq2seq_task import summaries, tiny_bart_dir, tiny_t5_dir, trained  # noqa: F401 - fixtures
 from typer.testing import CliRunner
 
 from adaptercli.cli import app as cli_app
@@ -430,3 +431,37 @@ def test_generate_endpoint_answers_like_adapter_generate(tmp_path, tiny_llama_di
         metrics = httpx.get(f"{url}/metrics").text
     assert [a.json()["text"] for a in answers] == alone and len(set(alone)) > 1
     assert batches == [4] and "adaptercli_batch_texts_count 1" in metrics
+
+
+def test_seq2seq_runs_generate_like_adapter_generate(trained, runs) -> None:  # noqa: F811 - the imported fixture
+    """A seq2seq run is served on its encoder-decoder: generate requests that arrive together are
+    written in one batch (greedy ones in one `generate` call, each cut to its own length; sampled
+    ones seeded as `adapter generate --seed`), each equal to `adapter generate RUN` alone; predict,
+    chat messages and a run with a head on the same server are refused in one line."""
+    from adaptercli.inference import generate
+
+    run = trained("t5")
+    asks = [{"prompt": "the cat sat on the mat", "max_new_tokens": 6}, {"prompt": "a dog ran", "max_new_tokens": 3},
+            {"prompt": "the cat", "max_new_tokens": 5}, {"prompt": "a dog ran", "max_new_tokens": 5, "temperature": 1.0, "seed": 3}]
+    alone = [generate(run, [ask["prompt"]], max_new_tokens=ask["max_new_tokens"], temperature=ask.get("temperature", 0.0),
+                      seed=ask.get("seed", 0))[0] for ask in asks]
+    assert any(alone) and len(set(alone)) > 1
+    server = _server({"summary": run}, max_wait_ms=1000)
+    batches: list[int] = []
+    write = server._write
+    server._write = lambda jobs: batches.append(len(jobs)) or write(jobs)
+
+    async def together(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            return await asyncio.gather(*[http.post("/v1/generate", json={"adapter": "summary", **ask}) for ask in asks])
+
+    with _Uvicorn(create_app(server, token="")) as url:
+        answers = asyncio.run(together(url))
+        refused = httpx.post(f"{url}/v1/predict", json={"adapter": "summary", "inputs": ["the cat"]})
+        chat = httpx.post(f"{url}/v1/generate", json={"adapter": "summary", "messages": [{"role": "user", "content": "x"}]})
+    assert [a.json()["text"] for a in answers] == alone and batches == [4]
+    assert refused.status_code == 422 and refused.json()["error"].endswith("use /v1/generate")
+    assert chat.status_code == 422 and "seq2seq run: give its source text as prompt" in chat.json()["error"]
+    with pytest.raises(AdapterCliError) as error:
+        server.load("lora", str(runs["lora"]))
+    assert "is not a seq2seq run, but the server runs seq2seq runs" in str(error.value)
