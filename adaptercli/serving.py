@@ -310,7 +310,11 @@ class AdapterServer:
         rows = [Continuation(job.prompt, job.served.chat or not isinstance(job.prompt, str), job.max_new_tokens,
                              job.temperature, torch.Generator().manual_seed(job.seed), job.served.setup)
                 for job in jobs]
-        texts = answer_rows(self.model, self.tokenizer, rows, stop_tokens(self.model, self.tokenizer))
+        stop = stop_tokens(self.model, self.tokenizer)
+        if jobs[0].served.shares_batches:
+            texts = answer_rows(self.model, self.tokenizer, rows, stop)
+        else:  # prompt tuning: its virtual tokens lengthen the rows, which padding cannot line up
+            texts = [answer_rows(self.model, self.tokenizer, [row], stop)[0] for row in rows]
         for job, text in zip(jobs, texts, strict=True):
             job.result = text
 
