@@ -53,7 +53,7 @@ if FastAPI is not None:
         scores: StrictBool = False
 
     class GenerateRequest(BaseModel):
-        """A prompt (or chat messages) for one causal-LM adapter."""
+        """A prompt (or chat messages) for one causal-LM adapter, or a source text for a seq2seq run."""
 
         model_config = ConfigDict(extra="forbid")
         adapter: StrictStr
@@ -205,7 +205,8 @@ def _add_routes(app: Any, server: AdapterServer, holder: dict[str, Batcher], exe
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest) -> dict[str, Any]:
-        """Continue a prompt, or answer chat messages, with one causal-LM adapter."""
+        """Continue a prompt, or answer chat messages, with one causal-LM adapter; write a seq2seq
+        run's text for a source prompt. Requests arriving together are continued as one batch."""
         served = _served(server, body.adapter)
         if served.head not in ("causal_lm", "seq2seq"):
             raise Refused(422, f"adapter '{served.name}' has a {served.head or 'missing'} head: generate needs a "

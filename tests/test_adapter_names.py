@@ -141,6 +141,28 @@ def test_batch_independent_weights_are_kept_at_inference_and_follow_every_weight
     assert (served - first).abs().max() > 1e-4
 
 
+def test_inference_mode_keeps_values_and_adapters_made_in_it_are_computed_each_time(perturb) -> None:
+    """Under torch.inference_mode() the values are kept as under no_grad; an adapter created inside
+    it has inference tensors, which keep no version: its values are computed at every call, so an
+    in-place change still shows."""
+    model, (name,) = _model("bert", ["dora"], perturb)
+    ids, mask = _padded()
+    model.set_active_adapters(name)
+    with torch.inference_mode():
+        first = model(input_ids=ids, attention_mask=mask).logits
+        values = _kept_values(model)
+        assert values and torch.equal(model(input_ids=ids, attention_mask=mask).logits, first)
+        assert all(v is values[k] for k, v in _kept_values(model).items())
+        model.add_adapter("made_here", "dora")
+        model.add_classification_head("made_here", num_labels=3)
+        model.set_active_adapters("made_here")
+        before = model(input_ids=ids, attention_mask=mask).logits
+        for p in model.adapter_state.adapter_parameters("made_here").values():
+            p.mul_(1.5).add_(0.1)
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert (after - before).abs().max() > 1e-4  # a value kept from `before` would hide the change
+
+
 @pytest.mark.parametrize("arch", ["modernbert", "phi"])
 def test_mixed_batch_on_models_whose_adapters_replace_a_projection(arch: str, perturb) -> None:
     """Models where the adapter's result replaces a projection's output and the model adds its

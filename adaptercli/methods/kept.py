@@ -28,7 +28,10 @@ def kept(owner: nn.Module, slot: str, sources: Sequence[torch.Tensor], compute: 
     themselves, so a freed tensor's id is never mistaken for a live one's."""
     if torch.is_grad_enabled() or owner.training or torch.compiler.is_compiling():
         return compute()
-    key = tuple((t._version, t.dtype, t.device) for t in sources)
+    try:
+        key = tuple((t._version, t.dtype, t.device) for t in sources)
+    except RuntimeError:  # a tensor made under torch.inference_mode() keeps no version: never kept
+        return compute()
     store = owner.__dict__.setdefault("_adaptercli_kept", {})
     entry = store.get(slot)
     if entry is not None and entry[1] == key and len(entry[0]) == len(sources) \
