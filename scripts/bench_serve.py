@@ -13,6 +13,12 @@ Two measurements, on one machine, in one run:
    client sends requests at ``--rate`` per second (Poisson arrivals) for ``--duration`` seconds,
    each to a random adapter; p50 and p99 latency, and how many were refused (503).
 
+3. **Generation** (``--generate``): prompts continued together (``inference.answer_rows``, what the
+   server runs for generate requests that arrive together; each prompt its own causal-LM adapter)
+   against each prompt continued alone (``inference.answer``, what the server ran before), on
+   SmolLM2-135M-Instruct (installed offline as a GGUF file) with four adapters of mixed families;
+   greedy, no stop token, so every prompt writes exactly ``--new-tokens`` tokens.
+
 The adapters are the real MiniLM (``minilm``, installed offline) with random, perturbed adapters
 and two-label heads, saved to a temporary folder and served from there. ``--tiny`` runs a 2-layer,
 32-wide BERT instead: for checking that the script runs, not for numbers.
@@ -21,6 +27,7 @@ Examples::
 
     .venv/bin/python scripts/bench_serve.py --out bench_serve.json
     .venv/bin/python scripts/bench_serve.py --tiny --repeats 2 --duration 2 --rate 20   # a smoke run
+    .venv/bin/python scripts/bench_serve.py --skip-latency --generate --out bench_generate.json
 """
 
 from __future__ import annotations
@@ -129,6 +136,53 @@ def throughput(model, tokenizer, batch: int, words: int, per_request: int, repea
             "tokens_per_text": int(enc["input_ids"].shape[1])}
 
 
+GENERATE_ADAPTERS = {"lora": "lora", "seq_bn": "seq_bn", "prefix": "prefix_tuning[prefix_length=10]", "ia3": "ia3"}
+
+
+def generate_throughput(tiny: bool, folder: Path, prompts: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """New tokens per second: ``prompts`` prompts (each its own adapter, in turn) continued together,
+    against each continued alone."""
+    from adaptercli.inference import Continuation, answer, answer_rows
+
+    if tiny:
+        from transformers import LlamaConfig, LlamaModel
+
+        torch.manual_seed(0)
+        LlamaModel(LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(resolve_model_path("minilm")).save_pretrained(folder)
+        path, kwargs = str(folder), {}
+    else:
+        path, kwargs = resolve_model_path("smollm2"), {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    model = adaptercli.AutoAdapterModel.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    for i, (name, method) in enumerate(GENERATE_ADAPTERS.items()):
+        model.add_adapter(name, method)
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.adapter_state.adapter_parameters(name).values():
+                p.add_(0.02 * torch.randn(p.shape, generator=generator))
+        model.add_causal_lm_head(name)
+    model.eval()
+    sample = texts(prompts, 16, seed=4)
+    names = [list(GENERATE_ADAPTERS)[i % len(GENERATE_ADAPTERS)] for i in range(prompts)]
+
+    def together() -> None:
+        answer_rows(model, tokenizer, [Continuation(t, False, new_tokens, 0.0, torch.Generator(), model.setup_named(n))
+                                       for t, n in zip(sample, names, strict=True)], set())
+
+    def alone() -> None:
+        for text, name in zip(sample, names, strict=True):
+            with model.running(model.setup_named(name)):
+                answer(model, tokenizer, text, False, set(), new_tokens, 0.0, torch.Generator())
+
+    seconds = _interleaved_medians({"together": together, "alone": alone}, repeats)
+    tokens = prompts * new_tokens
+    return {"model": "tiny" if tiny else "smollm2", "prompts": prompts, "new_tokens": new_tokens,
+            "adapters": GENERATE_ADAPTERS, "together_tokens_per_s": tokens / seconds["together"],
+            "alone_tokens_per_s": tokens / seconds["alone"], "together_vs_alone": seconds["alone"] / seconds["together"]}
+
+
 def save_adapters(model, folder: Path) -> dict[str, str]:
     sources = {}
     for name in ADAPTERS:
@@ -205,6 +259,9 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--generate", action="store_true", help="also time generation, batched against alone")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts continued together (--generate)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens each prompt writes (--generate)")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     if args.threads:
@@ -221,6 +278,10 @@ def main() -> None:
             "throughput": throughput(model, tokenizer, args.batch, args.words, args.texts_per_request, args.repeats)}
         if not args.skip_latency:
             results["latency"] = latency(base, save_adapters(model, Path(tmp) / "adapters"), args)
+        if args.generate:
+            with torch.no_grad():
+                results["generate"] = generate_throughput(args.tiny, Path(tmp) / "llama", args.prompts, args.new_tokens,
+                                                          max(3, args.repeats // 4))
     print(json.dumps(results, indent=2, default=str))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
