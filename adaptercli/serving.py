@@ -15,6 +15,7 @@ import asyncio
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -236,18 +237,7 @@ class AdapterServer:
         """Answer each job (its ``result`` or ``error``): the jobs whose adapters share batches in
         one forward pass, each other adapter's in one of its own. A failing pass is retried job by
         job, so one bad request never fails the others."""
-        live = [j for j in jobs if j.served.name in self.served and self.served[j.served.name] is j.served]
-        for job in set(jobs) - set(live):
-            job.error = (404, f"adapter '{job.served.name}' was unloaded")
-        for part in (p for p in self._parts(live) if p):
-            try:
-                self._forward(part)
-            except Exception:
-                for job in part:
-                    try:
-                        self._forward([job])
-                    except Exception as exc:  # noqa: BLE001 - the request fails, the server goes on
-                        job.error = (500, f"prediction failed: {_first_line(exc)}")
+        self._in_parts(jobs, self._forward, "prediction")
 
     def _forward(self, jobs: list[Job]) -> None:
         features, setups, words = [], [], []
@@ -287,21 +277,28 @@ class AdapterServer:
     def generate_batch(self, jobs: list[GenerateJob]) -> None:
         """Answer each generate job (its ``result`` or ``error``): the jobs whose adapters share
         batches continued together (one forward pass per token for every row still going), each
-        other adapter's together on their own; a failing batch is retried job by job."""
+        other adapter's together on their own; a failing batch is retried job by job (a prompt the
+        adapter cannot read, e.g. chat messages without a chat template: 422)."""
+        self._in_parts(jobs, self._generate, "generation", user_errors=True)
+
+    def _in_parts(self, jobs: list, work: Callable[[list], None], what: str, user_errors: bool = False) -> None:
+        """Run ``work`` on the live jobs, part by part (see ``_parts``); a part that fails is run
+        again job by job, each failing job getting its own error (``user_errors``: an
+        AdapterCliError is the request's fault, 422), so one bad request never fails the others."""
         live = [j for j in jobs if j.served.name in self.served and self.served[j.served.name] is j.served]
         for job in set(jobs) - set(live):
             job.error = (404, f"adapter '{job.served.name}' was unloaded")
         for part in (p for p in self._parts(live) if p):
             try:
-                self._generate(part)
+                work(part)
             except Exception:
                 for job in part:
                     try:
-                        self._generate([job])
+                        work([job])
                     except AdapterCliError as exc:
-                        job.error = (422, str(exc).splitlines()[0])
+                        job.error = (422, str(exc).splitlines()[0]) if user_errors else (500, f"{what} failed: {_first_line(exc)}")
                     except Exception as exc:  # noqa: BLE001 - the request fails, the server goes on
-                        job.error = (500, f"generation failed: {_first_line(exc)}")
+                        job.error = (500, f"{what} failed: {_first_line(exc)}")
 
     def _generate(self, jobs: list[GenerateJob]) -> None:
         if self.seq2seq:

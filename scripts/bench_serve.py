@@ -72,15 +72,20 @@ def base_model(tiny: bool, folder: Path) -> str:
     return str(folder)
 
 
+def _add_moved(model: adaptercli.AdapterModel, name: str, method: str, seed: int) -> None:
+    """Add adapter ``name`` and move its weights off their start (a trained adapter's are)."""
+    model.add_adapter(name, method)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_state.adapter_parameters(name).values():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+
+
 def adapters_model(base: str) -> adaptercli.AdapterModel:
     """The base model with the eight adapters, each moved off its start, and a head each."""
     model = adaptercli.AutoAdapterModel.from_pretrained(base)
     for i, (name, method) in enumerate(ADAPTERS.items()):
-        model.add_adapter(name, method)
-        generator = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in model.adapter_state.adapter_parameters(name).values():
-                p.add_(0.02 * torch.randn(p.shape, generator=generator))
+        _add_moved(model, name, method, seed=i)
         model.add_classification_head(name, num_labels=2, id2label={0: "neg", 1: "pos"})
     return model.eval()
 
@@ -157,11 +162,7 @@ def generate_throughput(tiny: bool, folder: Path, prompts: int, new_tokens: int,
     model = adaptercli.AutoAdapterModel.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     for i, (name, method) in enumerate(GENERATE_ADAPTERS.items()):
-        model.add_adapter(name, method)
-        generator = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in model.adapter_state.adapter_parameters(name).values():
-                p.add_(0.02 * torch.randn(p.shape, generator=generator))
+        _add_moved(model, name, method, seed=i)
         model.add_causal_lm_head(name)
     model.eval()
     sample = texts(prompts, 16, seed=4)
