@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -160,6 +161,22 @@ class ModelAdaptersMixin:
         state = self.adapter_state
         return all("BatchSplit" in state.families[state.adapters[n].config.family].blocks
                    for n in self.setup_named(setup).flatten())
+
+    def per_position(self, setup: str | composition.CompositionBlock | None) -> bool:
+        """Whether ``setup`` (None: the active one) changes each position from that position and the
+        keys and values before it only, so that a decoder continuing a text may keep those keys
+        and values between steps (a KV cache) and write what it writes without one: every adapter's
+        family says so (``MethodFamily.per_position``), and its blocks are Stacks, Fuses and
+        Averages (a Split cuts the sequence at a position; Parallel and BatchSplit split rows)."""
+        state = self.adapter_state
+        setup = state.active if setup is None else self.setup_named(setup)
+        if setup is None:
+            return True
+        if any(not isinstance(b, composition.Stack | composition.Fuse | composition.Average)
+               for b in composition.blocks_in(setup)):
+            return False
+        return all(state.families[state.adapters[n].config.family].per_position(state.adapters[n].config)
+                   for n in setup.flatten() if n in state.adapters)
 
     @contextlib.contextmanager
     def running(self, setup: composition.CompositionBlock) -> Iterator[None]:
@@ -794,26 +811,47 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
 def generate_greedy(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     adapter_names: list | None = None, max_new_tokens: int = 20,
                     stop: set[int] | None = None, pad_token_id: int = 0) -> torch.Tensor:
-    """Greedy continuation with causal-LM heads, without a KV cache (the path training takes): row
-    ``i`` through ``adapter_names[i]`` (None: the active setup). Prompts are left-padded (positions
-    count real tokens only); returns the new tokens [B, <= max_new_tokens], a finished row (one of
-    ``stop`` written) padded with ``pad_token_id`` after its stop token."""
+    """Greedy continuation with causal-LM heads: row ``i`` through ``adapter_names[i]`` (None: the
+    active setup). Prompts are left-padded (positions count real tokens only); returns the new
+    tokens [B, <= max_new_tokens], a finished row (one of ``stop`` written) padded with
+    ``pad_token_id`` after its stop token. With a KV cache where every row's setup allows one
+    (``AdapterModel.per_position``; it writes what reading the whole text at every step writes),
+    else reading the whole text at every step, the path training takes."""
     ids = input_ids
     mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     stops = torch.tensor(sorted(stop or ()), dtype=ids.dtype, device=ids.device)
+    cached = all(model.per_position(name) for name in (adapter_names or [None]))
+    cache = kv_cache(model) if cached else {}
+    step, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
     new = []
     for _ in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_names=adapter_names).logits
+        logits = model(input_ids=step, attention_mask=mask, position_ids=positions, adapter_names=adapter_names,
+                       **cache).logits
         last = torch.stack([row[-1] for row in logits]) if isinstance(logits, list) else logits[:, -1]
         token = torch.where(done, torch.full_like(done, pad_token_id, dtype=ids.dtype), last.argmax(-1))
         new.append(token)
         done |= torch.isin(token, stops)
         if bool(done.all()):
             break
-        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        if cache:  # the next step reads the new tokens only
+            step, positions = token[:, None], positions[:, -1:] + 1
+        else:
+            step = ids = torch.cat([ids, token[:, None]], 1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return torch.stack(new, 1) if new else ids.new_zeros(ids.shape[0], 0)
+
+
+def kv_cache(model: nn.Module) -> dict[str, Any]:
+    """The keyword arguments that make ``model``'s backbone keep its keys and values in a fresh
+    cache, which later calls with the same arguments extend (transformers renamed
+    ``past_key_values`` to ``cache`` in 5.2x: passed by the name this backbone reads)."""
+    from transformers import DynamicCache
+
+    base = getattr(model, "base_model", model)
+    argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {argument: DynamicCache(config=model.config), "use_cache": True}
 
 
 def _with_prompt_positions(hidden: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -177,11 +177,17 @@ def generate_throughput(tiny: bool, folder: Path, prompts: int, new_tokens: int,
             with model.running(model.setup_named(name)):
                 answer(model, tokenizer, text, False, set(), new_tokens, 0.0, torch.Generator())
 
-    seconds = _interleaved_medians({"together": together, "alone": alone}, repeats)
+    def uncached() -> None:  # together, every step reading each whole text again (no KV cache)
+        answer_rows(model, tokenizer, [Continuation(t, False, new_tokens, 0.0, torch.Generator(), model.setup_named(n))
+                                       for t, n in zip(sample, names, strict=True)], set(), cache=False)
+
+    seconds = _interleaved_medians({"together": together, "alone": alone, "uncached": uncached}, repeats)
     tokens = prompts * new_tokens
     return {"model": "tiny" if tiny else "smollm2", "prompts": prompts, "new_tokens": new_tokens,
             "adapters": GENERATE_ADAPTERS, "together_tokens_per_s": tokens / seconds["together"],
-            "alone_tokens_per_s": tokens / seconds["alone"], "together_vs_alone": seconds["alone"] / seconds["together"]}
+            "alone_tokens_per_s": tokens / seconds["alone"], "together_vs_alone": seconds["alone"] / seconds["together"],
+            "together_uncached_tokens_per_s": tokens / seconds["uncached"],
+            "cached_vs_uncached": seconds["uncached"] / seconds["together"]}
 
 
 def save_adapters(model, folder: Path) -> dict[str, str]:

@@ -348,6 +348,66 @@ def test_answer_rows_continue_each_prompt_as_it_is_continued_alone(model_type: s
         assert alone(set())[0] != free[0]
 
 
+_PER_POSITION = {"llama": ["lora", "dora", {"method": "vera", "attn_matrices": ["q"]}, "ia3", "seq_bn", "par_bn", "compacter[reduction_factor=4]", "seq_bn_inv",
+                            "prefix_tuning[prefix_length=3,bottleneck_size=8]", "mam"],
+                  "gpt2": ["lora", "ia3", "seq_bn", "par_bn", "compacter[reduction_factor=4]", "prefix_tuning[prefix_length=3,bottleneck_size=8]",
+                           "mam"]}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_answer_rows_keep_keys_and_values_and_write_what_the_whole_text_read_again_writes(model_type, perturb) -> None:
+    """With adapters that change each position from itself and the keys before it, answer_rows
+    keeps the keys and values (a KV cache) and reads one token per row per step; what it writes
+    equals the whole text read again at every step (``_greedy_alone``, no cache), for each family
+    alone, mixed in one padded batch, and for a fusion and a stack."""
+    from adaptercli.inference import Continuation, answer_rows
+
+    configs = _PER_POSITION[model_type]
+    model = _causal_model(configs, perturb, model_type)
+    names = [f"a{i}" for i in range(len(configs))]
+    fusable = [n for n, c in zip(names, configs, strict=True) if c in ("seq_bn", "par_bn")]
+    fusion = model.add_adapter_fusion(fusable, "dynamic", name="fused")
+    model.add_causal_lm_head(fusion)
+    stack = Stack(names[0], names[4])  # LoRA under a bottleneck adapter
+    prompts = ["5 9 13 4 7", "22 3", "8 8 30 2 41 17 6", "11", "60 61 62 63 64"]
+    rows = [(prompts[i % len(prompts)], name) for i, name in enumerate([*names, fusion, stack])]
+    assert all(model.per_position(name) for _, name in rows)
+
+    def reference(prompt: str, name) -> list[int]:
+        return _greedy_alone(model, model.setup_named(name), [int(t) for t in prompt.split()], 5)
+
+    calls = []
+    hook = model.base_model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[1]), with_kwargs=True)
+    together = answer_rows(model, _Numbers(), [Continuation(p, False, 5, 0.0, torch.Generator(), model.setup_named(n))
+                                             for p, n in rows], set())
+    hook.remove()
+    assert calls == [7, 1, 1, 1, 1]  # the padded prompts once, then one token per row per step
+    for (prompt, name), text in zip(rows, together, strict=True):
+        assert [int(t) for t in text.split()] == reference(prompt, name), name
+    assert len({tuple(reference(prompts[0], n)) for n in names}) > 2  # the adapters write different tokens
+
+
+@pytest.mark.parametrize("config", ["loreft", "seq_bn[use_gating=true]", "lora[use_gating=true]"])
+def test_answer_rows_read_the_whole_text_again_for_adapters_that_read_the_sequence(config: str, perturb) -> None:
+    """ReFT (positions counted from the end) and gated adapters (a gate averaged over the sequence)
+    write what they write only when each step reads the whole text: answer_rows keeps no cache
+    for them, alone or beside an adapter that could."""
+    from adaptercli.inference import Continuation, answer_rows
+
+    model = _causal_model([config, "lora"], perturb)
+    assert not model.per_position("a0") and model.per_position("a1")
+    prompts, names = ["5 9 13 4 7", "22 3"], ["a0", "a1"]
+    rows = [Continuation(p, False, 6, 0.0, torch.Generator(), model.setup_named(n)) for p, n in zip(prompts, names, strict=True)]
+    together = answer_rows(model, _Numbers(), rows, set())
+    alone = answer_rows(model, _Numbers(), rows[:1], set())
+    expected = [_greedy_alone(model, n, [int(t) for t in p.split()], 6) for p, n in zip(prompts, names, strict=True)]
+    assert [[int(t) for t in text.split()] for text in together] == expected
+    assert [int(t) for t in alone[0].split()] == expected[0]
+    ids = torch.tensor([[5, 9, 13, 4, 7], [0, 0, 0, 22, 3]])  # the library's generate: the same
+    new = model.generate(ids, (ids > 0).long(), adapter_names=names, max_new_tokens=6)
+    assert new.tolist() == expected
+
+
 def test_seq2seq_generate_rows_equal_each_adapter_alone(perturb) -> None:
     from test_seq2seq import tiny_t5
 

@@ -563,6 +563,9 @@ class BottleneckFamily(MethodFamily):
     config_class = BnConfig
     containers = ("adapters", "invertible_adapters", "shared_parameters")
 
+    def per_position(self, config: BnConfig) -> bool:
+        return not config.use_gating  # a gate averages over the sequence
+
     @staticmethod
     def _layer_sites(part) -> tuple[tuple[str, str, Site | None], ...]:
         """(site name, config flag, site) of one layer (the cross-attention in a decoder layer)."""

@@ -61,6 +61,14 @@ class MethodFamily:
     # groups that do not, together (prefix tuning's attention); such groups go last in the batch.
     rows_apart: ClassVar[bool] = False
 
+    def per_position(self, config: MethodConfig) -> bool:
+        """Whether an adapter of this family changes each position from that position alone (and,
+        in attention, from the keys and values of the positions before it), so that a decoder may
+        keep those keys and values between steps (a KV cache) and write what it writes without
+        one. False, the safe answer, for a family that does not say: a gate averaged over the
+        sequence, or an intervention at positions counted from the end, reads the whole sequence."""
+        return False
+
     def activate(self, state: AdapterState, setup: composition.CompositionBlock | None) -> list[RemovableHandle]:
         """Install the forward hooks that run this family's adapters in ``setup`` (None: none) and
         return their handles. Only places with an active adapter get a hook, so inactive adapters

@@ -336,6 +336,9 @@ class LoRAFamily(MethodFamily):
     config_class = LoRAConfig
     containers = ("loras",)
 
+    def per_position(self, config: LoRAConfig) -> bool:
+        return not config.use_gating  # a gate averages over the sequence
+
     def targets(self, state: AdapterState, config: LoRAConfig) -> list[tuple[nn.Module, list[bool] | None]]:
         if config.target_modules:
             found = [m for n, m in state.backbone.named_modules() if _matches(n, config.target_modules)]

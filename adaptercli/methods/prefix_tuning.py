@@ -427,6 +427,9 @@ class PrefixTuningFamily(MethodFamily):
     rows_apart = True
     containers = ("prefix_tunings", "prefix_gates")
 
+    def per_position(self, config: PrefixTuningConfig) -> bool:
+        return not config.use_gating  # a gate averages over the sequence (the prefixes sit in front of any cache)
+
     def add(self, state: AdapterState, name: str, config: PrefixTuningConfig) -> None:
         arch = state.require_architecture("prefix tuning")
         if arch.attention is None:

@@ -160,5 +160,8 @@ class UnionFamily(MethodFamily):
     def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
         return []
 
+    def per_position(self, config: UnionConfig) -> bool:
+        return all(self.families[c.family].per_position(c) for c in config.configs)
+
     def frozen_parameters(self, state: AdapterState, name: str) -> set[str]:
         return set().union(*(self.families[f].frozen_parameters(state, name) for f in MEMBERS))
