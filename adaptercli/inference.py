@@ -3,6 +3,7 @@ label texts (`predict`), and continue prompts or write a seq2seq run's texts (`g
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 from .data import chat_text, load_data, make_collator, tokenize_dataset
 from .errors import AdapterCliError
 from .evaluation import TextGeneration, evaluate, text_generation, write_texts
-from .model import kv_cache
+from .model import next_tokens
 from .runs import load_run
 
 
@@ -151,74 +152,35 @@ def answer_rows(model: Any, tokenizer: Any, rows: list[Continuation], stop: set[
     """Several prompts continued together, one forward pass per token for all rows: left-padded
     (positions count real tokens), each row through its own setup (different adapters mixed in
     one batch), sampled with its own temperature and generator, until each has written its
-    ``max_new_tokens`` or a stop token. Each row's answer is the one :func:`answer` gives it alone.
-
-    Where every row's setup changes each position from that position and the keys and values
-    before it (``AdapterModel.per_position``: LoRA and its variants, bottleneck adapters, prefix
-    tuning, their unions, fusions and stacks of them, without gates), the keys and values of
-    earlier positions are kept between steps (a KV cache): each step reads one new token per row,
-    and rows that ended ride along unread. Otherwise (ReFT, gated adapters, a Split) every step
-    reads each row's whole text again, as training does, and rows that ended leave the batch
-    (``cache=False``: that way for every setup)."""
+    ``max_new_tokens`` or a stop token (rows that ended ride along unread). Each row's answer is
+    the one :func:`answer` gives it alone. With a KV cache where every row's setup allows one
+    (``model.next_tokens``: LoRA and its variants, bottleneck adapters, prefix tuning, their unions,
+    fusions and stacks of them, without gates); otherwise (ReFT, gated adapters; ``cache=False``:
+    always) every step reads each row's whole text again, as training does."""
     ids = [_prompt_ids(tokenizer, row.prompt, row.chat) for row in rows]
     new: list[list[int]] = [[] for _ in rows]
     live = [i for i, row in enumerate(rows) if row.max_new_tokens > 0]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if not live:
         return ["" for _ in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    longest = max(len(ids[i]) for i in live)
+    input_ids = torch.tensor([[pad] * (longest - len(ids[i])) + ids[i] for i in live], device=model.device)
+    mask = None  # no padding: the one-row path training takes
+    if any(len(ids[i]) < longest for i in live):
+        mask = torch.tensor([[0] * (longest - len(ids[i])) + [1] * len(ids[i]) for i in live], device=model.device)
     setups = [rows[i].setup for i in live]
-    cached = cache and getattr(model, "is_causal", False) and all(model.per_position(setup) for setup in setups)
-    with torch.no_grad():
-        if cached:
-            _continue_cached(model, rows, ids, new, live, pad, stop)
-        else:
-            while live:
-                logits = _logits(model, _left_padded([ids[i] + new[i] for i in live], pad, model.device),
-                                 [rows[i].setup for i in live])
-                live = [i for j, i in enumerate(live) if _write(rows[i], new[i], logits[j][-1], stop)]
+    one = len({repr(setup) for setup in setups}) == 1  # one setup for all: run it, no per-row grouping
+    running = model.running(setups[0]) if one and setups[0] is not None else contextlib.nullcontext()
+    with torch.no_grad(), running:
+        steps = next_tokens(model, input_ids, mask, None if one else setups, cache)
+        logits, going = next(steps), set(live)
+        while True:
+            going = {i for j, i in enumerate(live) if i in going and _write(rows[i], new[i], logits[j], stop)}
+            if not going:
+                break
+            logits = steps.send(torch.tensor([new[i][-1] if i in going else pad for i in live], device=model.device))
+        steps.close()
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
-
-
-def _continue_cached(model: Any, rows: list[Continuation], ids: list[list[int]], new: list[list[int]],
-                     live: list[int], pad: int, stop: set[int]) -> None:
-    """``answer_rows`` with a KV cache: the prompts read once, then one token per row per step."""
-    cache = kv_cache(model)
-    inputs = _left_padded([ids[i] for i in live], pad, model.device)
-    setups = [rows[i].setup for i in live]
-    going = set(live)
-    while True:
-        logits = _logits(model, {**inputs, **cache}, setups)
-        going = {i for j, i in enumerate(live) if i in going and _write(rows[i], new[i], logits[j][-1], stop)}
-        if not going:
-            return
-        # Each row reads its newest token next (a row that ended reads padding, and nobody reads its output).
-        step = {"input_ids": torch.tensor([[new[i][-1] if i in going else pad] for i in live], device=model.device)}
-        if "attention_mask" in inputs:  # padded rows: the mask grows by a column, positions by one
-            step["attention_mask"] = torch.cat([inputs["attention_mask"], inputs["attention_mask"][:, -1:].new_ones(
-                len(live), 1)], dim=1)
-            step["position_ids"] = inputs["position_ids"][:, -1:] + 1
-        inputs = step
-
-
-def _left_padded(sequences: list[list[int]], pad: int, device: Any) -> dict[str, torch.Tensor]:
-    """Token ids of ``sequences`` left-padded to the longest, with a mask and positions counting
-    real tokens only where any row is padded (none: the one-row path training takes)."""
-    longest = max(len(seq) for seq in sequences)
-    inputs = {"input_ids": torch.tensor([[pad] * (longest - len(seq)) + seq for seq in sequences], device=device)}
-    if any(len(seq) < longest for seq in sequences):
-        mask = torch.tensor([[0] * (longest - len(seq)) + [1] * len(seq) for seq in sequences], device=device)
-        inputs |= {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    return inputs
-
-
-def _logits(model: Any, inputs: dict[str, Any], setups: list[Any]) -> torch.Tensor:
-    """The LM head's logits for ``inputs``, row ``i`` through ``setups[i]`` (None: the active setup)."""
-    if all(setup is None for setup in setups):
-        return model(**inputs).logits
-    if len({repr(setup) for setup in setups}) == 1:
-        with model.running(setups[0]):
-            return model(**inputs).logits
-    return model(**inputs, adapter_names=setups).logits
 
 
 def _write(row: Continuation, written: list[int], logits: torch.Tensor, stop: set[int]) -> bool:

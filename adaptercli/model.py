@@ -14,7 +14,7 @@ import inspect
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -811,36 +811,51 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
 def generate_greedy(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     adapter_names: list | None = None, max_new_tokens: int = 20,
                     stop: set[int] | None = None, pad_token_id: int = 0) -> torch.Tensor:
-    """Greedy continuation with causal-LM heads: row ``i`` through ``adapter_names[i]`` (None: the
-    active setup). Prompts are left-padded (positions count real tokens only); returns the new
-    tokens [B, <= max_new_tokens], a finished row (one of ``stop`` written) padded with
-    ``pad_token_id`` after its stop token. With a KV cache where every row's setup allows one
-    (``AdapterModel.per_position``; it writes what reading the whole text at every step writes),
-    else reading the whole text at every step, the path training takes."""
-    ids = input_ids
-    mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    stops = torch.tensor(sorted(stop or ()), dtype=ids.dtype, device=ids.device)
-    cached = all(model.per_position(name) for name in (adapter_names or [None]))
-    cache = kv_cache(model) if cached else {}
-    step, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
-    new = []
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=step, attention_mask=mask, position_ids=positions, adapter_names=adapter_names,
-                       **cache).logits
-        last = torch.stack([row[-1] for row in logits]) if isinstance(logits, list) else logits[:, -1]
-        token = torch.where(done, torch.full_like(done, pad_token_id, dtype=ids.dtype), last.argmax(-1))
+    """Greedy continuation with causal-LM heads (see ``next_tokens``): row ``i`` through
+    ``adapter_names[i]`` (None: the active setup), prompts left-padded. Returns the new tokens
+    [B, <= max_new_tokens], a finished row (one of ``stop`` written) padded with ``pad_token_id``
+    after its stop token."""
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    stops = torch.tensor(sorted(stop or ()), dtype=input_ids.dtype, device=input_ids.device)
+    new: list[torch.Tensor] = []
+    steps = next_tokens(model, input_ids, attention_mask, adapter_names)
+    logits = next(steps)
+    while len(new) < max_new_tokens:
+        token = torch.where(done, torch.full_like(done, pad_token_id, dtype=input_ids.dtype), logits.argmax(-1))
         new.append(token)
         done |= torch.isin(token, stops)
-        if bool(done.all()):
+        if bool(done.all()) or len(new) == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        if cache:  # the next step reads the new tokens only
-            step, positions = token[:, None], positions[:, -1:] + 1
-        else:
-            step = ids = torch.cat([ids, token[:, None]], 1)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return torch.stack(new, 1) if new else ids.new_zeros(ids.shape[0], 0)
+        logits = steps.send(token)
+    steps.close()
+    return torch.stack(new, 1) if new else input_ids.new_zeros(input_ids.shape[0], 0)
+
+
+def next_tokens(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                adapter_names: list | None = None, cache: bool = True) -> Generator[torch.Tensor, torch.Tensor, None]:
+    """Continue left-padded prompts with causal-LM heads, one token per row per step, row ``i``
+    through ``adapter_names[i]`` (None: the active setup): yields the logits for each row's next
+    token [B, vocab] and is sent the tokens chosen [B]. Positions count real tokens only; without
+    ``attention_mask`` (no padding) none is passed, the path training takes for one row.
+
+    With a KV cache (each step reads only the tokens sent) wherever every row's setup changes each
+    position from itself and the keys and values before it (``AdapterModel.per_position``); then it
+    writes what reading the whole text at every step writes. Otherwise (ReFT, gated adapters, a
+    Split; ``cache=False``: always) every step reads each whole text again, as training does."""
+    kv = kv_cache(model) if cache and all(model.per_position(name) for name in (adapter_names or [None])) else {}
+    ids, mask = input_ids, attention_mask
+    step, inputs = ids, {}
+    if mask is not None:
+        inputs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    while True:
+        logits = model(input_ids=step, adapter_names=adapter_names, **inputs, **kv).logits
+        token = yield torch.stack([row[-1] for row in logits]) if isinstance(logits, list) else logits[:, -1]
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            positions = inputs["position_ids"][:, -1:] + 1 if kv else (mask.cumsum(-1) - 1).clamp(min=0)
+            inputs = {"attention_mask": mask, "position_ids": positions}
+        ids = torch.cat([ids, token[:, None].to(ids.dtype)], 1)
+        step = ids[:, -1:] if kv else ids
 
 
 def kv_cache(model: nn.Module) -> dict[str, Any]:
@@ -907,7 +922,7 @@ class AutoAdapterModel:
         return AdapterModel(AutoModel.from_config(config, **kwargs), layout)
 
 
-__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "MultiHeadOutput", "generate_greedy",
+__all__ = ["AdapterError", "AdapterModel", "AutoAdapterModel", "ModelAdaptersMixin", "MultiHeadOutput", "generate_greedy", "next_tokens",
            "init"]
 
 
