@@ -108,12 +108,14 @@ class PredictionHead(nn.Sequential):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def predict(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
-                inverse: nn.Module | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                inverse: nn.Module | None = None, logits_to_keep: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Loss (with ``labels``) and logits. ``logits_to_keep`` > 0: an LM head writes the logits of
+        the last that many positions only (a decoder choosing its next token needs one)."""
         kind = self.config.head_type
         if kind in ("classification", "multilabel_classification", "regression"):
             logits = super().forward(self.pool(hidden, attention_mask))
         elif kind in ("masked_lm", "causal_lm"):
-            x = hidden
+            x = hidden[:, -logits_to_keep:] if logits_to_keep and labels is None else hidden
             for module in list(self)[:-1]:
                 x = module(x)
             if inverse is not None:  # the invertible adapter's inverse before the vocabulary projection

@@ -727,14 +727,15 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         return inv[first] if inv is not None and first in inv else None
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, head: str | None = None,
-                adapter_names: list | None = None, **kwargs):
+                adapter_names: list | None = None, logits_to_keep: int = 0, **kwargs):
         """Backbone + head. With a Parallel or BatchSplit setup (and no ``head``) every group of
         rows goes to its own head (named like its adapter) and a ``MultiHeadOutput`` holds
         one output per group, in order; ``loss`` is the sum of theirs. With ``adapter_names``
-        (one adapter, fusion or block per row) see ``forward_rows``."""
+        (one adapter, fusion or block per row) see ``forward_rows``. ``logits_to_keep`` > 0: LM
+        heads write the logits of the last that many positions only (as in transformers)."""
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if adapter_names is not None:
-            return self.forward_rows(adapter_names, input_ids, attention_mask, labels, **kwargs)
+            return self.forward_rows(adapter_names, input_ids, attention_mask, labels, logits_to_keep, **kwargs)
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]
         attention_mask, labels = _with_prompt_positions(hidden, attention_mask, labels)
@@ -742,7 +743,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
             chosen, inverse = self._head_plan
             if chosen is None:
                 return AdapterModelOutput(hidden_states=hidden)
-            loss, logits = chosen.predict(hidden, attention_mask, labels, inverse)
+            loss, logits = chosen.predict(hidden, attention_mask, labels, inverse, logits_to_keep)
             return AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden)
         active = self.adapter_state.active
         groups = composition.row_groups(active, hidden.shape[0]) if active is not None and head is None else []
@@ -750,18 +751,19 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
             name = self._current_head(head)
             if name is None:
                 return AdapterModelOutput(hidden_states=hidden)
-            loss, logits = self.heads[name].predict(hidden, attention_mask, labels, self._inverse_for(active))
+            loss, logits = self.heads[name].predict(hidden, attention_mask, labels, self._inverse_for(active),
+                                                    logits_to_keep)
             return AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden)
         channels = hidden.shape[0] // (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
         if channels > 1:  # Parallel replicated the batch: replicate what goes with each row too
             attention_mask, labels = (t.repeat(channels, *[1] * (t.dim() - 1)) if t is not None else None
                                       for t in (attention_mask, labels))
-        results = self._group_outputs(hidden, attention_mask, labels, groups)
+        results = self._group_outputs(hidden, attention_mask, labels, groups, logits_to_keep)
         losses = [r.loss for r in results]
         return MultiHeadOutput(results, sum(losses) if all(loss is not None for loss in losses) else None)
 
     def _group_outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
-                       groups: list[tuple[slice, Any]]) -> list[AdapterModelOutput]:
+                       groups: list[tuple[slice, Any]], logits_to_keep: int = 0) -> list[AdapterModelOutput]:
         """Each group of rows through the head named like its setup (none: hidden states only)."""
         results = []
         for rows, node in groups:
@@ -771,12 +773,12 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
                 continue
             loss, logits = self.heads[name].predict(
                 hidden[rows], None if attention_mask is None else attention_mask[rows],
-                None if labels is None else labels[rows], self._inverse_for(node))
+                None if labels is None else labels[rows], self._inverse_for(node), logits_to_keep)
             results.append(AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden[rows]))
         return results
 
     def forward_rows(self, adapter_names: list, input_ids=None, attention_mask=None, labels=None,
-                     **kwargs) -> AdapterModelOutput:
+                     logits_to_keep: int = 0, **kwargs) -> AdapterModelOutput:
         """One forward pass in which row ``i`` runs ``adapter_names[i]`` (an adapter, a fusion's
         name or a composition block) and its head (named like it; none: no logits for the row).
         Rows naming the same setup are grouped (a BatchSplit over the groups), so the cost stays
@@ -795,7 +797,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
             hidden = self.base_model(input_ids=reorder(input_ids), attention_mask=reorder(attention_mask),
                                      **{k: reorder(v) for k, v in kwargs.items()})[0]
         mask, labels = _with_prompt_positions(hidden, reorder(attention_mask), reorder(labels))
-        results = self._group_outputs(hidden, mask, labels, composition.row_groups(setup, batch))
+        results = self._group_outputs(hidden, mask, labels, composition.row_groups(setup, batch), logits_to_keep)
         back = torch.empty_like(index)
         back[index] = torch.arange(batch, device=index.device)
         per_row = [row for r in results for row in (r.logits if r.logits is not None else [None] * len(r.hidden_states))]
@@ -848,7 +850,7 @@ def next_tokens(model: AdapterModel, input_ids: torch.Tensor, attention_mask: to
     if mask is not None:
         inputs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     while True:
-        logits = model(input_ids=step, adapter_names=adapter_names, **inputs, **kv).logits
+        logits = model(input_ids=step, adapter_names=adapter_names, logits_to_keep=1, **inputs, **kv).logits
         token = yield torch.stack([row[-1] for row in logits]) if isinstance(logits, list) else logits[:, -1]
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

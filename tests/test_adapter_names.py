@@ -387,6 +387,24 @@ def test_answer_rows_keep_keys_and_values_and_write_what_the_whole_text_read_aga
     assert len({tuple(reference(prompts[0], n)) for n in names}) > 2  # the adapters write different tokens
 
 
+def test_logits_to_keep_gives_the_last_positions_logits(perturb) -> None:
+    """What generation asks for: the LM head on the last position only, equal to that position of
+    all the logits, for the active adapter and for per-row adapters."""
+    model = _causal_model(["lora", "seq_bn[inv_adapter=nice]"], perturb)
+    ids, mask = _padded(rows=4, length=7)
+    ids = ids % 60
+    with torch.no_grad():
+        model.set_active_adapters("a1")
+        full = model(input_ids=ids, attention_mask=mask).logits
+        last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+        assert last.shape == (4, 1, full.shape[-1])
+        torch.testing.assert_close(last, full[:, -1:])
+        names = ["a0", "a1", "a1", "a0"]
+        full = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        last = model(input_ids=ids, attention_mask=mask, adapter_names=names, logits_to_keep=1).logits
+        torch.testing.assert_close(last, full[:, -1:])
+
+
 @pytest.mark.parametrize("config", ["loreft", "seq_bn[use_gating=true]", "lora[use_gating=true]"])
 def test_answer_rows_read_the_whole_text_again_for_adapters_that_read_the_sequence(config: str, perturb) -> None:
     """ReFT (positions counted from the end) and gated adapters (a gate averaged over the sequence)
