@@ -819,10 +819,12 @@ def generate_greedy(model: AdapterModel, input_ids: torch.Tensor, attention_mask
     after its stop token."""
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     stops = torch.tensor(sorted(stop or ()), dtype=input_ids.dtype, device=input_ids.device)
+    if max_new_tokens <= 0:
+        return input_ids.new_zeros(input_ids.shape[0], 0)
     new: list[torch.Tensor] = []
     steps = next_tokens(model, input_ids, attention_mask, adapter_names)
     logits = next(steps)
-    while len(new) < max_new_tokens:
+    while True:
         token = torch.where(done, torch.full_like(done, pad_token_id, dtype=input_ids.dtype), logits.argmax(-1))
         new.append(token)
         done |= torch.isin(token, stops)
@@ -830,7 +832,7 @@ def generate_greedy(model: AdapterModel, input_ids: torch.Tensor, attention_mask
             break
         logits = steps.send(token)
     steps.close()
-    return torch.stack(new, 1) if new else input_ids.new_zeros(input_ids.shape[0], 0)
+    return torch.stack(new, 1)
 
 
 def next_tokens(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
