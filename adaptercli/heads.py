@@ -98,6 +98,15 @@ class PredictionHead(nn.Sequential):
             out = 2 if kind == "question_answering" else config.num_labels
             super().__init__(*_mlp(hidden_size, out, config.layers, config.activation_function, p, config.bias))
 
+    def same_as(self, other: PredictionHead) -> bool:
+        """Whether ``other`` computes what this head computes: the same kind and shape over the very
+        same weight tensors (causal-LM heads are the tied input embeddings alone, so every adapter's
+        is the same projection)."""
+        mine, theirs = list(self.parameters()), list(other.parameters())
+        return (self.config.head_type == other.config.head_type and self.config.layers == other.config.layers
+                and repr(self) == repr(other) and len(mine) == len(theirs)
+                and all(a is b for a, b in zip(mine, theirs, strict=True)))
+
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Sequence-level heads read the first token (encoders) or the last real token (decoders)."""
         if not self.causal:

@@ -764,17 +764,36 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
 
     def _group_outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
                        groups: list[tuple[slice, Any]], logits_to_keep: int = 0) -> list[AdapterModelOutput]:
-        """Each group of rows through the head named like its setup (none: hidden states only)."""
-        results = []
+        """Each group of rows through the head named like its setup (none: hidden states only).
+        Without labels, neighbouring groups whose heads compute the same function (``same_as``: the
+        causal-LM heads of different adapters are one tied projection) and undo no invertible
+        adapter run it once over their rows: an LM head reads the whole vocabulary matrix, once."""
+        results: list[AdapterModelOutput] = []
+        runs: list[tuple[int, int, Any, nn.Module | None, list[int]]] = []  # (start, end, head, inverse, group sizes)
         for rows, node in groups:
             name = composition.head_name(node)
             if name not in self.heads:
+                runs.append((rows.start, rows.stop, None, None, [rows.stop - rows.start]))
+                continue
+            head, inverse = self.heads[name], self._inverse_for(node)
+            if (labels is None and runs and runs[-1][2] is not None and runs[-1][1] == rows.start and inverse is None
+                    and runs[-1][3] is None and not self.training and runs[-1][2].same_as(head)):
+                start, _, first, _, sizes = runs[-1]
+                runs[-1] = (start, rows.stop, first, None, [*sizes, rows.stop - rows.start])
+            else:
+                runs.append((rows.start, rows.stop, head, inverse, [rows.stop - rows.start]))
+        for start, end, head, inverse, sizes in runs:
+            rows = slice(start, end)
+            if head is None:
                 results.append(AdapterModelOutput(hidden_states=hidden[rows]))
                 continue
-            loss, logits = self.heads[name].predict(
-                hidden[rows], None if attention_mask is None else attention_mask[rows],
-                None if labels is None else labels[rows], self._inverse_for(node), logits_to_keep)
-            results.append(AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden[rows]))
+            loss, logits = head.predict(hidden[rows], None if attention_mask is None else attention_mask[rows],
+                                        None if labels is None else labels[rows], inverse, logits_to_keep)
+            if len(sizes) == 1:
+                results.append(AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden[rows]))
+                continue
+            for states, scores in zip(hidden[rows].split(sizes), logits.split(sizes), strict=True):
+                results.append(AdapterModelOutput(logits=scores, hidden_states=states))
         return results
 
     def forward_rows(self, adapter_names: list, input_ids=None, attention_mask=None, labels=None,

@@ -405,6 +405,29 @@ def test_logits_to_keep_gives_the_last_positions_logits(perturb) -> None:
         torch.testing.assert_close(last, full[:, -1:])
 
 
+def test_causal_lm_heads_of_a_mixed_batch_project_once(perturb) -> None:
+    """Every adapter's causal-LM head is the tied input embeddings: a mixed batch projects onto the
+    vocabulary once for all its rows (one read of the largest matrix), and each row's logits still
+    equal its adapter's alone; heads with weights of their own stay apart."""
+    model = _causal_model(["lora", "seq_bn", "ia3"], perturb)
+    calls = []
+    for name in ("a0", "a1", "a2"):
+        model.heads[name][-1].register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
+    ids, mask = _padded(rows=6, length=7)
+    ids = ids % 60
+    names = ["a0", "a1", "a2", "a2", "a0", "a1"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        assert calls == [6]
+        for name in ("a0", "a1", "a2"):
+            model.set_active_adapters(name)
+            alone = model(input_ids=ids, attention_mask=mask).logits
+            rows = [i for i, n in enumerate(names) if n == name]
+            torch.testing.assert_close(mixed[rows], alone[rows], atol=1e-5, rtol=1e-4)
+    classifier, _ = _model("bert", ["lora", "seq_bn"], perturb, labels=[3, 3])
+    assert not classifier.heads["a0"].same_as(classifier.heads["a1"])  # their own weights
+
+
 @pytest.mark.parametrize("config", ["loreft", "seq_bn[use_gating=true]", "lora[use_gating=true]"])
 def test_answer_rows_read_the_whole_text_again_for_adapters_that_read_the_sequence(config: str, perturb) -> None:
     """ReFT (positions counted from the end) and gated adapters (a gate averaged over the sequence)
