@@ -102,10 +102,11 @@ class PredictionHead(nn.Sequential):
         """Whether ``other`` computes what this head computes: the same kind and shape over the very
         same weight tensors (causal-LM heads are the tied input embeddings alone, so every adapter's
         is the same projection)."""
+        if other is self:
+            return True
         mine, theirs = list(self.parameters()), list(other.parameters())
-        return (self.config.head_type == other.config.head_type and self.config.layers == other.config.layers
-                and repr(self) == repr(other) and len(mine) == len(theirs)
-                and all(a is b for a, b in zip(mine, theirs, strict=True)))
+        return (self.config.head_type == other.config.head_type and len(mine) == len(theirs)
+                and all(a is b for a, b in zip(mine, theirs, strict=True)) and repr(self) == repr(other))
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Sequence-level heads read the first token (encoders) or the last real token (decoders)."""
