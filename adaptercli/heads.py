@@ -104,6 +104,8 @@ class PredictionHead(nn.Sequential):
         is the same projection)."""
         if other is self:
             return True
+        if next(self.parameters(), None) is not next(other.parameters(), None):
+            return False  # distinct weights (the common case) refused before listing them all
         mine, theirs = list(self.parameters()), list(other.parameters())
         return (self.config.head_type == other.config.head_type and len(mine) == len(theirs)
                 and all(a is b for a, b in zip(mine, theirs, strict=True)) and repr(self) == repr(other))

@@ -819,10 +819,13 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         results = self._group_outputs(hidden, mask, labels, composition.row_groups(setup, batch), logits_to_keep)
         back = torch.empty_like(index)
         back[index] = torch.arange(batch, device=index.device)
-        per_row = [row for r in results for row in (r.logits if r.logits is not None else [None] * len(r.hidden_states))]
-        logits: Any = [per_row[i] for i in back.tolist()]
-        if all(t is not None for t in logits) and len({tuple(t.shape) for t in logits}) == 1:
-            logits = torch.stack(logits)
+        parts = [r.logits for r in results]
+        logits: Any
+        if all(p is not None for p in parts) and len({tuple(p.shape[1:]) for p in parts}) == 1:
+            logits = torch.cat(parts).index_select(0, back)  # one shape: one tensor, in the rows' order
+        else:
+            per_row = [row for r in results for row in (r.logits if r.logits is not None else [None] * len(r.hidden_states))]
+            logits = [per_row[i] for i in back.tolist()]
         losses = [r.loss for r in results if r.loss is not None]
         return AdapterModelOutput(loss=sum(losses) if losses else None, logits=logits,
                                   hidden_states=hidden.index_select(0, back))

@@ -202,7 +202,8 @@ class BottleneckAdapter(nn.Module):
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return next(self.adapter_up.parameters()).dtype
+        up = self.adapter_up
+        return up.weight.dtype if isinstance(up, nn.Linear) else next(up.parameters()).dtype
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -247,10 +248,13 @@ class BottleneckAdapter(nn.Module):
             return r, r
         residual = h if cfg.residual_before_ln is True else None
         if cfg.original_ln_before:
-            summed = h if r is None else h + r  # no residual: Phi's FFN, which shares the attention's
-            if cfg.residual_before_ln == "post_add":
-                residual = summed
-            h = summed if norm is None else normed if normed is not None else norm(summed)
+            if normed is not None and norm is not None and residual is not None:
+                h = normed  # the model's own norm(h + r): the sum itself is not needed
+            else:
+                summed = h if r is None else h + r  # no residual: Phi's FFN, which shares the attention's
+                if cfg.residual_before_ln == "post_add":
+                    residual = summed
+                h = summed if norm is None else normed if normed is not None else norm(summed)
         if residual is None:
             residual = h
         return h, residual

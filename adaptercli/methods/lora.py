@@ -215,7 +215,8 @@ class LoRA(nn.Module):
         if self.scale_mode:
             out.mul_(self._scale_vector())
         else:
-            after_a = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
+            x = x.to(self.lora_A.dtype)
+            after_a = (self.dropout(x) if self.training else x) @ self.lora_A.t()
             out.view(-1, out.shape[-1]).addmm_(after_a.reshape(-1, after_a.shape[-1]), self._scaled_up())
         return True
 
@@ -299,14 +300,15 @@ def _compose_hook(setup: CompositionBlock, loras: nn.ModuleDict, skip: set[str])
 
     def hook(module, args, out):
         x = args[0]
-        groups = split_rows(setup, out.shape[0])
-        if groups is None:
-            return run(setup, (x, out), composer)[1]
-        # Rows split at the top (mixed adapters in one batch): each group end to end on its rows.
-        if torch.is_grad_enabled():
-            return torch.cat([run(child, (x[rows], out[rows]), composer)[1] for rows, child in groups])
-        steps = plans.get(out.shape[0])
+        grad = torch.is_grad_enabled()
+        steps = None if grad else plans.get(out.shape[0])
         if steps is None:
+            groups = split_rows(setup, out.shape[0])
+            if groups is None:
+                return run(setup, (x, out), composer)[1]
+            # Rows split at the top (mixed adapters in one batch): each group end to end on its rows.
+            if grad:
+                return torch.cat([run(child, (x[rows], out[rows]), composer)[1] for rows, child in groups])
             steps = plans[out.shape[0]] = plan(groups)
         for rows, child, loras in steps:  # no autograd: write the adapted rows into the fresh output
             part, x_rows = out[rows], x[rows]

@@ -131,7 +131,8 @@ class LoRAVariant(LoRA):
         dtype = self.vera_B.dtype if self.vera else self.lora_A.dtype
         if self.slots or self.gate is not None or out.dtype != dtype or not out.is_contiguous():
             return False
-        after_a = self._after_a(self.dropout(x.to(dtype)))
+        x = x.to(dtype)
+        after_a = self._after_a(self.dropout(x) if self.training else x)
         out.view(-1, out.shape[-1]).addmm_(after_a.reshape(-1, after_a.shape[-1]), self._scaled_up())
         if self.dora:
             out.mul_(self._magnitude())

@@ -128,6 +128,7 @@ class PHMLayer(nn.Module):
         # At inference H (batch-independent) is kept, as ``linear``'s [out, in] operand, until a
         # weight changes: one GEMM with the bias, no Kronecker sum per call.
         shared = tuple(self._shared.values()) if self._shared is not None else ()
-        weight = kept(self, f"H{x.dtype}", (*self.parameters(), *shared),
+        own = tuple(p for p in self._parameters.values() if p is not None)  # no submodules: parameters()
+        weight = kept(self, f"H{x.dtype}", (*own, *shared),
                       lambda: self.hypercomplex_weight().to(x.dtype).t().contiguous())
         return nn.functional.linear(x, weight, self.b)
