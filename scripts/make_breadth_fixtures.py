@@ -226,6 +226,26 @@ METHOD_CASES: dict[str, tuple[str, object]] = {
     "opt_loreft": ("opt", ("loreft", {"suffix_positions": 2})),
 }
 
+# Bottleneck flags beyond the presets' values, on a post-LN (BERT) and a pre-LN (Llama) model:
+# where the residual is taken, the adapter's own norms and the order of its residual, learned and
+# per-channel scaling, gating, another activation. reduction_factor 4: 16 -> 4 wide.
+BN_FLAG_CASES: dict[str, tuple[str, dict]] = {
+    "seq_bn_residual_after_ln": ("seq_bn", {"residual_before_ln": False}),
+    "seq_bn_post_add": ("seq_bn", {"residual_before_ln": "post_add"}),
+    "seq_bn_own_norms": ("seq_bn", {"ln_before": True, "ln_after": True}),
+    "seq_bn_norm_after_residual": ("seq_bn", {"ln_after": True, "adapter_residual_before_ln": True}),
+    "seq_bn_learned_scaling": ("seq_bn", {"scaling": "learned"}),
+    "seq_bn_channel_scaling": ("seq_bn", {"scaling": "channel"}),
+    "seq_bn_gated": ("seq_bn", {"use_gating": True}),
+    "seq_bn_tanh": ("seq_bn", {"non_linearity": "tanh"}),
+    "double_seq_bn_post_add": ("double_seq_bn", {"residual_before_ln": "post_add"}),
+    "double_seq_bn_no_ln_after": ("double_seq_bn", {"original_ln_after": False}),
+    "par_bn_norm_scaled": ("par_bn", {"ln_after": True, "scaling": 2.0}),
+    "par_bn_gated": ("par_bn", {"use_gating": True}),
+}
+METHOD_CASES.update({f"{arch}_{suffix}": (arch, (preset, {"reduction_factor": 4, **flags}))
+                     for arch in ("bert", "llama") for suffix, (preset, flags) in BN_FLAG_CASES.items()})
+
 
 def model_class(arch: str):
     import transformers as t
