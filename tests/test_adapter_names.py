@@ -20,6 +20,10 @@ MIXED = {
                "prefix_tuning_flat[prefix_length=3]"],
     "prefix_one_length": ["prefix_tuning[prefix_length=3,bottleneck_size=8]", "prefix_tuning_flat[prefix_length=3]", "lora",
                           "prefix_tuning[prefix_length=3,bottleneck_size=6]"],
+    # Pools as wide as the layers each reaches (AdapterHub's layout), a layer's slice looked up per pool.
+    "prefix_left_out": [{"method": "prefix_tuning", "prefix_length": 3, "bottleneck_size": 8, "leave_out": [0]},
+                        {"method": "prefix_tuning", "prefix_length": 3, "bottleneck_size": 8, "leave_out": [1]},
+                        "prefix_tuning[prefix_length=3,bottleneck_size=8]", "lora"],
     "unions": ["mam", "unipelt", "lora"],
     "across_families": ["seq_bn", "lora", "prefix_tuning[prefix_length=3,bottleneck_size=8]", "mam"],
     "reft": ["loreft", {"method": "direft", "prefix_positions": 2, "suffix_positions": 2}, "lora",

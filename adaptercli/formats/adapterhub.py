@@ -181,18 +181,17 @@ def _prefix_pool_keys(loaded: LoadedAdapter, arch: Architecture, pools: dict[str
     attention module that joins prefixes: its files hold each tensor at the top
     (``prefix_tuning.prefix_tunings.NAME.<place>.*``) and again under each such attention module.
     Places: ``self_prefix``, or in an encoder-decoder ``encoder_prefix`` / ``self_prefix`` /
-    ``cross_prefix`` (every one under every attention module, as AdapterHub writes them)."""
-    leave_out = set(getattr(loaded.config, "leave_out", []) or [])
+    ``cross_prefix`` (every one under every attention module, as AdapterHub writes them; the
+    layers ``leave_out`` names hold the copies too)."""
     layers = arch.layers.replace("*", "0")  # ALBERT: the released models have one layer group
     if arch.decoder is None:
-        attentions = [f"{layers}.{i}.{arch.attention}" for i in range(num_layers) if i not in leave_out]
+        attentions = [f"{layers}.{i}.{arch.attention}" for i in range(num_layers)]
     else:
         n_encoder = _encoder_layers(loaded, pools, num_layers)
         decoder = arch.decoder
-        attentions = [f"{layers}.{i}.{arch.attention}" for i in range(n_encoder) if i not in leave_out]
+        attentions = [f"{layers}.{i}.{arch.attention}" for i in range(n_encoder)]
         for j in range(num_layers - n_encoder):
-            if n_encoder + j not in leave_out:
-                attentions += [f"{decoder.layers}.{j}.{decoder.attention}", f"{decoder.layers}.{j}.{decoder.cross_attention}"]
+            attentions += [f"{decoder.layers}.{j}.{decoder.attention}", f"{decoder.layers}.{j}.{decoder.cross_attention}"]
     out: dict[str, torch.Tensor] = {}
     for key, value in pools.items():
         name, rest = re.match(r"^prefix_tunings\.([^.]+)\.(.+)$", key).groups()
@@ -206,8 +205,8 @@ def _prefix_pool_keys(loaded: LoadedAdapter, arch: Architecture, pools: dict[str
 
 def _encoder_layers(loaded: LoadedAdapter, pools: dict[str, torch.Tensor], num_layers: int) -> int:
     """How many of an encoder-decoder's ``num_layers`` are encoder layers: from the widths of the
-    encoder and decoder pools (each holds keys/values for its layers), else half (the file does not
-    record the split; T5, BART and Whisper checkpoints are symmetric)."""
+    encoder and decoder pools (each holds keys/values for its layers) when ``leave_out`` names none,
+    else half (the file does not record the split; T5, BART and Whisper checkpoints are symmetric)."""
     def width(place: str) -> int | None:
         tensors = {k.split(f".{place}.", 1)[1]: v for k, v in pools.items() if f".{place}." in k}
         if "control_trans.2.bias" in tensors:
@@ -215,7 +214,7 @@ def _encoder_layers(loaded: LoadedAdapter, pools: dict[str, torch.Tensor], num_l
         return tensors["control_trans"].numel() if "control_trans" in tensors else None
 
     encoder, decoder = width("encoder_prefix"), width("self_prefix")
-    if encoder and decoder:
+    if encoder and decoder and not getattr(loaded.config, "leave_out", None):
         return round(num_layers * encoder / (encoder + decoder))
     return num_layers // 2
 

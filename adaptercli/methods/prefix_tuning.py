@@ -24,6 +24,7 @@ import dataclasses
 import math
 import sys
 import types
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -79,12 +80,21 @@ class PrefixTuningConfig(MethodConfig):
 
 
 class PrefixPool(nn.Module):
-    """The keys/values of one prefix for all layers. Parameter names match AdapterHub's."""
+    """The keys/values of one prefix for the layers it reaches. Parameter names match AdapterHub's.
 
-    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, hidden_size: int, config: PrefixTuningConfig):
+    ``layers`` are the indices of those layers (in the model, or in one place of an
+    encoder-decoder): the layers ``leave_out`` does not name. As in AdapterHub, the pool holds a
+    slice per such layer only, in their order, so the MLP's output is that many layers wide."""
+
+    def __init__(self, layers: Sequence[int], kv_heads: int, head_dim: int, hidden_size: int,
+                 config: PrefixTuningConfig):
         super().__init__()
+        if not layers:
+            raise ConfigError(f"leave_out {config.leave_out} leaves prefix tuning no layer to reach")
         if config.init_weights_seed:
             torch.manual_seed(config.init_weights_seed)
+        self.slots = {layer: k for k, layer in enumerate(layers)}
+        n_layers = len(layers)
         self.shape = (config.prefix_length, n_layers * 2, kv_heads, head_dim)
         self.flat = config.flat
         width = n_layers * 2 * kv_heads * head_dim
@@ -103,6 +113,11 @@ class PrefixPool(nn.Module):
     def clear(self) -> None:
         self._per_layer = None
 
+    def ready(self) -> None:
+        """Compute this forward pass's keys and values for every layer now (see ``layer_kv``)."""
+        if self._per_layer is None:
+            self._per_layer = kept(self, "prefixes", list(self.parameters()), self._compute)
+
     def _compute(self) -> list[torch.Tensor]:
         kv = self.control_trans if self.flat else self.control_trans(self.wte.weight)
         kv = self.dropout(kv.view(self.shape))  # [P, n_layers * 2, heads, dim]
@@ -114,9 +129,8 @@ class PrefixPool(nn.Module):
         """Key and value prefix of one layer, each [kv_heads, P, head_dim]. Computed once per
         forward pass; at inference once until a weight changes (the reparametrisation MLP is
         batch-independent work that a server would otherwise repeat for every batch)."""
-        if self._per_layer is None:
-            self._per_layer = kept(self, "prefixes", list(self.parameters()), self._compute)
-        kv = self._per_layer[layer]
+        self.ready()
+        kv = self._per_layer[self.slots[layer]]  # type: ignore[index]
         return kv[0], kv[1]
 
 
@@ -440,16 +454,18 @@ class PrefixTuningFamily(MethodFamily):
         if arch.decoder is not None:  # one pool per place, as AdapterHub's files keep them
             if config.use_gating:
                 raise ConfigError("use_gating: gated prefixes are not available on encoder-decoders")
-            n_encoder = len(transformer_layers(state.backbone, dataclasses.replace(arch, decoder=None)))
-            n_decoder = state.num_layers - n_encoder
-            sizes = {"encoder_prefix": n_encoder if config.encoder_prefix else 0, "self_prefix": n_decoder,
-                     "cross_prefix": n_decoder if config.cross_prefix else 0}
+            wanted = {"encoder_prefix": config.encoder_prefix, "self_prefix": True, "cross_prefix": config.cross_prefix}
+            reached = {place: layers for place, layers in _place_layers(state, config.leave_out).items()
+                       if wanted[place]}
+            if not any(reached.values()):
+                raise ConfigError(f"leave_out {config.leave_out} leaves prefix tuning no layer to reach")
             state.root.prefix_tunings[name] = nn.ModuleDict({
-                place: PrefixPool(n, state.num_kv_heads, state.head_dim, state.hidden_size, config)
-                for place, n in sizes.items() if n})
+                place: PrefixPool(layers, state.num_kv_heads, state.head_dim, state.hidden_size, config)
+                for place, layers in reached.items() if layers})
             return
         state.root.prefix_tunings[name] = PrefixPool(
-            state.num_layers, state.num_kv_heads, state.head_dim, state.hidden_size, config
+            [i for i in range(state.num_layers) if i not in config.leave_out],
+            state.num_kv_heads, state.head_dim, state.hidden_size, config
         )
         if config.use_gating:  # one gate per layer, where AdapterHub's files keep it
             for i, layer in enumerate(transformer_layers(state.backbone, arch)):
@@ -491,7 +507,7 @@ class PrefixTuningFamily(MethodFamily):
             bias_cache.clear()
             for pool in active_pools:
                 pool.clear()
-                pool.layer_kv(0)
+                pool.ready()
 
         handles = [state.backbone.register_forward_pre_hook(fresh_prefixes)]
         if state.arch.decoder is not None:
@@ -540,6 +556,23 @@ class PrefixTuningFamily(MethodFamily):
                 attention._adaptercli_prefix = prefix
                 handles.append(_Unset(attention))
         return handles
+
+
+def _place_layers(state: AdapterState, leave_out: Sequence[int]) -> dict[str, list[int]]:
+    """An encoder-decoder's attention places, each with the indices (counted within the place,
+    as its pool numbers them) of its layers that ``leave_out`` (counting encoder, then decoder
+    layers) does not name."""
+    places: dict[str, list[int]] = {"encoder_prefix": [], "self_prefix": [], "cross_prefix": []}
+    counters = dict.fromkeys(places, 0)
+    for i, (_, part) in enumerate(layers_with_parts(state.backbone, state.arch)):
+        here = ["self_prefix" if part is state.arch.decoder else "encoder_prefix"]
+        if part.cross_attention:
+            here.append("cross_prefix")
+        for place in here:
+            if i not in leave_out:
+                places[place].append(counters[place])
+            counters[place] += 1
+    return places
 
 
 def _pools(pool: nn.Module) -> list[PrefixPool]:
