@@ -267,6 +267,18 @@ METHOD_CASES.update({f"{arch}_{suffix}": (arch, spec) for arch in ("bert", "llam
 # holds the layers of its place that are left in.
 METHOD_CASES.update({f"{arch}_prefix_tuning_leave_out": (arch, ("prefix_tuning", {**SMALL_PREFIX, "leave_out": [1, 2]}))
                      for arch in ("bart", "t5")})
+FLAG_CASES_MORE: dict[str, tuple[str, dict]] = {
+    "prompt_tuning_after_bos": ("prompt_tuning", {"prompt_length": 4, "combine": "prefix_after_bos"}),
+    "prefix_tuning_flat_leave_out": ("prefix_tuning_flat", {"prefix_length": 4, "leave_out": [0]}),
+    "seq_bn_inv_narrow": ("seq_bn_inv", {"inv_adapter_reduction_factor": 4, "reduction_factor": 4}),
+    "ia3_qkv": ("ia3", {"attn_matrices": ["q", "k", "v"], "intermediate_lora": False}),
+}
+METHOD_CASES.update({f"{arch}_{suffix}": (arch, spec) for arch in ("bert", "llama")
+                     for suffix, spec in FLAG_CASES_MORE.items()})
+METHOD_CASES.update({f"{arch}_{suffix}": (arch, spec) for arch in ("bart", "t5") for suffix, spec in (
+    ("seq_bn_leave_out", ("seq_bn", {"leave_out": [1, 2]})),
+    ("lora_leave_out", ("lora", {"r": 4, "alpha": 8, "attn_matrices": ["q", "k", "v"], "intermediate_lora": True,
+                                 "output_lora": True, "leave_out": [0, 3]})))})
 
 # Cases whose reference we do not reproduce, with why: saved (status "differs"), never compared.
 DIFFERS = {
