@@ -97,14 +97,13 @@ def save_adapter(model: Any, folder: Path, name: str, with_head: bool, format: s
     model_name = str(getattr(model.config, "_name_or_path", "") or "")
     if format == "peft":
         config = record.config
-        if not isinstance(config, LoRAConfig) or config.composition_mode != "add" or state.arch and state.arch.fused_qkv and not config.target_modules:
-            raise AdapterFileError(f"adapter '{name}' ({record.method}) cannot be written as PEFT LoRA; "
-                                   "PEFT export supports LoRA adapters on separate q/k/v projections or target_modules")
+        if not isinstance(config, LoRAConfig):
+            raise AdapterFileError(f"adapter '{name}' ({record.method}) cannot be written as PEFT LoRA or IA3; "
+                                   "PEFT export supports LoRA and IA3 adapters")
         prefix = "" if state.backbone is model or hasattr(model, "heads") else f"{state.backbone.base_model_prefix}."
         fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in state.backbone.modules() if hasattr(m, "loras"))
-        peft.write(folder, weights, {"r": config.r, "alpha": config.alpha, "dropout": config.dropout,
-                                     "use_rslora": config.use_rslora, "fan_in_fan_out": fan_in_fan_out,
-                                     "model_name": model_name}, prefix,
+        tensors = peft.peft_tensors(config, weights, state.model_type, name)
+        peft.write(folder, tensors, peft.peft_meta(config, tensors, fan_in_fan_out, model_name), prefix,
                    module_names=[n for n, _ in state.backbone.named_modules() if n])
         return
     if format == "adapterhub":  # our folder first, then the same conversion as `adapter export --to adapterhub`

@@ -56,6 +56,12 @@ CASES = {
     "llama_lora_score": ("llama", "lora[attn_matrices=[q,k,v],output_lora=true]", {**CLS2, "layers": 1, "bias": False}),
     "bert_lora_attn_output": ("bert", "lora[attn_matrices=[q,o]]", None),
     "llama_ia3": ("llama", "ia3", None),
+    # IA3 as PEFT configures it by default: the FFN's down projection scaled at its input
+    "bert_ia3_feedforward_cls": ("bert", "ia3[target_modules=[key,value,output.dense],feedforward_modules=[output.dense]]",
+                                 CLS2),
+    "llama_ia3_feedforward": ("llama", "ia3[target_modules=[k_proj,v_proj,down_proj],feedforward_modules=[down_proj]]",
+                              None),
+    "gpt2_ia3_feedforward": ("gpt2", "ia3[target_modules=[c_attn,mlp.c_proj],feedforward_modules=[mlp.c_proj]]", None),
     "bert_seq_bn_cls": ("bert", "seq_bn", CLS2),
     "bert_seq_bn_inv": ("bert", "seq_bn_inv", None),
     "bert_double_seq_bn_tagging": ("bert", "double_seq_bn", {**CLS2, "type": "tagging", "layers": 1}),

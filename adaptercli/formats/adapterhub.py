@@ -121,9 +121,9 @@ _HEAD_FIELDS = {
 def _config_dict(loaded: LoadedAdapter) -> dict[str, Any]:
     config = loaded.config.to_dict()
     if loaded.config.family == "lora":
-        extras = {k: config.pop(k) for k in ("target_modules", "use_rslora")}
-        if extras["target_modules"] or extras["use_rslora"]:
-            used = "target_modules" if extras["target_modules"] else "use_rslora"
+        extras = {k: config.pop(k) for k in _LORA_ONLY_OURS}
+        used = next((k for k in _LORA_ONLY_OURS if extras[k]), None)
+        if used:
             raise AdapterFileError(f"adapter '{loaded.saved_name}' uses {used}, which AdapterHub's LoRA does not have "
                                    "(export it --to peft or native)")
         if "o" in loaded.config.attn_matrices and loaded.config.selfattn_lora:
@@ -134,9 +134,13 @@ def _config_dict(loaded: LoadedAdapter) -> dict[str, Any]:
         config["architecture"] = loaded.config.family
     for member in config.get("configs", []):  # a union's LoRA has no keys AdapterHub's lacks (all unset)
         if member.get("architecture") == "lora":
-            member.pop("target_modules", None)
-            member.pop("use_rslora", None)
+            for key in _LORA_ONLY_OURS:
+                member.pop(key, None)
     return config
+
+
+# Our LoRAConfig's keys that AdapterHub's lacks (PEFT's): a config that sets one cannot be written.
+_LORA_ONLY_OURS = ("target_modules", "use_rslora", "feedforward_modules")
 
 
 def _head_config(head: HeadConfig) -> dict[str, Any] | str:

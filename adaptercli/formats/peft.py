@@ -3,8 +3,9 @@
 * LoRA (``peft_type: LORA``): keys ``base_model.model.<module path>.lora_A.weight`` [r, in] /
   ``lora_B.weight`` [out, r]; scaling ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
 * IA3 (``peft_type: IA3``): ``base_model.model.<module path>.ia3_l`` [out, 1] multiplies the
-  layer's output, bias included (our IA3's ``alpha * lora_B``); ``feedforward_modules`` scale
-  their input instead, which our IA3 never does.
+  layer's output, bias included (our IA3's ``alpha * lora_B``); on the ``feedforward_modules``
+  (PEFT's default for BERT: ``output.dense``, Llama: ``down_proj``) ``ia3_l`` is [1, in] and
+  scales the layer's input (our IA3's ``feedforward_modules``).
 
 A head is saved through ``modules_to_save`` as the task model's own modules
 (``base_model.model.classifier.weight``), in a folder for ``AutoModelForSequenceClassification``
@@ -29,6 +30,14 @@ _ROOT = "base_model.model."
 _IA3 = ".ia3_l"
 
 
+def _named(module: str, names: str | list[str]) -> bool:
+    """Whether PEFT's ``feedforward_modules`` names ``module``: a regular expression matched
+    against the whole path, or names the path equals or ends with (``.name``)."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
 def is_peft(meta: dict[str, Any]) -> bool:
     return "peft_type" in meta
 
@@ -43,7 +52,7 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
     if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise AdapterFileError(f"{folder}: PEFT rank_pattern / alpha_pattern are not supported")
     raw = read_weights(folder, WEIGHTS, "adapter_model.bin")
-    weights, head, modules = {}, {}, []
+    weights, head, modules, inputs = {}, {}, [], []
     feedforward = meta.get("feedforward_modules") or []
     for key, value in raw.items():
         path = key.removeprefix(_ROOT)
@@ -52,9 +61,8 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
         for suffix, ours in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (_IA3, "lora_B")):
             if path.endswith(suffix):
                 module = path[: -len(suffix)]
-                if suffix == _IA3 and any(module == f or module.endswith("." + f) for f in feedforward):
-                    raise AdapterFileError(f"{folder}: PEFT IA3 feedforward_modules ({module}) scale the layer's "
-                                           "input; only output scaling is supported")
+                if suffix == _IA3 and _named(module, feedforward) and module not in inputs:
+                    inputs.append(module)  # PEFT scales this layer's input: ia3_l is [1, in]
                 weights[f"{module}.loras.peft.{ours}"] = value.reshape(-1, 1) if suffix == _IA3 else value
                 if module not in modules:
                     modules.append(module)
@@ -64,7 +72,8 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
                 continue  # the bare backbone's copy of a task model's module (see `write`)
             head[key.removeprefix(_ROOT)] = value
     if kind == "IA3":
-        config = LoRAConfig(r=1, alpha=1, composition_mode="scale", init_weights="ia3", target_modules=modules)
+        config = LoRAConfig(r=1, alpha=1, composition_mode="scale", init_weights="ia3", target_modules=modules,
+                            feedforward_modules=inputs)
     else:
         config = LoRAConfig(
             r=int(meta["r"]), alpha=float(meta.get("lora_alpha", 8)), dropout=float(meta.get("lora_dropout", 0.0)),
@@ -114,7 +123,8 @@ def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], 
           module_names: list[str] | None = None) -> None:
     """``weights``: ``<module path>.loras.<name>.lora_A|lora_B`` keys (backbone-relative); ``meta``:
     r, alpha, dropout, use_rslora, fan_in_fan_out, model_name (the base model's Hub id or None),
-    and ``ia3: True`` for IA3 (``lora_B`` already multiplied by alpha, [out, 1]); ``head``: weights
+    and ``ia3: True`` for IA3 (``lora_B`` already multiplied by alpha, [out, 1], or [1, in] for the
+    modules listed under ``feedforward``, whose input it scales); ``head``: weights
     keyed by the task model's module paths, and that task model; ``module_names``: every module of
     the backbone (see `targets_for`). With a ``root_prefix`` (a task model's ``bert.``), every weight
     under it is written a second time without it: PEFT looks weights up by the names of the model it
@@ -139,7 +149,11 @@ def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], 
         "modules_to_save": (head[1].modules_to_save or None) if head else None,
     }
     if meta.get("ia3"):
-        config = {"peft_type": "IA3", **common, "feedforward_modules": [], "init_ia3_weights": True}
+        inputs = meta.get("feedforward") or []
+        # A regex over their paths under any prefix (PEFT fullmatches a string; a list it would
+        # require to be a subset of target_modules, which name modules, not paths).
+        feedforward = rf"(.*\.)?({'|'.join(re.escape(p) for p in sorted(inputs))})" if inputs else []
+        config = {"peft_type": "IA3", **common, "feedforward_modules": feedforward, "init_ia3_weights": True}
     else:
         config = {
             "peft_type": "LORA", **common, "r": meta["r"], "lora_alpha": meta["alpha"], "lora_dropout": meta["dropout"],
@@ -161,28 +175,7 @@ def write_adapter(folder: Path, loaded: LoadedAdapter, base_model: str | None, w
         raise AdapterFileError(
             f"adapter '{loaded.saved_name}' is {type(config).__name__.removesuffix('Config')}; PEFT folders hold LoRA "
             "and IA3 adapters only (export it --to native, hub or adapterhub)")
-    arch = architecture_for(model_type, required=False)
-    fused = arch is not None and arch.fused_qkv and not config.target_modules
-    slots = [m in config.attn_matrices for m in ("q", "k", "v")] if fused else None
-    weights: dict[str, torch.Tensor] = {}
-    for key, value in loaded.weights.items():
-        module = key.partition(".loras.")[0]
-        on_fused = fused and module.endswith("." + arch.q)
-        if config.composition_mode == "scale":  # IA3: PEFT's ia3_l is our alpha * l over the full output
-            value = value.reshape(-1) * config.alpha
-            if on_fused and not all(slots):
-                parts, i, third = [], 0, value.shape[0] // sum(slots)
-                for on in slots:
-                    parts.append(value[i * third : (i + 1) * third] if on else value.new_ones(third))
-                    i += on
-                value = torch.cat(parts)
-            weights[key] = value.reshape(-1, 1)
-        elif on_fused:
-            raise AdapterFileError(
-                f"adapter '{loaded.saved_name}' is LoRA on {model_type}'s fused q/k/v layer; PEFT has no equivalent "
-                "(train it with target_modules, or export it --to native, hub or adapterhub)")
-        else:
-            weights[key] = value
+    weights = peft_tensors(config, loaded.weights, model_type, loaded.saved_name)
     notes, head, prefix = [], None, ""
     if with_head and loaded.head_is_static:
         notes.append("head not included: it is a transformers task model's own head; save it with that model")
@@ -193,10 +186,48 @@ def write_adapter(folder: Path, loaded: LoadedAdapter, base_model: str | None, w
         else:
             head = (map_head(loaded.head_weights, layout), layout)
             prefix = task_heads.base_model_prefix(model_type) + "."
-    meta = {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "use_rslora": config.use_rslora,
-            "fan_in_fan_out": model_type == "gpt2", "model_name": base_model, "ia3": config.composition_mode == "scale"}
-    write(folder, weights, meta, prefix, head, module_names)
+    write(folder, weights, peft_meta(config, weights, model_type == "gpt2", base_model), prefix, head, module_names)
     return notes, head[1] if head else None
+
+
+def peft_meta(config: LoRAConfig, weights: dict[str, torch.Tensor], fan_in_fan_out: bool,
+              base_model: str | None) -> dict[str, Any]:
+    """``write``'s ``meta`` for a LoRA / IA3 config and its ``peft_tensors``."""
+    return {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "use_rslora": config.use_rslora,
+            "fan_in_fan_out": fan_in_fan_out, "model_name": base_model, "ia3": config.composition_mode == "scale",
+            "feedforward": sorted({k.partition(".loras.")[0] for k in weights
+                                   if _named(k.partition(".loras.")[0], config.feedforward_modules)})}
+
+
+def peft_tensors(config: LoRAConfig, adapter_weights: dict[str, torch.Tensor], model_type: str,
+                 saved_name: str) -> dict[str, torch.Tensor]:
+    """Our LoRA / IA3 tensors (``<module>.loras.<name>.lora_A|lora_B``) as PEFT holds them: IA3's
+    ``alpha * l`` over the full output ([out, 1]) or input ([1, in], ``feedforward_modules``).
+    Refuses LoRA on a fused q/k/v layer, which PEFT has no equivalent of."""
+    arch = architecture_for(model_type, required=False)
+    fused = arch is not None and arch.fused_qkv and not config.target_modules
+    slots = [m in config.attn_matrices for m in ("q", "k", "v")] if fused else None
+    weights: dict[str, torch.Tensor] = {}
+    for key, value in adapter_weights.items():
+        module = key.partition(".loras.")[0]
+        on_fused = fused and module.endswith("." + arch.q)
+        if config.composition_mode == "scale":  # IA3: PEFT's ia3_l is our alpha * l over the full output
+            value = value.reshape(-1) * config.alpha
+            if on_fused and not all(slots):
+                parts, i, third = [], 0, value.shape[0] // sum(slots)
+                for on in slots:
+                    parts.append(value[i * third : (i + 1) * third] if on else value.new_ones(third))
+                    i += on
+                value = torch.cat(parts)
+            # ia3_l: [out, 1] where PEFT scales the output, [1, in] where it scales the input
+            weights[key] = value.reshape(1, -1) if _named(module, config.feedforward_modules) else value.reshape(-1, 1)
+        elif on_fused:
+            raise AdapterFileError(
+                f"adapter '{saved_name}' is LoRA on {model_type}'s fused q/k/v layer; PEFT has no equivalent "
+                "(train it with target_modules, or export it --to native, hub or adapterhub)")
+        else:
+            weights[key] = value
+    return weights
 
 
 def map_head(head_weights: dict[str, torch.Tensor], layout: task_heads.TaskHead) -> dict[str, torch.Tensor]:

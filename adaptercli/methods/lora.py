@@ -65,6 +65,9 @@ class LoRAConfig(MethodConfig):
         vera_b: VeRA: the trained ``vera_B`` starts as vera_b times the identity.
         use_gating: a learned gate, the mean over tokens of sigmoid(linear(x)), replaces the
             scaling (UniPELT).
+        feedforward_modules: IA3 only: of the adapted layers, those whose *input* is scaled per
+            channel instead of their output (PEFT's ``feedforward_modules``; its IA3 default for
+            BERT is ``output.dense``, for Llama ``down_proj``), named as ``target_modules`` are.
     """
 
     family: ClassVar[str] = "lora"
@@ -87,9 +90,12 @@ class LoRAConfig(MethodConfig):
     vera_d: float | None = None
     vera_b: float | None = None
     use_gating: bool = False
+    feedforward_modules: list[str] = spec(factory=list)
 
     def validate(self) -> None:
         problems = []
+        if self.feedforward_modules and self.composition_mode != "scale":
+            problems.append("feedforward_modules: only IA3 (composition_mode 'scale') scales a layer's input")
         if self.composition_mode == "scale" and self.r != 1:
             problems.append(f"r: composition_mode 'scale' (IA3) needs r=1, got {self.r}")
         if self.composition_mode == "scale" and self.dropout > 0:
@@ -130,15 +136,19 @@ class LoRA(nn.Module):
 
     ``slots`` is set on fused q/k/v layers: a bool per third of the output (q, k, v) saying which
     get a delta; then A is [r * n, in] and B is [out / 3 * n, r] with n enabled slots.
+    ``scales_input`` (IA3 on a ``feedforward_modules`` layer, held, not registered): the layer
+    whose input the [in, 1] scale multiplies; the output becomes ``layer(x * l)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, slots: list[bool] | None = None):
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, slots: list[bool] | None = None,
+                 scales_input: nn.Module | None = None):
         super().__init__()
         self.scale_mode = config.composition_mode == "scale"
         self.scaling = config.scaling
         self.slots = slots
+        self.__dict__["scales_input"] = scales_input
         n = sum(slots) if slots else 1
-        out = out_features // 3 * n if slots else out_features
+        out = in_features if scales_input is not None else out_features // 3 * n if slots else out_features
         self.out_features = out_features
         if not self.scale_mode:
             self.lora_A = nn.Parameter(torch.zeros(config.r * n, in_features))
@@ -180,6 +190,14 @@ class LoRA(nn.Module):
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The adapted output for layer input ``x`` and unadapted output ``out``."""
+        if self.scales_input is not None:
+            # layer(x * l) = out + W (x * (l - 1)): one more product with the layer's weight (bias
+            # untouched), which composes with the other adapters on the layer as a delta does.
+            layer = self.scales_input
+            weight = layer.weight
+            scaled = x.to(weight.dtype) * (self._scale_vector().to(weight.dtype) - 1)
+            delta = scaled @ weight if _is_conv1d(layer) else nn.functional.linear(scaled, weight)
+            return out + delta.to(out.dtype)
         if self.scale_mode:
             return out * self._scale_vector().to(out.dtype)
         after_a = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()  # [..., r * n]
@@ -210,7 +228,8 @@ class LoRA(nn.Module):
         """``apply`` written into ``out`` itself, without autograd (a mixed batch writing its rows
         into the layer's output): one in-place kernel, no new tensor. False where that does not
         apply (a subclass's own ``apply``, fused q/k/v slots, another dtype); then call ``apply``."""
-        if type(self).apply is not LoRA.apply or self.slots or out.dtype != self.lora_B.dtype or not out.is_contiguous():
+        if (type(self).apply is not LoRA.apply or self.slots or self.scales_input is not None
+                or out.dtype != self.lora_B.dtype or not out.is_contiguous()):
             return False
         if self.scale_mode:
             out.mul_(self._scale_vector())
@@ -323,6 +342,20 @@ def _compose_hook(setup: CompositionBlock, loras: nn.ModuleDict, skip: set[str])
     return hook
 
 
+def _input_scaled(state: AdapterState, config: LoRAConfig, targets: list[nn.Module]) -> set[int]:
+    """The ids of the ``targets`` named by ``feedforward_modules``; refuses a name that matches
+    no adapted layer, or a fused q/k/v layer."""
+    if not config.feedforward_modules:
+        return set()
+    adapted = {id(m) for m in targets}
+    named = {n: m for n, m in state.backbone.named_modules() if _matches(n, config.feedforward_modules)}
+    found = {id(m) for m in named.values() if id(m) in adapted}
+    if not found:
+        raise ConfigError(f"feedforward_modules {config.feedforward_modules} names none of the layers this IA3 "
+                          f"adapter scales (they are named by target_modules {config.target_modules})")
+    return found
+
+
 def module_names(model: nn.Module) -> list[str]:
     """Names of the layers LoRA can adapt, for error messages."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
@@ -374,10 +407,16 @@ class LoRAFamily(MethodFamily):
         return found
 
     def add(self, state: AdapterState, name: str, config: LoRAConfig) -> None:
-        for module, slots in self.targets(state, config):
+        targets = self.targets(state, config)
+        inputs = _input_scaled(state, config, [m for m, _ in targets])
+        for module, slots in targets:
+            if id(module) in inputs and (slots or not module.weight.is_floating_point()):
+                raise ConfigError("feedforward_modules: IA3 scales the input of a separate projection with weights "
+                                  "in floating point; this one is a fused q/k/v layer or quantized")
             if not hasattr(module, "loras"):
                 module.add_module("loras", nn.ModuleDict())
-            module.loras[name] = LoRA(*_features(module), config, slots)
+            module.loras[name] = LoRA(*_features(module), config, slots,
+                                      scales_input=module if id(module) in inputs else None)
 
     @staticmethod
     def _layers_with(state: AdapterState, name: str | None = None):
@@ -455,7 +494,10 @@ class LoRAFamily(MethodFamily):
         for module, loras in self._layers_with(state, name):
             lora = loras[name]
             delta = lora.weight_delta().to(module.weight.dtype)
-            if lora.scale_mode:
+            if lora.scales_input is not None:  # W diag(l): the weight's input columns; the bias stays
+                factor = 1.0 / delta if undo else delta
+                module.weight.mul_(factor[:, None] if _is_conv1d(module) else factor)
+            elif lora.scale_mode:
                 factor = 1.0 / delta if undo else delta
                 # Scale both weight and bias so the merged layer equals the hooked one exactly.
                 module.weight.mul_(factor if _is_conv1d(module) else factor[:, None])

@@ -1,0 +1,152 @@
+"""PEFT IA3 as PEFT configures it by default: on its ``feedforward_modules`` (BERT's ``output.dense``,
+Llama's ``down_proj``, GPT-2's ``mlp.c_proj``) ``ia3_l`` scales the layer's input, elsewhere its
+output. Folders PEFT 0.18.1 wrote load with its outputs, export back as its own folder, merge,
+mix in a batch and train. Fixtures: scripts/make_peft_ia3_fixtures.py (tests/fixtures/peft_ia3/)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import adaptercli
+from adaptercli.methods.base import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = json.loads((ROOT / "tests/fixtures/peft_ia3/manifest.json").read_text())
+CASES = {c["name"]: c for c in MANIFEST["cases"]}
+
+
+def _load(case: dict, attn: str = "eager"):
+    model = adaptercli.init(AutoModel.from_pretrained(ROOT / case["model_dir"], attn_implementation=attn).eval())
+    model.load_adapter(ROOT / case["adapter_dir"], load_as="peft", set_active=True)
+    return model
+
+
+def _output(model, io: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).last_hidden_state
+
+
+def _close(actual: torch.Tensor, io: dict, atol: float = 1e-5) -> None:
+    real = io["attention_mask"].bool()
+    diff = (actual[real] - io["expected"][real]).abs().max().item()
+    assert diff <= atol, f"max abs difference on real tokens {diff:.2e}"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_peft_ia3_folders_load_with_peft_s_outputs(name: str, attn: str) -> None:
+    case, io = CASES[name], load_file(ROOT / CASES[name]["io"])
+    model = _load(case, attn)
+    scaled_inputs = [n for n, m in model.base_model.named_modules()
+                     if "peft" in getattr(m, "loras", {}) and m.loras["peft"].scales_input is not None]
+    assert scaled_inputs, "the feedforward modules scale their input"
+    assert all(n.endswith(tuple(case["feedforward_modules"])) for n in scaled_inputs)
+    _close(_output(model, io), io)
+    (ROOT / case["adapter_dir"] / "adapter_config.json").read_text()
+    with model.running(None):
+        bare = _output(model, io)
+    assert (bare - io["bare"])[io["attention_mask"].bool()].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_to_peft_is_peft_s_own_folder(name: str, tmp_path: Path) -> None:
+    case, io = CASES[name], load_file(ROOT / CASES[name]["io"])
+    model = _load(case)
+    model.save_adapter(tmp_path / "out", "peft", format="peft")
+    theirs = load_file(ROOT / case["adapter_dir"] / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():  # [1, in] on the feedforward modules, [out, 1] elsewhere
+        assert ours[key].shape == value.shape, key
+        assert torch.allclose(ours[key], value, atol=1e-6), key
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    modules = {k.removeprefix("base_model.model.").removesuffix(".ia3_l") for k in theirs}
+    pattern = config["feedforward_modules"]
+    assert {m for m in modules if re.fullmatch(pattern, m)} == {m for m in modules if theirs[f"base_model.model.{m}.ia3_l"].shape[0] == 1}
+    again = adaptercli.init(AutoModel.from_pretrained(ROOT / case["model_dir"], attn_implementation="eager").eval())
+    again.load_adapter(tmp_path / "out", load_as="peft", set_active=True)
+    _close(_output(again, io), io)
+
+
+@pytest.mark.parametrize("name", ["peft_bert_ia3_default", "peft_gpt2_ia3_default"])
+def test_merging_scales_the_weight_s_input_columns_and_unmerging_restores_it(name: str) -> None:
+    case, io = CASES[name], load_file(ROOT / CASES[name]["io"])
+    model = _load(case)
+    before = {n: p.clone() for n, p in model.base_model.named_parameters() if "loras" not in n}
+    model.merge_adapter("peft")
+    with model.running(None):  # the hooks are off: the weights alone give PEFT's output
+        _close(_output(model, io), io)
+    model.unmerge_adapter("peft")
+    after = dict(model.base_model.named_parameters())
+    assert all(torch.allclose(after[n], p, atol=1e-6) for n, p in before.items())
+
+
+def test_input_scaling_rows_mix_with_other_adapters(perturb) -> None:
+    model = adaptercli.AdapterModel(tiny_model("llama", attn="sdpa"))
+    model.add_adapter("ff", "ia3[target_modules=[k_proj,v_proj,down_proj],feedforward_modules=[down_proj]]")
+    model.add_adapter("lora", "lora")
+    for i, name in enumerate(("ff", "lora")):
+        perturb(model, name, scale=0.5, seed=i)
+        model.add_classification_head(name, num_labels=3)
+    model.eval()
+    ids = torch.randint(3, 100, (4, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    per_row = ["ff", "lora", "lora", "ff"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=per_row).logits
+        for row, name in enumerate(per_row):
+            model.set_active_adapters(name)
+            alone = model(input_ids=ids, attention_mask=mask).logits
+            assert (mixed[row] - alone[row]).abs().max() <= 1e-5, (row, name)
+        model.set_active_adapters("ff")
+        with_ff = model(input_ids=ids, attention_mask=mask).logits
+        model.set_active_adapters("lora")
+        assert (with_ff - model(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3
+
+
+def test_input_scaling_trains_with_the_gradient_of_layer_of_x_times_l(perturb) -> None:
+    """The gradient of the input scale equals the one through ``layer(x * l)`` written out (PEFT's
+    formula), and the output too."""
+    model = adaptercli.AdapterModel(tiny_model("bert", attn="eager"))
+    model.add_adapter("ff", "ia3[target_modules=[output.dense],feedforward_modules=[output.dense]]")
+    perturb(model, "ff", scale=0.5)
+    model.set_active_adapters("ff")
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    layer = model.base_model.encoder.layer[0].output.dense
+    scale = layer.loras["ff"].lora_B
+    ours = model(input_ids=ids).hidden_states.pow(2).sum()
+    (grad_ours,) = torch.autograd.grad(ours, scale)
+
+    model.set_active_adapters(None)
+    handles = []
+    for m in model.base_model.modules():
+        if "ff" in getattr(m, "loras", {}):
+            def scaled(module, args, lora=m.loras["ff"]):
+                return (args[0] * lora.lora_B.view(-1) * lora.scaling,)
+            handles.append(m.register_forward_pre_hook(scaled))
+    reference = model(input_ids=ids).hidden_states.pow(2).sum()
+    (grad_reference,) = torch.autograd.grad(reference, scale)
+    for h in handles:
+        h.remove()
+    assert torch.allclose(ours, reference, rtol=1e-5)
+    assert grad_ours.abs().max() > 0
+    assert torch.allclose(grad_ours, grad_reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("lora[target_modules=[output.dense],feedforward_modules=[output.dense]]", "only IA3"),
+    ("ia3[target_modules=[query],feedforward_modules=[output.dense]]", "names none of the layers"),
+])
+def test_feedforward_modules_refusals(config: str, message: str) -> None:
+    model = adaptercli.AdapterModel(tiny_model("bert"))
+    with pytest.raises(ConfigError, match=message):
+        model.add_adapter("x", config)
