@@ -1,7 +1,8 @@
 """PEFT IA3 as PEFT configures it by default: on its ``feedforward_modules`` (BERT's ``output.dense``,
 Llama's ``down_proj``, GPT-2's ``mlp.c_proj``) ``ia3_l`` scales the layer's input, elsewhere its
 output. Folders PEFT 0.18.1 wrote load with its outputs, export back as its own folder, merge,
-mix in a batch and train. Fixtures: scripts/make_peft_ia3_fixtures.py (tests/fixtures/peft_ia3/)."""
+mix in a batch and train. Fixtures: scripts/make_peft_ia3_fixtures.py (tests/fixtures/peft_ia3/).
+And what PEFT can save that we have no place for (LoRA on embeddings, trained biases): one line."""
 
 from __future__ import annotations
 
@@ -150,3 +151,21 @@ def test_feedforward_modules_refusals(config: str, message: str) -> None:
     model = adaptercli.AdapterModel(tiny_model("bert"))
     with pytest.raises(ConfigError, match=message):
         model.add_adapter("x", config)
+
+
+@pytest.mark.parametrize(("keys", "meta", "message"), [
+    (["embed_tokens.base_layer.weight", "embed_tokens.lora_embedding_A", "embed_tokens.lora_embedding_B"], {},
+     r"LoRA on an embedding layer \(embed_tokens\) is not supported"),
+    (["layers.0.self_attn.q_proj.lora_A.weight", "layers.0.self_attn.q_proj.lora_B.weight",
+      "layers.0.self_attn.q_proj.bias"], {"bias": "all"}, r"bias='all' trained the layers' biases"),
+])
+def test_peft_folders_with_what_we_have_no_place_for_are_refused_in_one_line(keys, meta, message, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from adaptercli.formats.common import AdapterFileError
+
+    save_file({f"base_model.model.{k}": torch.ones(2, 2) for k in keys}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, **meta}))
+    model = adaptercli.init(AutoModel.from_pretrained(ROOT / "tests/fixtures/models/llama"))
+    with pytest.raises(AdapterFileError, match=message):
+        model.load_adapter(tmp_path)

@@ -52,6 +52,15 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
     if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise AdapterFileError(f"{folder}: PEFT rank_pattern / alpha_pattern are not supported")
     raw = read_weights(folder, WEIGHTS, "adapter_model.bin")
+    for key in raw:  # what PEFT can save that we have no place for: one clear refusal, not a head mismatch
+        if ".lora_embedding_" in key or key.endswith(".base_layer.weight"):
+            module = re.split(r"\.(?:lora_embedding_|base_layer\.)", key.removeprefix(_ROOT))[0]
+            raise AdapterFileError(f"{folder}: PEFT LoRA on an embedding layer ({module}) is not supported "
+                                   "(only linear layers)")
+        if meta.get("bias", "none") != "none" and (key.endswith(".bias") and ".lora_" not in key
+                                                   and not key.removeprefix(_ROOT).startswith(tuple(meta.get("modules_to_save") or ()))):
+            raise AdapterFileError(f"{folder}: PEFT LoRA with bias='{meta['bias']}' trained the layers' biases "
+                                   f"({key.removeprefix(_ROOT)}); that is not supported")
     weights, head, modules, inputs = {}, {}, [], []
     feedforward = meta.get("feedforward_modules") or []
     for key, value in raw.items():
