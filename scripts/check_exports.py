@@ -62,6 +62,9 @@ CASES = {
     "llama_ia3_feedforward": ("llama", "ia3[target_modules=[k_proj,v_proj,down_proj],feedforward_modules=[down_proj]]",
                               None),
     "gpt2_ia3_feedforward": ("gpt2", "ia3[target_modules=[c_attn,mlp.c_proj],feedforward_modules=[mlp.c_proj]]", None),
+    # DoRA as PEFT computes it (the bias left out of the renormalisation)
+    "bert_dora_peft_cls": ("bert", "dora[dora_norm=peft]", CLS2),
+    "llama_dora_peft": ("llama", "dora[dora_norm=peft,attn_matrices=[q,k,v],output_lora=true]", None),
     "bert_seq_bn_cls": ("bert", "seq_bn", CLS2),
     "bert_seq_bn_inv": ("bert", "seq_bn_inv", None),
     "bert_double_seq_bn_tagging": ("bert", "double_seq_bn", {**CLS2, "type": "tagging", "layers": 1}),

@@ -122,6 +122,8 @@ def _config_dict(loaded: LoadedAdapter) -> dict[str, Any]:
     config = loaded.config.to_dict()
     if loaded.config.family == "lora":
         extras = {k: config.pop(k) for k in _LORA_ONLY_OURS}
+        if extras["dora_norm"] == "adapterhub" or not loaded.config.use_dora:
+            extras["dora_norm"] = None  # AdapterHub's own (or no DoRA): nothing it lacks
         used = next((k for k in _LORA_ONLY_OURS if extras[k]), None)
         if used:
             raise AdapterFileError(f"adapter '{loaded.saved_name}' uses {used}, which AdapterHub's LoRA does not have "
@@ -140,7 +142,7 @@ def _config_dict(loaded: LoadedAdapter) -> dict[str, Any]:
 
 
 # Our LoRAConfig's keys that AdapterHub's lacks (PEFT's): a config that sets one cannot be written.
-_LORA_ONLY_OURS = ("target_modules", "use_rslora", "feedforward_modules")
+_LORA_ONLY_OURS = ("target_modules", "use_rslora", "feedforward_modules", "dora_norm")
 
 
 def _head_config(head: HeadConfig) -> dict[str, Any] | str:

@@ -2,6 +2,9 @@
 
 * LoRA (``peft_type: LORA``): keys ``base_model.model.<module path>.lora_A.weight`` [r, in] /
   ``lora_B.weight`` [out, r]; scaling ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+  With ``use_dora``, ``<module path>.lora_magnitude_vector`` [out] is DoRA's m (our
+  ``dora_norm: peft``: PEFT leaves the bias out of the renormalisation and scales the delta in the
+  norm; AdapterHub's DoRA does neither).
 * IA3 (``peft_type: IA3``): ``base_model.model.<module path>.ia3_l`` [out, 1] multiplies the
   layer's output, bias included (our IA3's ``alpha * lora_B``); on the ``feedforward_modules``
   (PEFT's default for BERT: ``output.dense``, Llama: ``down_proj``) ``ia3_l`` is [1, in] and
@@ -28,6 +31,7 @@ from .common import AdapterFileError, LoadedAdapter, read_weights, write_json, w
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _ROOT = "base_model.model."
 _IA3 = ".ia3_l"
+_MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, [out] (PEFT >= 0.12 writes it under this name)
 
 
 def _named(module: str, names: str | list[str]) -> bool:
@@ -46,9 +50,8 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
     kind = meta["peft_type"]
     if kind not in ("LORA", "IA3"):
         raise AdapterFileError(f"{folder}: PEFT '{kind}' adapters are not supported (only LORA and IA3)")
-    for key in ("use_dora", "layer_replication"):
-        if meta.get(key):
-            raise AdapterFileError(f"{folder}: PEFT LoRA with {key} is not supported")
+    if meta.get("layer_replication"):
+        raise AdapterFileError(f"{folder}: PEFT LoRA with layer_replication is not supported")
     if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise AdapterFileError(f"{folder}: PEFT rank_pattern / alpha_pattern are not supported")
     raw = read_weights(folder, WEIGHTS, "adapter_model.bin")
@@ -67,12 +70,13 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
         path = key.removeprefix(_ROOT)
         if path.startswith(backbone_prefix + "."):
             path = path[len(backbone_prefix) + 1 :]
-        for suffix, ours in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (_IA3, "lora_B")):
+        for suffix, ours in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (_IA3, "lora_B"),
+                             (_MAGNITUDE, "m.weight")):
             if path.endswith(suffix):
                 module = path[: -len(suffix)]
                 if suffix == _IA3 and _named(module, feedforward) and module not in inputs:
                     inputs.append(module)  # PEFT scales this layer's input: ia3_l is [1, in]
-                weights[f"{module}.loras.peft.{ours}"] = value.reshape(-1, 1) if suffix == _IA3 else value
+                weights[f"{module}.loras.peft.{ours}"] = value.reshape(-1, 1) if suffix in (_IA3, _MAGNITUDE) else value
                 if module not in modules:
                     modules.append(module)
                 break
@@ -87,6 +91,7 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
         config = LoRAConfig(
             r=int(meta["r"]), alpha=float(meta.get("lora_alpha", 8)), dropout=float(meta.get("lora_dropout", 0.0)),
             use_rslora=bool(meta.get("use_rslora", False)), target_modules=modules, init_weights="lora",
+            use_dora=bool(meta.get("use_dora", False)), dora_norm="peft",
         )
     loaded = LoadedAdapter(config, weights, "peft", None, None, model_name=meta.get("base_model_name_or_path") or None)
     if head:
@@ -141,8 +146,9 @@ def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], 
     out, modules = {}, set()
     for key, value in weights.items():
         module, _, rest = key.partition(".loras.")
-        part = rest.rsplit(".", 1)[-1]
-        out[f"{_ROOT}{root_prefix}{module}{_IA3 if meta.get('ia3') else f'.{part}.weight'}"] = value
+        part = rest.split(".", 1)[-1].removesuffix(".weight")  # lora_A, lora_B, m (DoRA's magnitude)
+        suffix = _IA3 if meta.get("ia3") else _MAGNITUDE if part == "m" else f".{part}.weight"
+        out[f"{_ROOT}{root_prefix}{module}{suffix}"] = value.reshape(-1) if part == "m" else value
         modules.add(module)
     if head is not None:
         out.update({_ROOT + k: v for k, v in head[0].items()})
@@ -167,7 +173,7 @@ def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], 
         config = {
             "peft_type": "LORA", **common, "r": meta["r"], "lora_alpha": meta["alpha"], "lora_dropout": meta["dropout"],
             "use_rslora": meta["use_rslora"], "bias": "none", "init_lora_weights": True,
-            "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+            "rank_pattern": {}, "alpha_pattern": {}, "use_dora": bool(meta.get("dora")),
         }
     write_weights(folder / WEIGHTS, out)
     write_json(folder / CONFIG, config)
@@ -204,6 +210,7 @@ def peft_meta(config: LoRAConfig, weights: dict[str, torch.Tensor], fan_in_fan_o
     """``write``'s ``meta`` for a LoRA / IA3 config and its ``peft_tensors``."""
     return {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "use_rslora": config.use_rslora,
             "fan_in_fan_out": fan_in_fan_out, "model_name": base_model, "ia3": config.composition_mode == "scale",
+            "dora": config.use_dora,
             "feedforward": sorted({k.partition(".loras.")[0] for k in weights
                                    if _named(k.partition(".loras.")[0], config.feedforward_modules)})}
 
@@ -213,6 +220,11 @@ def peft_tensors(config: LoRAConfig, adapter_weights: dict[str, torch.Tensor], m
     """Our LoRA / IA3 tensors (``<module>.loras.<name>.lora_A|lora_B``) as PEFT holds them: IA3's
     ``alpha * l`` over the full output ([out, 1]) or input ([1, in], ``feedforward_modules``).
     Refuses LoRA on a fused q/k/v layer, which PEFT has no equivalent of."""
+    if config.use_dora and config.dora_norm != "peft" or config.use_gating or config.vera_d is not None or config.vera_b is not None:
+        kind = ("DoRA as AdapterHub renormalises it (the bias included, the delta unscaled in the norm)"
+                if config.use_dora and config.dora_norm != "peft" else "gated LoRA" if config.use_gating else "VeRA")
+        raise AdapterFileError(f"adapter '{saved_name}' is {kind}, which PEFT's LoRA does not compute "
+                               "(export it --to native, hub or adapterhub)")
     arch = architecture_for(model_type, required=False)
     fused = arch is not None and arch.fused_qkv and not config.target_modules
     slots = [m in config.attn_matrices for m in ("q", "k", "v")] if fused else None

@@ -65,6 +65,9 @@ class LoRAConfig(MethodConfig):
         vera_b: VeRA: the trained ``vera_B`` starts as vera_b times the identity.
         use_gating: a learned gate, the mean over tokens of sigmoid(linear(x)), replaces the
             scaling (UniPELT).
+        dora_norm: how DoRA renormalises the adapted layer: "adapterhub" (AdapterHub's: its
+            output, bias included, times m / ||W + B A||) or "peft" (PEFT's ``use_dora``: the
+            output less the bias times m / ||W + scaling B A||, the bias added back).
         feedforward_modules: IA3 only: of the adapted layers, those whose *input* is scaled per
             channel instead of their output (PEFT's ``feedforward_modules``; its IA3 default for
             BERT is ``output.dense``, for Llama ``down_proj``), named as ``target_modules`` are.
@@ -91,6 +94,7 @@ class LoRAConfig(MethodConfig):
     vera_b: float | None = None
     use_gating: bool = False
     feedforward_modules: list[str] = spec(factory=list)
+    dora_norm: str = spec("adapterhub", choices=("adapterhub", "peft"))
 
     def validate(self) -> None:
         problems = []

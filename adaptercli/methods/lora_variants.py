@@ -76,6 +76,7 @@ class LoRAVariant(LoRA):
         if self.vera:  # no A, B of its own: skip LoRA's constructor, keep its attributes
             nn.Module.__init__(self)
             self.scale_mode, self.scaling, self.slots, self.out_features = False, config.scaling, None, out_features
+            self.__dict__["scales_input"] = None
             self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
             self.vera_D = nn.Parameter(torch.diag(torch.full((config.r,), float(config.vera_d or 0.0))))
             self.vera_B = nn.Parameter(torch.diag(torch.full((out_features,), float(config.vera_b or 0.0))))
@@ -84,6 +85,7 @@ class LoRAVariant(LoRA):
         self.__dict__["_shared"] = shared
         self.__dict__["_base"] = base
         self.dora = config.use_dora
+        self.peft_dora = config.use_dora and config.dora_norm == "peft"
         if self.dora:
             if type(base).__name__ == "Conv1D":
                 raise ConfigError("use_dora: DoRA needs nn.Linear layers (GPT-2's Conv1D is not supported)")
@@ -124,6 +126,8 @@ class LoRAVariant(LoRA):
         adapted = torch.addmm(out.to(dtype).reshape(-1, width), after_a.reshape(-1, after_a.shape[-1]), up).view(out.shape)
         if self.dora:
             adapted = self._magnitude() * adapted
+            if self.peft_dora and self._base.bias is not None:  # PEFT leaves the bias out: add back what it lost
+                adapted = adapted + self._bias_back()
         return adapted.to(out.dtype)
 
     def apply_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
@@ -136,6 +140,8 @@ class LoRAVariant(LoRA):
         out.view(-1, out.shape[-1]).addmm_(after_a.reshape(-1, after_a.shape[-1]), self._scaled_up())
         if self.dora:
             out.mul_(self._magnitude())
+            if self.peft_dora and self._base.bias is not None:
+                out.add_(self._bias_back())
         return True
 
     def _after_a(self, x_in: torch.Tensor) -> torch.Tensor:
@@ -158,12 +164,20 @@ class LoRAVariant(LoRA):
         return kept(self, "up", self._sources(), lambda: up_operand(self._up() * self.scaling))
 
     def _magnitude(self) -> torch.Tensor:
-        """DoRA's per-output factor ``m / ||W + ΔW||_row``, [out]; kept at inference (it does not
-        depend on the batch, and costs a full [out, in] matrix per call)."""
+        """DoRA's per-output factor ``m / ||W + ΔW||_row``, [out] (PEFT's: ``ΔW`` scaled); kept at
+        inference (it does not depend on the batch, and costs a full [out, in] matrix per call)."""
         def compute() -> torch.Tensor:
             dtype = self.vera_B.dtype if self.vera else self.lora_A.dtype
-            return self.m.weight.view(-1) / torch.linalg.norm(self._base.weight.to(dtype) + self.delta_matrix(), dim=1)
+            delta = self.delta_matrix() * self.scaling if self.peft_dora else self.delta_matrix()
+            norm = torch.linalg.norm(self._base.weight.to(dtype) + delta, dim=1)
+            return self.m.weight.view(-1) / (norm.detach() if self.peft_dora else norm)  # PEFT: no gradient through it
         return kept(self, "magnitude", self._sources(), compute)
+
+    def _bias_back(self) -> torch.Tensor:
+        """``(1 - m / ||...||) b``: what PEFT's DoRA adds to ``magnitude * (layer output + delta)``
+        so that the bias is not renormalised."""
+        return kept(self, "bias_back", (*self._sources(), self._base.bias),
+                    lambda: (1 - self._magnitude()) * self._base.bias.to(self._magnitude().dtype))
 
     def weight_delta(self) -> torch.Tensor:
         if self.dora or self.gate is not None:

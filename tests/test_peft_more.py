@@ -1,7 +1,9 @@
-"""PEFT IA3 as PEFT configures it by default: on its ``feedforward_modules`` (BERT's ``output.dense``,
-Llama's ``down_proj``, GPT-2's ``mlp.c_proj``) ``ia3_l`` scales the layer's input, elsewhere its
-output. Folders PEFT 0.18.1 wrote load with its outputs, export back as its own folder, merge,
-mix in a batch and train. Fixtures: scripts/make_peft_ia3_fixtures.py (tests/fixtures/peft_ia3/).
+"""PEFT adapters beyond plain LoRA. IA3 as PEFT configures it by default: on its
+``feedforward_modules`` (BERT's ``output.dense``, Llama's ``down_proj``, GPT-2's ``mlp.c_proj``)
+``ia3_l`` scales the layer's input, elsewhere its output. LoRA with ``use_dora`` (PEFT's DoRA: the
+norm of ``W + scaling B A``, the bias left out). Folders PEFT 0.18.1 wrote load with its outputs and
+export back as its own folder; input-scaled IA3 merges, mixes in a batch and trains. Fixtures:
+scripts/make_peft_more_fixtures.py (tests/fixtures/peft_more/).
 And what PEFT can save that we have no place for (LoRA on embeddings, trained biases): one line."""
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import adaptercli
 from adaptercli.methods.base import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = json.loads((ROOT / "tests/fixtures/peft_ia3/manifest.json").read_text())
+MANIFEST = json.loads((ROOT / "tests/fixtures/peft_more/manifest.json").read_text())
 CASES = {c["name"]: c for c in MANIFEST["cases"]}
 
 
@@ -46,12 +48,14 @@ def _close(actual: torch.Tensor, io: dict, atol: float = 1e-5) -> None:
 def test_peft_ia3_folders_load_with_peft_s_outputs(name: str, attn: str) -> None:
     case, io = CASES[name], load_file(ROOT / CASES[name]["io"])
     model = _load(case, attn)
-    scaled_inputs = [n for n, m in model.base_model.named_modules()
-                     if "peft" in getattr(m, "loras", {}) and m.loras["peft"].scales_input is not None]
-    assert scaled_inputs, "the feedforward modules scale their input"
-    assert all(n.endswith(tuple(case["feedforward_modules"])) for n in scaled_inputs)
+    if case["config"] == "IA3Config":
+        scaled_inputs = [n for n, m in model.base_model.named_modules()
+                         if "peft" in getattr(m, "loras", {}) and m.loras["peft"].scales_input is not None]
+        assert scaled_inputs, "the feedforward modules scale their input"
+        assert all(n.endswith(tuple(case["feedforward_modules"])) for n in scaled_inputs)
+    else:
+        assert model.adapter_state.adapters["peft"].config.dora_norm == "peft"
     _close(_output(model, io), io)
-    (ROOT / case["adapter_dir"] / "adapter_config.json").read_text()
     with model.running(None):
         bare = _output(model, io)
     assert (bare - io["bare"])[io["attention_mask"].bool()].abs().max() <= 1e-5
@@ -69,9 +73,13 @@ def test_export_to_peft_is_peft_s_own_folder(name: str, tmp_path: Path) -> None:
         assert ours[key].shape == value.shape, key
         assert torch.allclose(ours[key], value, atol=1e-6), key
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    modules = {k.removeprefix("base_model.model.").removesuffix(".ia3_l") for k in theirs}
-    pattern = config["feedforward_modules"]
-    assert {m for m in modules if re.fullmatch(pattern, m)} == {m for m in modules if theirs[f"base_model.model.{m}.ia3_l"].shape[0] == 1}
+    if case["config"] == "IA3Config":
+        modules = {k.removeprefix("base_model.model.").removesuffix(".ia3_l") for k in theirs}
+        pattern = config["feedforward_modules"]
+        assert ({m for m in modules if re.fullmatch(pattern, m)}
+                == {m for m in modules if theirs[f"base_model.model.{m}.ia3_l"].shape[0] == 1})
+    else:
+        assert config["use_dora"] is True and config["peft_type"] == "LORA"
     again = adaptercli.init(AutoModel.from_pretrained(ROOT / case["model_dir"], attn_implementation="eager").eval())
     again.load_adapter(tmp_path / "out", load_as="peft", set_active=True)
     _close(_output(again, io), io)
@@ -151,6 +159,30 @@ def test_feedforward_modules_refusals(config: str, message: str) -> None:
     model = adaptercli.AdapterModel(tiny_model("bert"))
     with pytest.raises(ConfigError, match=message):
         model.add_adapter("x", config)
+
+
+def test_dora_as_adapterhub_computes_it_is_not_written_as_peft_s(perturb, tmp_path: Path) -> None:
+    """The two DoRAs differ (AdapterHub renormalises the bias and leaves the scaling out of the
+    norm): AdapterHub's is refused for PEFT, PEFT's for AdapterHub; each is exact in its own."""
+    from adaptercli.formats.common import AdapterFileError
+
+    model = adaptercli.AdapterModel(tiny_model("bert"))
+    model.add_adapter("ah", "dora")
+    model.add_adapter("pf", "dora[dora_norm=peft]")
+    with pytest.raises(AdapterFileError, match="DoRA as AdapterHub renormalises it"):
+        model.save_adapter(tmp_path / "p", "ah", format="peft")
+    with pytest.raises(AdapterFileError, match="dora_norm"):
+        model.save_adapter(tmp_path / "a", "pf", format="adapterhub")
+    for name in ("ah", "pf"):
+        perturb(model, name, scale=0.3)
+    model.eval()
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for name in ("ah", "pf"):
+        model.set_active_adapters(name)
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids).hidden_states)
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(("keys", "meta", "message"), [
