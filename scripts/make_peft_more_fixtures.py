@@ -31,26 +31,49 @@ OUT = core.OUT / "peft_more"
 # (arch, PEFT config class, its kwargs): IA3 with PEFT's defaults for the architecture and with an
 # explicit list; DoRA on a model with biases (BERT) and one without (Llama).
 CASES = {
-    "peft_bert_ia3_default": ("bert", "IA3Config", {}),
+    "peft_bert_ia3_default": ("bert_biased", "IA3Config", {}),
     "peft_llama_ia3_default": ("llama", "IA3Config", {}),
     "peft_gpt2_ia3_default": ("gpt2", "IA3Config", {}),
     "peft_bert_ia3_listed": ("bert", "IA3Config", {"target_modules": ["query", "value", "intermediate.dense", "output.dense"],
                                                    "feedforward_modules": ["intermediate.dense"]}),
-    "peft_bert_dora": ("bert", "LoraConfig", {"r": 4, "lora_alpha": 16, "use_dora": True,
+    "peft_bert_dora": ("bert_biased", "LoraConfig", {"r": 4, "lora_alpha": 16, "use_dora": True,
                                               "target_modules": ["query", "value", "output.dense"]}),
     "peft_llama_dora": ("llama", "LoraConfig", {"r": 4, "lora_alpha": 8, "use_dora": True,
                                                 "target_modules": ["q_proj", "v_proj", "down_proj"]}),
 }
 
 
+def load_base(arch: str):
+    """The core tiny model; ``bert_biased``: BERT with every bias drawn from N(0, 0.1) (the core
+    models' biases are zeros, under which a bias handled wrongly would not show), saved once
+    under ``peft_more/models/``."""
+    if arch != "bert_biased":
+        return core.load_base(arch)
+    folder = OUT / "models" / arch
+    if not folder.exists():
+        model = core.load_base("bert")
+        gen = torch.Generator().manual_seed(core.seed_for(arch))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(folder)
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(folder, attn_implementation="eager")
+    model.config._name_or_path = core.rel(folder)
+    return model.eval()
+
+
 def make_case(name: str, arch: str, kind: str, kwargs: dict) -> dict:
     import peft
     from safetensors.torch import save_file
 
-    base = core.load_base(arch)
+    base = load_base(arch)
     inputs = core.make_inputs(arch, base.config.pad_token_id)
     with torch.no_grad():
         bare = base(**inputs).last_hidden_state
+    torch.manual_seed(core.seed_for("init_" + name))  # PEFT draws LoRA's A from the global generator
     model = peft.get_peft_model(base, getattr(peft, kind)(**kwargs))
     params = [p for n, p in model.named_parameters() if any(k in n for k in ("ia3_l", "lora_", "magnitude"))]
     before = [p.detach().clone() for p in params]
@@ -75,7 +98,8 @@ def make_case(name: str, arch: str, kind: str, kwargs: dict) -> dict:
     io.parent.mkdir(parents=True, exist_ok=True)
     save_file({"input_ids": inputs["input_ids"].contiguous(), "attention_mask": inputs["attention_mask"].contiguous(),
                "expected": expected.float().contiguous(), "bare": bare.float().contiguous()}, str(io))
-    return {"name": name, "arch": arch, "model_dir": core.rel(core.OUT / "models" / arch), "adapter_dir": core.rel(folder),
+    model_dir = OUT / "models" / arch if arch == "bert_biased" else core.OUT / "models" / arch
+    return {"name": name, "arch": arch, "model_dir": core.rel(model_dir), "adapter_dir": core.rel(folder),
             "io": core.rel(io), "config": kind, "kwargs": kwargs, "feedforward_modules": config.get("feedforward_modules"),
             "note": f"{len(params)} tensors perturbed; max|expected-bare|={diff:.4g}"}
 
