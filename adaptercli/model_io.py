@@ -60,6 +60,11 @@ def load_adapter(model: Any, path: Path, load_as: str | None, with_head: bool) -
 def _copy_into(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor], path: Path, what: str) -> None:
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
+    if missing and not unexpected and all(k.startswith("shared_parameters.") for k in missing):
+        raise AdapterFileError(
+            f"{path}: the folder lacks the adapter's shared tensors ({', '.join(missing)}); adapters 1.3.0's "
+            "save_adapter leaves Compacter's shared PHM weights and VeRA's shared matrices out (it draws new ones "
+            "when it loads the folder), so the trained adapter cannot be rebuilt from it; save them with it")
     if missing or unexpected:
         detail = "; ".join(
             f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"

@@ -36,3 +36,22 @@ def test_output_matches_adapters_1_3_0_with_biases(case: dict, attn: str) -> Non
     real = io["attention_mask"].bool()
     diff = (out[real] - io["expected"][real]).abs().max().item()
     assert diff <= 1e-4, f"max abs difference on real tokens {diff:.2e}"
+
+
+def test_a_folder_as_adapters_saves_it_without_its_shared_tensors_is_refused_in_one_line(tmp_path: Path) -> None:
+    """adapters 1.3.0's own save_adapter leaves out Compacter's shared PHM rule (our fixture adds it)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from adaptercli.formats.common import AdapterFileError
+
+    case = next(c for c in CASES if c["name"] == "compacter")
+    folder = tmp_path / "compacter"
+    shutil.copytree(ROOT / case["adapter_dir"], folder)
+    weights = load_file(folder / "adapter.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("shared_parameters.")}, str(folder / "adapter.safetensors"))
+    model = adaptercli.init(AutoModel.from_pretrained(ROOT / case["model_dir"]).eval())
+    with pytest.raises(AdapterFileError, match=r"lacks the adapter's shared tensors \(shared_parameters\.ref\.phm_rule\)"):
+        model.load_adapter(folder)
+    assert "ref" not in model.adapter_state.adapters  # nothing half-loaded left behind
