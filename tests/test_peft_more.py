@@ -98,18 +98,21 @@ def test_merging_scales_the_weight_s_input_columns_and_unmerging_restores_it(nam
     assert all(torch.allclose(after[n], p, atol=1e-6) for n, p in before.items())
 
 
-def test_input_scaling_rows_mix_with_other_adapters(perturb) -> None:
-    model = adaptercli.AdapterModel(tiny_model("llama", attn="sdpa"))
-    model.add_adapter("ff", "ia3[target_modules=[k_proj,v_proj,down_proj],feedforward_modules=[down_proj]]")
+def test_input_scaling_and_peft_dora_rows_mix_with_other_adapters(perturb) -> None:
+    """On a BERT with non-zero biases (PEFT's DoRA adds back the bias it leaves out, per group)."""
+    base = AutoModel.from_pretrained(ROOT / "tests/fixtures/biased/models/bert", attn_implementation="sdpa")
+    model = adaptercli.AdapterModel(base)
+    model.add_adapter("ff", "ia3[target_modules=[key,value,output.dense],feedforward_modules=[output.dense]]")
+    model.add_adapter("dora", "dora[dora_norm=peft]")
     model.add_adapter("lora", "lora")
-    for i, name in enumerate(("ff", "lora")):
+    for i, name in enumerate(("ff", "dora", "lora")):
         perturb(model, name, scale=0.5, seed=i)
         model.add_classification_head(name, num_labels=3)
     model.eval()
-    ids = torch.randint(3, 100, (4, 7), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(4, 7, dtype=torch.long)
+    ids = torch.randint(3, 100, (5, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(5, 7, dtype=torch.long)
     mask[1, 5:] = 0
-    per_row = ["ff", "lora", "lora", "ff"]
+    per_row = ["ff", "dora", "lora", "ff", "dora"]
     with torch.no_grad():
         mixed = model(input_ids=ids, attention_mask=mask, adapter_names=per_row).logits
         for row, name in enumerate(per_row):
