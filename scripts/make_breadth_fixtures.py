@@ -281,13 +281,7 @@ METHOD_CASES.update({f"{arch}_{suffix}": (arch, spec) for arch in ("bart", "t5")
                                  "output_lora": True, "leave_out": [0, 3]})))})
 
 # Cases whose reference we do not reproduce, with why: saved (status "differs"), never compared.
-DIFFERS = {
-    "t5_prefix_tuning_leave_out": (
-        "adapters 1.3.0's T5 passes the prefixed layer's widened position bias on; the next layer without a "
-        "prefix finds it the wrong width and puts zeros in its place, so that layer (and every later one in "
-        "the stack) loses the relative position bias; adaptercli keeps the model's bias there (zeroing encoder layer "
-        "1's bias by hand gives the reference to 5e-7)"),
-}
+DIFFERS: dict[str, str] = {}
 
 
 def model_class(arch: str):

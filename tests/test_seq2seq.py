@@ -21,6 +21,8 @@ def tiny_t5():
 
 
 @pytest.mark.parametrize("method", ["prefix_tuning[prefix_length=4,bottleneck_size=16]",
+                                    # left out: the encoder's second and the decoder's first layer
+                                    "prefix_tuning[prefix_length=4,bottleneck_size=16,leave_out=[1,2]]",
                                     "double_seq_bn[cross_adapter=true]", "lora[attn_matrices=[q,k,v]]", "loreft",
                                     "mam[prefix_tuning.bottleneck_size=16,prefix_tuning.prefix_length=4]"])
 def test_generation_with_cache_equals_without(method: str) -> None:

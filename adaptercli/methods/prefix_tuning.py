@@ -179,7 +179,8 @@ class _LayerPrefix:
         # by the pool's id() made torch.compile guard on that id and recompile for each adapter.
         self.layer, self.pools, self.setup, self.by_name = layer, pools, setup, by_name
         # T5: the widened position bias of each bias tensor seen in this forward pass (shared by layers)
-        self.bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        self.bias_stack: _BiasStack | None = None  # T5 stacks with a prefix in some layers (see _BiasStack)
         self.hidden: torch.Tensor | None = None  # the attention's input in this forward pass (for gates)
 
     def _kv(self, pools: list[Gated], dtype: torch.dtype, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,12 +270,24 @@ def _with_prefix(inner: str):
         def joined(query, key, value, mask, groups, kwargs):
             k_len = key.shape[2]
             key, value, mask = prefix.join(query, key, value, mask, causal, groups)
+            stack = prefix.bias_stack
             if key.shape[2] > k_len:
                 if inner == "sdpa":
                     kwargs["is_causal"] = False  # the mask is explicit once the prefix widens the keys
                 if kwargs.get("position_bias") is not None:
-                    kwargs["position_bias"] = _widened_bias(module, prefix, kwargs["position_bias"], query.shape[2],
-                                                            key.shape[2] - k_len, k_len)
+                    bias = kwargs["position_bias"]
+                    if stack is not None and stack.zeroed:
+                        kwargs["position_bias"] = bias.new_zeros(*bias.shape[:-1], key.shape[2])
+                    else:
+                        kwargs["position_bias"], real = _widened_bias(module, prefix, bias, query.shape[2],
+                                                                      key.shape[2] - k_len, k_len)
+                        if stack is not None:
+                            stack.widened, stack.zeroed = real, not real
+            elif stack is not None and kwargs.get("position_bias") is not None and (stack.widened or stack.zeroed):
+                # A layer without a prefix after one with it (AdapterHub's T5: the bias it is passed is
+                # the prefixed layer's, one prefix too wide for it, and it puts zeros in its place).
+                kwargs["position_bias"] = torch.zeros_like(kwargs["position_bias"])
+                stack.widened, stack.zeroed = False, True
                 # One group: every row sees a prefix, so no row of the widened mask is fully masked.
                 if inner == "sdpa" and len(groups) == 1 and _math_attention_applies(module, query, key, kwargs):
                     return _math_attention(query, key, value, mask, kwargs["dropout"], kwargs.get("scaling"))
@@ -348,20 +361,35 @@ def _math_attention(query, key, value, mask, dropout: float, scaling: float | No
 
 
 def _widened_bias(module: nn.Module, prefix: _LayerPrefix, bias: torch.Tensor, q_len: int, n_prefix: int,
-                  k_len: int) -> torch.Tensor:
+                  k_len: int) -> tuple[torch.Tensor, bool]:
     """T5's relative position bias over the prefix and the keys, as AdapterHub computes it: the
     prefix takes key positions 0..P-1 (the keys move to P..), the layer with the relative
-    attention table computes it and the later layers of the stack reuse it; elsewhere zeros."""
+    attention table computes it and the later layers of the stack reuse it; elsewhere zeros.
+    Returns it and whether it is the real bias (not zeros)."""
     cached = prefix.bias_cache.get(id(bias))
     if cached is not None and cached[0] is bias:  # the entry keeps `bias` alive, so its id is not reused
-        return cached[1]
-    if getattr(module, "has_relative_attention_bias", False):
+        return cached[1], cached[2]
+    real = bool(getattr(module, "has_relative_attention_bias", False))
+    if real:
         widened = module.compute_bias(q_len, n_prefix + k_len, device=bias.device, past_seen_tokens=k_len - q_len)
     else:
         widened = bias.new_zeros(1, bias.shape[1], q_len, n_prefix + k_len)
     widened = widened.to(bias.dtype)
-    prefix.bias_cache[id(bias)] = (bias, widened)
-    return widened
+    prefix.bias_cache[id(bias)] = (bias, widened, real)
+    return widened, real
+
+
+class _BiasStack:
+    """Where a stack of T5 attention layers (encoder, decoder or cross-attention) is in one forward
+    pass, as AdapterHub's position bias goes: ``widened`` after a prefixed layer that used the
+    real bias (the next prefixed layer reuses it), ``zeroed`` once a layer found the bias it was
+    passed the wrong width and put zeros in its place (every later layer then has zeros)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.widened = self.zeroed = False
 
 
 def _disentangled_attention(module, hidden_states, attention_mask, output_attentions=False, query_states=None,
@@ -499,19 +527,22 @@ class PrefixTuningFamily(MethodFamily):
             return []
         state._base_attn = base
         active_pools = [pool for n in active for pool in _pools(pools_by_name[n])]
-        bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        stacks: dict[str, _BiasStack] = {}
 
         def fresh_prefixes(module, args):
             # Computed here, before the layers: under gradient checkpointing a layer's forward runs
             # again in the backward pass, and must find the prefixes, not compute them a second time.
             bias_cache.clear()
+            for stack in stacks.values():
+                stack.reset()
             for pool in active_pools:
                 pool.clear()
                 pool.ready()
 
         handles = [state.backbone.register_forward_pre_hook(fresh_prefixes)]
         if state.arch.decoder is not None:
-            return handles + self._activate_encoder_decoder(state, setup, active, pools_by_name, bias_cache)
+            return handles + self._activate_encoder_decoder(state, setup, active, pools_by_name, bias_cache, stacks)
         for i, layer in enumerate(transformer_layers(state.backbone, state.arch)):
             attention = get_module(layer, state.arch.attention)
             gates_here = getattr(getattr(attention, "prefix_tuning", None), "prefix_gates", {})
@@ -532,7 +563,7 @@ class PrefixTuningFamily(MethodFamily):
 
 
     def _activate_encoder_decoder(self, state: AdapterState, setup: CompositionBlock | None, active: list[str],
-                                  pools_by_name: nn.ModuleDict, bias_cache: dict) -> list:
+                                  pools_by_name: nn.ModuleDict, bias_cache: dict, stacks: dict) -> list:
         """Encoder self-attention joins the ``encoder_prefix`` pool, the decoder's self- and
         cross-attention the ``self_prefix`` and ``cross_prefix`` pools; each pool numbers its own
         layers from 0 (AdapterHub's layout), ``leave_out`` counts encoder then decoder layers."""
@@ -547,12 +578,19 @@ class PrefixTuningFamily(MethodFamily):
                 counters[place] += 1
                 here = {n: (pools_by_name[n][place], None) for n in active if place in pools_by_name[n]
                         and i not in family_config(state.adapters[n].config, self.name).leave_out}
-                if not here:
-                    continue
                 attention = get_module(layer, path)
+                # T5 (a relative position bias passed from layer to layer): a layer left out after a
+                # prefixed one changes the bias the later layers see, so every layer of the stack runs
+                # through here (a left-out one with no prefix of its own).
+                t5 = hasattr(attention, "has_relative_attention_bias") and any(
+                    place in pools_by_name[n] for n in active)
+                if not here and not t5:
+                    continue
                 prefix = (_LayerPrefix(index, list(here.values())) if is_plain_stack(setup)
                           else _LayerPrefix(index, [], setup, here))
                 prefix.bias_cache = bias_cache
+                if t5:
+                    prefix.bias_stack = stacks.setdefault(place, _BiasStack())
                 attention._adaptercli_prefix = prefix
                 handles.append(_Unset(attention))
         return handles
