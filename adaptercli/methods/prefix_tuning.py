@@ -283,14 +283,14 @@ def _with_prefix(inner: str):
                                                                       key.shape[2] - k_len, k_len)
                         if stack is not None:
                             stack.widened, stack.zeroed = real, not real
+                # One group: every row sees a prefix, so no row of the widened mask is fully masked.
+                if inner == "sdpa" and len(groups) == 1 and _math_attention_applies(module, query, key, kwargs):
+                    return _math_attention(query, key, value, mask, kwargs["dropout"], kwargs.get("scaling"))
             elif stack is not None and kwargs.get("position_bias") is not None and (stack.widened or stack.zeroed):
                 # A layer without a prefix after one with it (AdapterHub's T5: the bias it is passed is
                 # the prefixed layer's, one prefix too wide for it, and it puts zeros in its place).
                 kwargs["position_bias"] = torch.zeros_like(kwargs["position_bias"])
                 stack.widened, stack.zeroed = False, True
-                # One group: every row sees a prefix, so no row of the widened mask is fully masked.
-                if inner == "sdpa" and len(groups) == 1 and _math_attention_applies(module, query, key, kwargs):
-                    return _math_attention(query, key, value, mask, kwargs["dropout"], kwargs.get("scaling"))
             return function(module, query, key, value, mask, **kwargs)
 
         batch = key.shape[0]
