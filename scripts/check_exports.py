@@ -65,6 +65,10 @@ CASES = {
     # DoRA as PEFT computes it (the bias left out of the renormalisation)
     "bert_dora_peft_cls": ("bert", "dora[dora_norm=peft]", CLS2),
     "llama_dora_peft": ("llama", "dora[dora_norm=peft,attn_matrices=[q,k,v],output_lora=true]", None),
+    # per-layer ranks and alphas (PEFT's rank_pattern / alpha_pattern)
+    "bert_lora_patterns_cls": ("bert", {"method": "lora", "r": 4, "attn_matrices": ["q", "k", "v"],
+                                        "rank_pattern": {"key": 2, "layer.1.attention.self.query": 6},
+                                        "alpha_pattern": {"value": 16}}, CLS2),
     "bert_seq_bn_cls": ("bert", "seq_bn", CLS2),
     "bert_seq_bn_inv": ("bert", "seq_bn_inv", None),
     "bert_double_seq_bn_tagging": ("bert", "double_seq_bn", {**CLS2, "type": "tagging", "layers": 1}),

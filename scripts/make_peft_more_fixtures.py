@@ -40,6 +40,14 @@ CASES = {
                                               "target_modules": ["query", "value", "output.dense"]}),
     "peft_llama_dora": ("llama", "LoraConfig", {"r": 4, "lora_alpha": 8, "use_dora": True,
                                                 "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    # per-layer ranks and alphas (keys are regular expressions that end a module's name)
+    "peft_bert_lora_patterns": ("bert_biased", "LoraConfig", {
+        "r": 4, "lora_alpha": 8, "target_modules": ["query", "value", "dense"],
+        "rank_pattern": {"layer.1.attention.self.query": 2, r"layer\.\d\.output\.dense": 6},
+        "alpha_pattern": {"value": 16}}),
+    "peft_llama_rslora_patterns": ("llama", "LoraConfig", {
+        "r": 8, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"layers.0.self_attn.q_proj": 4}}),
 }
 
 

@@ -53,8 +53,12 @@ def test_peft_ia3_folders_load_with_peft_s_outputs(name: str, attn: str) -> None
                          if "peft" in getattr(m, "loras", {}) and m.loras["peft"].scales_input is not None]
         assert scaled_inputs, "the feedforward modules scale their input"
         assert all(n.endswith(tuple(case["feedforward_modules"])) for n in scaled_inputs)
-    else:
+    elif case["kwargs"].get("use_dora"):
         assert model.adapter_state.adapters["peft"].config.dora_norm == "peft"
+    for name, r in case["kwargs"].get("rank_pattern", {}).items():  # per-layer ranks: A is [r, in] as it says
+        shapes = {m.loras["peft"].lora_A.shape[0] for n, m in model.base_model.named_modules()
+                  if "peft" in getattr(m, "loras", {}) and re.match(rf"(.*\.)?({name})$", n)}
+        assert shapes == {r}, (name, shapes)
     _close(_output(model, io), io)
     with model.running(None):
         bare = _output(model, io)
@@ -78,8 +82,10 @@ def test_export_to_peft_is_peft_s_own_folder(name: str, tmp_path: Path) -> None:
         pattern = config["feedforward_modules"]
         assert ({m for m in modules if re.fullmatch(pattern, m)}
                 == {m for m in modules if theirs[f"base_model.model.{m}.ia3_l"].shape[0] == 1})
-    else:
-        assert config["use_dora"] is True and config["peft_type"] == "LORA"
+    else:  # LoRA: DoRA, rsLoRA and the per-layer ranks and alphas written as PEFT wrote them
+        assert config["peft_type"] == "LORA"
+        for key, default in (("use_dora", False), ("use_rslora", False), ("rank_pattern", {}), ("alpha_pattern", {})):
+            assert config[key] == case["kwargs"].get(key, default), key
     again = adaptercli.init(AutoModel.from_pretrained(ROOT / case["model_dir"], attn_implementation="eager").eval())
     again.load_adapter(tmp_path / "out", load_as="peft", set_active=True)
     _close(_output(again, io), io)

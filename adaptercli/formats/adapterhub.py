@@ -142,7 +142,7 @@ def _config_dict(loaded: LoadedAdapter) -> dict[str, Any]:
 
 
 # Our LoRAConfig's keys that AdapterHub's lacks (PEFT's): a config that sets one cannot be written.
-_LORA_ONLY_OURS = ("target_modules", "use_rslora", "feedforward_modules", "dora_norm")
+_LORA_ONLY_OURS = ("target_modules", "use_rslora", "feedforward_modules", "dora_norm", "rank_pattern", "alpha_pattern")
 
 
 def _head_config(head: HeadConfig) -> dict[str, Any] | str:

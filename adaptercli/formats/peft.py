@@ -52,8 +52,6 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
         raise AdapterFileError(f"{folder}: PEFT '{kind}' adapters are not supported (only LORA and IA3)")
     if meta.get("layer_replication"):
         raise AdapterFileError(f"{folder}: PEFT LoRA with layer_replication is not supported")
-    if meta.get("rank_pattern") or meta.get("alpha_pattern"):
-        raise AdapterFileError(f"{folder}: PEFT rank_pattern / alpha_pattern are not supported")
     raw = read_weights(folder, WEIGHTS, "adapter_model.bin")
     for key in raw:  # what PEFT can save that we have no place for: one clear refusal, not a head mismatch
         if ".lora_embedding_" in key or key.endswith(".base_layer.weight"):
@@ -92,6 +90,7 @@ def read(folder: Path, meta: dict[str, Any], backbone_prefix: str) -> LoadedAdap
             r=int(meta["r"]), alpha=float(meta.get("lora_alpha", 8)), dropout=float(meta.get("lora_dropout", 0.0)),
             use_rslora=bool(meta.get("use_rslora", False)), target_modules=modules, init_weights="lora",
             use_dora=bool(meta.get("use_dora", False)), dora_norm="peft",
+            rank_pattern=dict(meta.get("rank_pattern") or {}), alpha_pattern=dict(meta.get("alpha_pattern") or {}),
         )
     loaded = LoadedAdapter(config, weights, "peft", None, None, model_name=meta.get("base_model_name_or_path") or None)
     if head:
@@ -173,7 +172,8 @@ def write(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], 
         config = {
             "peft_type": "LORA", **common, "r": meta["r"], "lora_alpha": meta["alpha"], "lora_dropout": meta["dropout"],
             "use_rslora": meta["use_rslora"], "bias": "none", "init_lora_weights": True,
-            "rank_pattern": {}, "alpha_pattern": {}, "use_dora": bool(meta.get("dora")),
+            "rank_pattern": meta.get("rank_pattern") or {}, "alpha_pattern": meta.get("alpha_pattern") or {},
+            "use_dora": bool(meta.get("dora")),
         }
     write_weights(folder / WEIGHTS, out)
     write_json(folder / CONFIG, config)
@@ -210,7 +210,7 @@ def peft_meta(config: LoRAConfig, weights: dict[str, torch.Tensor], fan_in_fan_o
     """``write``'s ``meta`` for a LoRA / IA3 config and its ``peft_tensors``."""
     return {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "use_rslora": config.use_rslora,
             "fan_in_fan_out": fan_in_fan_out, "model_name": base_model, "ia3": config.composition_mode == "scale",
-            "dora": config.use_dora,
+            "dora": config.use_dora, "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
             "feedforward": sorted({k.partition(".loras.")[0] for k in weights
                                    if _named(k.partition(".loras.")[0], config.feedforward_modules)})}
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+import re
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -68,6 +69,9 @@ class LoRAConfig(MethodConfig):
         dora_norm: how DoRA renormalises the adapted layer: "adapterhub" (AdapterHub's: its
             output, bias included, times m / ||W + B A||) or "peft" (PEFT's ``use_dora``: the
             output less the bias times m / ||W + scaling B A||, the bias added back).
+        rank_pattern: r for the layers whose names a key matches (PEFT's rule: the key, a regular
+            expression, ends the name after a dot); the others get ``r``.
+        alpha_pattern: alpha the same way.
         feedforward_modules: IA3 only: of the adapted layers, those whose *input* is scaled per
             channel instead of their output (PEFT's ``feedforward_modules``; its IA3 default for
             BERT is ``output.dense``, for Llama ``down_proj``), named as ``target_modules`` are.
@@ -95,6 +99,8 @@ class LoRAConfig(MethodConfig):
     use_gating: bool = False
     feedforward_modules: list[str] = spec(factory=list)
     dora_norm: str = spec("adapterhub", choices=("adapterhub", "peft"))
+    rank_pattern: dict[str, int] = spec(factory=dict)
+    alpha_pattern: dict[str, float] = spec(factory=dict)
 
     def validate(self) -> None:
         problems = []
@@ -108,6 +114,19 @@ class LoRAConfig(MethodConfig):
             problems.append("composition_mode: DoRA and VeRA need 'add', not 'scale' (IA3)")
         if problems:
             raise ConfigError(problems)
+
+    def for_module(self, name: str) -> LoRAConfig:
+        """This config with the ``r`` and ``alpha`` that ``rank_pattern`` / ``alpha_pattern`` give the
+        layer named ``name`` (PEFT's rule: the first key that, as a regex, ends the name after a dot)."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+
+        def pick(pattern: dict, default: Any) -> Any:
+            key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", name)), None)
+            return default if key is None else pattern[key]
+
+        return dataclasses.replace(self, r=int(pick(self.rank_pattern, self.r)),
+                                   alpha=float(pick(self.alpha_pattern, self.alpha)))
 
     @property
     def scaling(self) -> float:
@@ -346,6 +365,13 @@ def _compose_hook(setup: CompositionBlock, loras: nn.ModuleDict, skip: set[str])
     return hook
 
 
+def module_ids(state: AdapterState, config: LoRAConfig) -> dict[int, str]:
+    """Each module's name by its id, where ``rank_pattern`` / ``alpha_pattern`` need them."""
+    if not config.rank_pattern and not config.alpha_pattern:
+        return {}
+    return {id(m): n for n, m in state.backbone.named_modules()}
+
+
 def _input_scaled(state: AdapterState, config: LoRAConfig, targets: list[nn.Module]) -> set[int]:
     """The ids of the ``targets`` named by ``feedforward_modules``; refuses a name that matches
     no adapted layer, or a fused q/k/v layer."""
@@ -413,13 +439,14 @@ class LoRAFamily(MethodFamily):
     def add(self, state: AdapterState, name: str, config: LoRAConfig) -> None:
         targets = self.targets(state, config)
         inputs = _input_scaled(state, config, [m for m, _ in targets])
+        names = module_ids(state, config)
         for module, slots in targets:
             if id(module) in inputs and (slots or not module.weight.is_floating_point()):
                 raise ConfigError("feedforward_modules: IA3 scales the input of a separate projection with weights "
                                   "in floating point; this one is a fused q/k/v layer or quantized")
             if not hasattr(module, "loras"):
                 module.add_module("loras", nn.ModuleDict())
-            module.loras[name] = LoRA(*_features(module), config, slots,
+            module.loras[name] = LoRA(*_features(module), config.for_module(names.get(id(module), "")), slots,
                                       scales_input=module if id(module) in inputs else None)
 
     @staticmethod

@@ -28,7 +28,7 @@ import torch.nn as nn
 from .base import ConfigError
 from .family import AdapterState
 from .kept import kept
-from .lora import LoRA, LoRAConfig, LoRAFamily, _features, _is_conv1d, up_operand
+from .lora import LoRA, LoRAConfig, LoRAFamily, _features, _is_conv1d, module_ids, up_operand
 
 
 def is_variant(config: LoRAConfig) -> bool:
@@ -214,10 +214,11 @@ class LoRAVariantsFamily(LoRAFamily):
             if not hasattr(state.root, "shared_parameters"):
                 state.root.add_module("shared_parameters", nn.ModuleDict())
             state.root.shared_parameters[name] = shared
+        names = module_ids(state, config)
         for module, slots in targets:
             if not hasattr(module, "loras"):
                 module.add_module("loras", nn.ModuleDict())
-            module.loras[name] = LoRAVariant(module, config, shared, slots)
+            module.loras[name] = LoRAVariant(module, config.for_module(names.get(id(module), "")), shared, slots)
 
     def frozen_parameters(self, state: AdapterState, name: str) -> set[str]:
         """VeRA's shared random matrices are saved with the adapter but never trained."""
