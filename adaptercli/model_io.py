@@ -86,7 +86,15 @@ def _load_head(model: Any, loaded: LoadedAdapter | LoadedFusion, name: str, path
             raise AdapterFileError(f"{path}: the head was saved from a transformers task model; load it into the same model class")
         if heads is None and not loaded.head_is_static:
             raise AdapterFileError(f"{path}: has a flexible head; load it into an AdapterModel (AutoAdapterModel) or pass with_head=False")
-        _copy_into(model._head_parameters(name), loaded.head_weights, path, "head")
+        own = model._head_parameters(name)
+        backbone = {n for n, _ in model.adapter_state.backbone.named_parameters()}
+        copies = sorted(k for k in loaded.head_weights if k not in own and k in backbone)
+        if copies:  # PEFT's modules_to_save can hold trained copies of the model's own layers
+            raise AdapterFileError(
+                f"{path}: holds trained copies of the model's own layers ({', '.join(copies[:3])}"
+                f"{' ...' if len(copies) > 3 else ''}; PEFT's modules_to_save), not an adapter or a task head; "
+                "adaptercli loads adapters and heads only")
+        _copy_into(own, loaded.head_weights, path, "head")
         return
     model.add_head(name, loaded.head_config, overwrite_ok=True)
     weights = _rename(loaded.head_weights, loaded.head_name or loaded.saved_name, name, ("heads",))

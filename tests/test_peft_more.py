@@ -210,3 +210,23 @@ def test_peft_folders_with_what_we_have_no_place_for_are_refused_in_one_line(key
     model = adaptercli.init(AutoModel.from_pretrained(ROOT / "tests/fixtures/models/llama"))
     with pytest.raises(AdapterFileError, match=message):
         model.load_adapter(tmp_path)
+
+
+def test_peft_modules_to_save_copies_of_the_model_s_own_layers_are_refused_in_one_line(tmp_path) -> None:
+    """PEFT saves a trained copy of the embeddings when they are in modules_to_save (chat tokens added)."""
+    from safetensors.torch import save_file
+
+    from adaptercli.formats.common import AdapterFileError
+
+    base = AutoModel.from_pretrained(ROOT / "tests/fixtures/models/llama")
+    width = base.config.hidden_size
+    save_file({"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, width),
+               "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(width, 2),
+               "base_model.model.embed_tokens.weight": base.embed_tokens.weight.detach().clone()},
+              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}))
+    model = adaptercli.init(base)
+    with pytest.raises(AdapterFileError, match=r"trained copies of the model's own layers \(embed_tokens\.weight"):
+        model.load_adapter(tmp_path)
+    assert not model.adapter_state.adapters  # nothing half-loaded left behind
