@@ -48,6 +48,8 @@ def load_adapter(model: Any, path: Path, load_as: str | None, with_head: bool) -
     model.add_adapter(name, loaded.config)
     state.adapters[name].base_model = loaded.model_name
     try:
+        for family in state.families.values():
+            weights = family.migrate(state, name, weights)
         _copy_into(state.adapter_parameters(name), weights, path, "adapter")
         if with_head and (loaded.head_weights or loaded.head_config):
             _load_head(model, loaded, name, path)

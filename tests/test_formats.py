@@ -194,3 +194,34 @@ def test_adapterhub_config_given_by_identifier_loads_as_its_defaults(fixture: st
         with torch.no_grad():
             outputs.append(model(input_ids=ids).last_hidden_state)
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("config", [{"method": "prefix_tuning", "prefix_length": 3, "bottleneck_size": 8},
+                                    {"method": "prefix_tuning_flat", "prefix_length": 3}])
+def test_prefix_pools_saved_all_layers_wide_before_leave_out_was_fixed_load_their_reached_layers(config, tmp_path) -> None:
+    """Until 2026-12-07 a pool with ``leave_out`` was as wide as all the layers (layer i read slice i);
+    such a folder loads with each reached layer's own slice (AdapterHub's layout since)."""
+    from adaptercli.formats.common import read_weights
+
+    model = adaptercli.AdapterModel(tiny_model("bert"))
+    model.add_adapter("p", config)  # all layers: the old width
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.adapter_state.adapter_parameters("p").values():
+            p.add_(torch.randn(p.shape, generator=g))
+    model.save_adapter(tmp_path / "old", "p")
+    meta = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    meta["config"]["leave_out"] = [0]  # what the old code saved for leave_out=[0]
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(meta))
+    saved = read_weights(tmp_path / "old", "adapter.safetensors")
+
+    fresh = adaptercli.AdapterModel(tiny_model("bert"))
+    fresh.load_adapter(tmp_path / "old")
+    loaded = fresh.adapter_state.adapter_parameters("p")
+    for key in ("prefix_tunings.p.control_trans.2.weight", "prefix_tunings.p.control_trans.2.bias"):
+        if key in saved:  # layer 1's rows: the second half of the old, all-layers-wide rows
+            half = saved[key].shape[0] // 2
+            assert torch.equal(loaded[key], saved[key][half:])
+    if "prefix_tunings.p.control_trans" in saved:  # flat: [P, layers, per layer] -> layer 1's block
+        old = saved["prefix_tunings.p.control_trans"].reshape(3, 2, -1)
+        assert torch.equal(loaded["prefix_tunings.p.control_trans"], old[:, 1].reshape(-1))

@@ -87,6 +87,11 @@ class MethodFamily:
         trained (VeRA's shared random matrices, ReFT's orthogonal base)."""
         return set()
 
+    def migrate(self, state: AdapterState, name: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Saved weights of adapter ``name`` (already added) in the layout this version builds, where
+        an earlier version of adaptercli saved them otherwise; by default as they are."""
+        return weights
+
     def merge(self, state: AdapterState, name: str) -> None:
         raise ConfigError(f"adapters of the '{self.name}' family cannot be merged into the weights")
 

@@ -507,6 +507,42 @@ class PrefixTuningFamily(MethodFamily):
                 nn.init.normal_(gate.weight, std=0.02)
                 attention.prefix_tuning.prefix_gates[name] = gate
 
+    def migrate(self, state: AdapterState, name: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Before 2026-12-07 a pool was as wide as all the layers of its place even with
+        ``leave_out``; such weights keep the slices of the layers the pool now reaches."""
+        config = family_config(state.adapters[name].config, self.name)
+        pools = getattr(state.root, "prefix_tunings", {})
+        if config is None or not config.leave_out or name not in pools:
+            return weights
+        places = pools[name].items() if isinstance(pools[name], nn.ModuleDict) else [("", pools[name])]
+        counts = ({place: len(layers) for place, layers in _place_layers(state, []).items()}
+                  if state.arch.decoder is not None else {"": state.num_layers})
+        weights = dict(weights)
+        for place, pool in places:
+            stem = f"prefix_tunings.{name}." + (f"{place}." if place else "")
+            reached, total = list(pool.slots), counts[place]
+            own = dict(pool.named_parameters())
+            for suffix, rows_first in (("control_trans.2.weight", True), ("control_trans.2.bias", True),
+                                       ("control_trans", False)):
+                value, built = weights.get(stem + suffix), own.get(suffix)
+                if value is None or built is None or value.shape == built.shape:
+                    continue  # absent, or already the width this version builds
+                if rows_first:
+                    per_layer = built.shape[0] // len(reached)
+                    old_width = value.shape[0] == per_layer * total
+                else:  # the prefix length first, then the layers
+                    per_layer = built.numel() // pool.shape[0] // len(reached)
+                    old_width = value.numel() == pool.shape[0] * per_layer * total
+                if not old_width:
+                    continue  # not the old width either: left for the shape check to refuse
+                if rows_first:  # [layers * per_layer, ...] -> the reached layers' rows
+                    kept = value.reshape(total, per_layer, *value.shape[1:])[reached]
+                    weights[stem + suffix] = kept.reshape(len(reached) * per_layer, *value.shape[1:])
+                else:  # flat: [P * layers * per_layer]
+                    kept = value.reshape(pool.shape[0], total, per_layer)[:, reached]
+                    weights[stem + suffix] = kept.reshape(-1)
+        return weights
+
     def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
         pools_by_name = getattr(state.root, "prefix_tunings", {})
         active = [n for n in self.active_names(state, setup) if n in pools_by_name]
