@@ -163,8 +163,13 @@ def test_input_scaling_trains_with_the_gradient_of_layer_of_x_times_l(perturb) -
 @pytest.mark.parametrize(("config", "message"), [
     ("lora[target_modules=[output.dense],feedforward_modules=[output.dense]]", "only IA3"),
     ("ia3[target_modules=[query],feedforward_modules=[output.dense]]", "names none of the layers"),
+    ({"method": "lora", "rank_pattern": {"query": 0}}, r"rank_pattern: 'query' needs an integer >= 1, got 0"),
+    ({"method": "lora", "rank_pattern": {"query": 2.5}}, r"needs an integer >= 1, got 2.5"),
+    ({"method": "lora", "alpha_pattern": {"value": -4}}, r"alpha_pattern: 'value' needs a number > 0, got -4"),
+    ({"method": "lora", "rank_pattern": {"(query": 2}}, r"key '\(query' is not a regular expression"),
+    ({"method": "dora", "dora_norm": "pef"}, "did you mean peft"),
 ])
-def test_feedforward_modules_refusals(config: str, message: str) -> None:
+def test_peft_config_fields_refuse_bad_values_in_one_line(config, message: str) -> None:
     model = adaptercli.AdapterModel(tiny_model("bert"))
     with pytest.raises(ConfigError, match=message):
         model.add_adapter("x", config)

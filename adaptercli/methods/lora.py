@@ -104,6 +104,17 @@ class LoRAConfig(MethodConfig):
 
     def validate(self) -> None:
         problems = []
+        for field, low, kind in (("rank_pattern", 1, int), ("alpha_pattern", 0, float)):
+            for key, value in getattr(self, field).items():
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    problems.append(f"{field}: key '{key}' is not a regular expression ({exc})")
+                if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)) \
+                        or (value < low if kind is int else value <= low):
+                    bound = f">= {low}" if kind is int else f"> {low}"
+                    problems.append(f"{field}: '{key}' needs {'an integer' if kind is int else 'a number'} {bound}, "
+                                    f"got {value!r}")
         if self.feedforward_modules and self.composition_mode != "scale":
             problems.append("feedforward_modules: only IA3 (composition_mode 'scale') scales a layer's input")
         if self.composition_mode == "scale" and self.r != 1:
