@@ -25,6 +25,7 @@ import torch
 
 from ..architectures import architecture_for
 from ..methods import LoRAConfig
+from ..methods.lora import names_module
 from . import task_heads
 from .common import AdapterFileError, LoadedAdapter, read_weights, write_json, write_weights
 
@@ -39,7 +40,7 @@ def _named(module: str, names: str | list[str]) -> bool:
     against the whole path, or names the path equals or ends with (``.name``)."""
     if isinstance(names, str):
         return re.fullmatch(names, module) is not None
-    return any(module == n or module.endswith("." + n) for n in names)
+    return names_module(module, names)
 
 
 def is_peft(meta: dict[str, Any]) -> bool:
@@ -106,7 +107,7 @@ _LAYER_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")
 def _selects(names: list[str], targets: list[str], layers: list[int] | None) -> set[str]:
     """The modules PEFT wraps for a ``target_modules`` list (a name equal to an entry or ending in
     ``.entry``) and ``layers_to_transform``."""
-    chosen = {n for n in names if n in targets or any(n.endswith(f".{t}") for t in targets)}
+    chosen = {n for n in names if names_module(n, targets)}
     if layers is not None:
         chosen = {n for n in chosen if (m := _LAYER_INDEX.match(n)) and int(m.group(1)) in layers}
     return chosen

@@ -389,7 +389,7 @@ def _input_scaled(state: AdapterState, config: LoRAConfig, targets: list[nn.Modu
     if not config.feedforward_modules:
         return set()
     adapted = {id(m) for m in targets}
-    named = {n: m for n, m in state.backbone.named_modules() if _matches(n, config.feedforward_modules)}
+    named = {n: m for n, m in state.backbone.named_modules() if names_module(n, config.feedforward_modules)}
     found = {id(m) for m in named.values() if id(m) in adapted}
     if not found:
         raise ConfigError(f"feedforward_modules {config.feedforward_modules} names none of the layers this IA3 "
@@ -402,7 +402,9 @@ def module_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
 
 
-def _matches(name: str, targets: list[str]) -> bool:
+def names_module(name: str, targets: list[str]) -> bool:
+    """Whether a ``target_modules``-style list names module ``name``: an entry equal to the path
+    or ending it after a dot (PEFT's rule for a list, also for ``feedforward_modules``)."""
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -417,7 +419,7 @@ class LoRAFamily(MethodFamily):
 
     def targets(self, state: AdapterState, config: LoRAConfig) -> list[tuple[nn.Module, list[bool] | None]]:
         if config.target_modules:
-            found = [m for n, m in state.backbone.named_modules() if _matches(n, config.target_modules)]
+            found = [m for n, m in state.backbone.named_modules() if names_module(n, config.target_modules)]
             if not found:
                 names = sorted({n.rsplit(".", 1)[-1] for n in module_names(state.backbone)})
                 raise ConfigError(
