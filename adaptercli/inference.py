@@ -69,13 +69,15 @@ def tag_words(id2label: dict[int, str], words: list[str], word_ids: list[int | N
     """A tagging head's prediction for one text: each word with its tag and the tag's probability,
     read at the word's first sub-token (where training puts a word's label). ``word_ids``: the
     word of each position of ``logits`` (None: a special or padding token); words cut off by the
-    length limit are left out."""
+    length limit are left out. Positions ``logits`` has beyond ``word_ids`` are a prompt-tuning
+    prompt's, in front of the input (or after its first, special token)."""
     tokens, seen = [], set()
+    extra = logits.shape[0] - len(word_ids)
     for position, word in enumerate(word_ids):
         if word is None or word in seen:
             continue
         seen.add(word)
-        probs = torch.softmax(logits[position].float(), -1)
+        probs = torch.softmax(logits[position + extra].float(), -1)
         best = int(probs.argmax())
         tokens.append({"token": words[word], "tag": id2label.get(best, str(best)), "probability": probs[best].item()})
     return {"tokens": tokens}

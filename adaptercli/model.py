@@ -157,7 +157,7 @@ class ModelAdaptersMixin:
 
     def shares_batches(self, setup: str | composition.CompositionBlock) -> bool:
         """Whether rows running ``setup`` can share a forward pass with rows running other adapters
-        (every family in it runs a BatchSplit; prompt tuning does not)."""
+        (every family in it runs a BatchSplit)."""
         state = self.adapter_state
         return all("BatchSplit" in state.families[state.adapters[n].config.family].blocks
                    for n in self.setup_named(setup).flatten())
@@ -758,42 +758,62 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         if channels > 1:  # Parallel replicated the batch: replicate what goes with each row too
             attention_mask, labels = (t.repeat(channels, *[1] * (t.dim() - 1)) if t is not None else None
                                       for t in (attention_mask, labels))
-        results = self._group_outputs(hidden, attention_mask, labels, groups, logits_to_keep)
+        results = self._group_outputs(hidden, attention_mask, labels, groups, logits_to_keep, self._offsets(groups))
         losses = [r.loss for r in results]
         return MultiHeadOutput(results, sum(losses) if all(loss is not None for loss in losses) else None)
 
+    def _offsets(self, groups: list[tuple[slice, Any]]) -> list[int] | None:
+        """Per group of rows, how many positions of the backbone's output come before the group's
+        own (prompt tuning in a BatchSplit: the longest prompt less the group's); None: none."""
+        state = self.adapter_state
+        before = [sum(f.positions_before(state, node) for f in state.families.values()) for _, node in groups]
+        return [max(before) - n for n in before] if any(before) else None
+
     def _group_outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
-                       groups: list[tuple[slice, Any]], logits_to_keep: int = 0) -> list[AdapterModelOutput]:
-        """Each group of rows through the head named like its setup (none: hidden states only).
-        Without labels, neighbouring groups whose heads compute the same function (``same_as``: the
-        causal-LM heads of different adapters are one tied projection) and undo no invertible
-        adapter run it once over their rows: an LM head reads the whole vocabulary matrix, once."""
+                       groups: list[tuple[slice, Any]], logits_to_keep: int = 0,
+                       offsets: list[int] | None = None) -> list[AdapterModelOutput]:
+        """Each group of rows through the head named like its setup (none: hidden states only),
+        from ``offsets[i]`` on for group ``i`` (see ``_offsets``). Without labels, neighbouring
+        groups whose heads compute the same function (``same_as``: the causal-LM heads of
+        different adapters are one tied projection) and undo no invertible adapter run it once
+        over their rows: an LM head reads the whole vocabulary matrix, once."""
         results: list[AdapterModelOutput] = []
-        runs: list[tuple[int, int, Any, nn.Module | None, list[int]]] = []  # (start, end, head, inverse, group sizes)
-        for rows, node in groups:
+        runs: list[tuple[int, int, Any, nn.Module | None, list[int], int]] = []  # + group sizes, offset
+        for i, (rows, node) in enumerate(groups):
+            offset = offsets[i] if offsets is not None else 0
             name = composition.head_name(node)
             if name not in self.heads:
-                runs.append((rows.start, rows.stop, None, None, [rows.stop - rows.start]))
+                runs.append((rows.start, rows.stop, None, None, [rows.stop - rows.start], offset))
                 continue
             head, inverse = self.heads[name], self._inverse_for(node)
             if (labels is None and runs and runs[-1][2] is not None and runs[-1][1] == rows.start and inverse is None
-                    and runs[-1][3] is None and not self.training and runs[-1][2].same_as(head)):
-                start, _, first, _, sizes = runs[-1]
-                runs[-1] = (start, rows.stop, first, None, [*sizes, rows.stop - rows.start])
+                    and runs[-1][3] is None and runs[-1][5] == offset and not self.training
+                    and runs[-1][2].same_as(head)):
+                start, _, first, _, sizes, _ = runs[-1]
+                runs[-1] = (start, rows.stop, first, None, [*sizes, rows.stop - rows.start], offset)
             else:
-                runs.append((rows.start, rows.stop, head, inverse, [rows.stop - rows.start]))
-        for start, end, head, inverse, sizes in runs:
+                runs.append((rows.start, rows.stop, head, inverse, [rows.stop - rows.start], offset))
+        width = hidden.shape[1]
+
+        def cut(t: torch.Tensor | None, rows: slice, offset: int) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t[rows]
+            return t[:, offset:] if offset and t.dim() > 1 and t.shape[1] == width else t
+
+        for start, end, head, inverse, sizes, offset in runs:
             rows = slice(start, end)
+            states = cut(hidden, rows, offset)
             if head is None:
-                results.append(AdapterModelOutput(hidden_states=hidden[rows]))
+                results.append(AdapterModelOutput(hidden_states=states))
                 continue
-            loss, logits = head.predict(hidden[rows], None if attention_mask is None else attention_mask[rows],
-                                        None if labels is None else labels[rows], inverse, logits_to_keep)
+            loss, logits = head.predict(states, cut(attention_mask, rows, offset), cut(labels, rows, offset),
+                                        inverse, logits_to_keep)
             if len(sizes) == 1:
-                results.append(AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden[rows]))
+                results.append(AdapterModelOutput(loss=loss, logits=logits, hidden_states=states))
                 continue
-            for states, scores in zip(hidden[rows].split(sizes), logits.split(sizes), strict=True):
-                results.append(AdapterModelOutput(logits=scores, hidden_states=states))
+            for part, scores in zip(states.split(sizes), logits.split(sizes), strict=True):
+                results.append(AdapterModelOutput(logits=scores, hidden_states=part))
         return results
 
     def forward_rows(self, adapter_names: list, input_ids=None, attention_mask=None, labels=None,
@@ -803,7 +823,10 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         Rows naming the same setup are grouped (a BatchSplit over the groups), so the cost stays
         that of one batch; outputs come back in the rows' order. ``logits`` is one tensor when
         every row's logits have one shape, else a list of per-row tensors; ``loss`` (with
-        ``labels``) is the sum of each group's loss."""
+        ``labels``) is the sum of each group's loss. Rows of prompt-tuning adapters: their logits
+        are what they are alone (a token head's have the prompt's positions first);
+        ``hidden_states`` has the longest prompt's positions in front of every row, those before
+        a row's own prompt (or input) masked."""
         inputs = input_ids if input_ids is not None else kwargs["inputs_embeds"]
         batch = inputs.shape[0]
         order, setup = self.rows_setup(adapter_names, batch)
@@ -816,7 +839,8 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
             hidden = self.base_model(input_ids=reorder(input_ids), attention_mask=reorder(attention_mask),
                                      **{k: reorder(v) for k, v in kwargs.items()})[0]
         mask, labels = _with_prompt_positions(hidden, reorder(attention_mask), reorder(labels))
-        results = self._group_outputs(hidden, mask, labels, composition.row_groups(setup, batch), logits_to_keep)
+        groups = composition.row_groups(setup, batch)
+        results = self._group_outputs(hidden, mask, labels, groups, logits_to_keep, self._offsets(groups))
         back = torch.empty_like(index)
         back[index] = torch.arange(batch, device=index.device)
         parts = [r.logits for r in results]

@@ -1,17 +1,19 @@
 """Per-row adapters (`AdapterModel.forward(..., adapter_names=[...])`): a mixed batch equals each
 adapter run alone on the same padded batch, row by row within 1e-5 (logits of each row's own head
 and hidden states on real tokens), for every family that mixes, a fusion and a stack, on a tiny BERT
-and a tiny Llama; families that cannot share a batch are refused in one line."""
+and a tiny Llama, prompt tuning on the encoders it joins; a family that could not share a batch would be
+refused in one line."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY, tiny_model
+from transformers import AutoConfig, AutoModel
 
 import adaptercli
-from adaptercli import Stack
-from adaptercli.errors import AdapterError
+from adaptercli import BatchSplit, Stack
+from adaptercli.errors import AdapterCliError, AdapterError
 
 MIXED = {
     "bottleneck": ["seq_bn", "par_bn", "compacter[reduction_factor=4]", "seq_bn_inv"],
@@ -195,12 +197,20 @@ def test_mixed_batch_gradients_equal_each_adapter_alone(model_type: str, family:
     """With autograd on (training a BatchSplit), each adapter's gradient from a mixed batch equals
     the gradient from its own rows run alone: the rows' paths do not leak into each other."""
     model, names = _model(model_type, MIXED[family], perturb)
+    _assert_gradients_match(model, [names[i % len(names)] for i in (0, 1, 2, 0, 3, 1)])
+
+
+def test_prompt_tuning_rows_of_a_mixed_batch_train_as_alone(perturb) -> None:
+    model, names = _prompt_model("bert", perturb, "classification")
+    _assert_gradients_match(model, [names[i] for i in (0, 1, 2, 0, 3, 4, 5, 6)])
+
+
+def _assert_gradients_match(model, per_row: list[str]) -> None:
     model.train()
     for module in model.modules():  # dropout off: both passes must see the same function
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    per_row = [names[i % len(names)] for i in (0, 1, 2, 0, 3, 1)]
-    ids, mask = _padded()
+    ids, mask = _padded(rows=len(per_row))
     weights = torch.linspace(0.5, 1.5, 3)  # a loss that reads every logit of every row
 
     def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -255,9 +265,77 @@ def test_active_setup_is_restored_and_one_adapter_needs_no_split(perturb) -> Non
     assert model.active_adapters == Stack("a1")
 
 
+def _prompt_model(model_type: str, perturb, head: str):
+    if model_type == "deberta-v2":  # its encoder builds the mask before the prompt joins (prompts="attention")
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("deberta-v2", **TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                      relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"])
+        backbone = AutoModel.from_config(config, attn_implementation="eager").eval()
+    else:
+        backbone = tiny_model(model_type, attn="sdpa")
+    model = adaptercli.AdapterModel(backbone)
+    configs = ["prompt_tuning[prompt_length=4]", "prompt_tuning[prompt_length=2,combine=prefix_after_bos]", "seq_bn",
+               "lora", "loreft", "prompt_tuning[prompt_length=4]"]
+    if model_type != "deberta-v2":  # DeBERTa computes its own attention scores: no prefix tuning there
+        configs.append("prefix_tuning[prefix_length=3,bottleneck_size=8]")
+    for i, config in enumerate(configs):
+        model.add_adapter(f"a{i}", config)
+        perturb(model, f"a{i}", seed=i)
+        (model.add_classification_head if head == "classification" else model.add_tagging_head)(f"a{i}", num_labels=3)
+    return model.eval(), [f"a{i}" for i in range(len(configs))]
+
+
+@pytest.mark.parametrize("head", ["classification", "tagging"])
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "deberta-v2"])
+def test_prompt_tuning_rows_mix_with_other_prompts_and_families(model_type: str, head: str, perturb) -> None:
+    """Prompts of different lengths (4, 2 after the first token, another 4) beside rows without one
+    (bottleneck, LoRA, ReFT, prefix tuning): each row's logits equal its adapter's alone, the
+    token head's with the row's own prompt positions in front."""
+    model, names = _prompt_model(model_type, perturb, head)
+    per_row = [names[i % len(names)] for i in (0, 1, 2, 0, 3, 4, 5, 6)]
+    ids, mask = _padded(rows=8)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=per_row)
+    for row, name in enumerate(per_row):
+        alone = _alone(model, name, ids, mask).logits[row]
+        assert mixed.logits[row].shape == alone.shape, (row, name)
+        if head == "tagging":  # the prompt's positions and the real tokens (padding's logits are noise)
+            real = torch.cat([torch.ones(alone.shape[0] - ids.shape[1], dtype=torch.bool), mask[row].bool()])
+            alone, mixed_row = alone[real], mixed.logits[row][real]
+        else:
+            mixed_row = mixed.logits[row]
+        assert (mixed_row - alone).abs().max() <= 1e-5, (row, name)
+    prompts = [_alone(model, n, ids, mask).logits[0] for n in ("a0", "a5")]
+    assert (prompts[0] - prompts[1]).abs().max() > 1e-4  # two prompts of one length differ: a mix-up would show
+
+
+def test_prompt_tuning_in_an_active_batch_split_gives_each_group_its_rows(perturb) -> None:
+    model, _ = _prompt_model("bert", perturb, "classification")
+    ids, mask = _padded(rows=6)
+    model.set_active_adapters(BatchSplit("a1", "a2", "a0", batch_sizes=[2, 2, 2]))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    for group, name in enumerate(("a1", "a2", "a0")):
+        rows = slice(2 * group, 2 * group + 2)
+        torch.testing.assert_close(out[group].logits, _alone(model, name, ids, mask).logits[rows], atol=1e-5, rtol=0)
+    with pytest.raises(AdapterCliError, match="BatchSplit at the top of the setup") as error:
+        model.set_active_adapters(Stack("a2", BatchSplit("a0", "a3", batch_sizes=[3, 3])))
+    assert "\n" not in str(error.value)
+
+
+def test_a_family_that_cannot_split_rows_is_refused_in_one_line(perturb, monkeypatch) -> None:
+    from adaptercli.methods.prompt_tuning import PromptTuningFamily
+
+    monkeypatch.setattr(PromptTuningFamily, "blocks", ("Stack",))
+    model, _ = _model("bert", ["prompt_tuning", "lora"], perturb)
+    ids, mask = _padded(rows=2)
+    with pytest.raises(AdapterError) as error:
+        model(input_ids=ids, attention_mask=mask, adapter_names=["a0", "a1"])
+    assert "'a0' is a prompt_tuning adapter, which cannot share a batch" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize(("configs", "per_row", "message"), [
-    (["prompt_tuning", "lora"], ["a0", "a1"], "'a0' is a prompt_tuning adapter, which cannot share a batch"),
-    (["prompt_tuning", "loreft"], ["a1", "a0"], "'a0' is a prompt_tuning adapter, which cannot share a batch"),
     (["lora"], ["a0", "nope"], "no adapter or fusion named 'nope' (on this model: a0)"),
     (["lora"], ["a0"], "adapter_names needs one name per row: 2 rows, got 1"),
 ])

@@ -74,7 +74,7 @@ def test_one_mixed_batch_equals_predict_json_for_every_run(server, offline) -> N
         assert job.error is None
         _same(job.result, offline[job.served.name])
     mixing = [n for n, s in server.served.items() if s.shares_batches]
-    assert mixing == ["lora", "seq_bn", "prefix_tuning", "ia3", "mam", "dora", "loreft"]
+    assert mixing == list(server.served)  # every family mixes, prompt tuning included
     labels = {offline[n][0]["probability"] for n in server.served}
     assert len(labels) == len(server.served)  # the runs differ, so a mix-up would show
 
@@ -194,10 +194,11 @@ def test_fusion_and_stack_runs_are_served_beside_single_adapters(runs, offline, 
     assert printed["fuse"] != printed["stack"]
 
 
-def test_tagging_runs_tag_each_word_like_predict_json(runs, offline, tmp_path, tiny_bert_dir) -> None:
-    """A tagging run (each word its tag, read at its first sub-token) is served beside a
-    classification run in one mixed batch; both equal `adapter predict RUN --json`, and a text pair
-    for the tagger is refused in one line."""
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_tagging_runs_tag_each_word_like_predict_json(method, runs, offline, tmp_path, tiny_bert_dir) -> None:
+    """A tagging run (each word its tag, read at its first sub-token; after the prompt's positions
+    for prompt tuning) is served beside a classification run in one mixed batch; both equal
+    `adapter predict RUN --json`, and a text pair for the tagger is refused in one line."""
     from conftest import write_recipe
     from rich.console import Console
 
@@ -208,7 +209,7 @@ def test_tagging_runs_tag_each_word_like_predict_json(runs, offline, tmp_path, t
                  (["bob", "visited", "new", "york", "today"], ["B-PER", "O", "B-LOC", "I-LOC", "O"])]
     data = tmp_path / "ner.jsonl"
     data.write_text("".join(json.dumps({"text": w, "label": t}) + "\n" for w, t in sentences * 16))
-    recipe = write_recipe(tmp_path / "tag", tiny_bert_dir, data, method="lora", name="ner", data={"task": "tagging"},
+    recipe = write_recipe(tmp_path / "tag", tiny_bert_dir, data, method=method, name="ner", data={"task": "tagging"},
                           max_steps=2, eval_steps=2, save_steps=2, learning_rate=5e-2)
     train(load_recipe(recipe), console=Console(quiet=True))
     run = tmp_path / "tag" / "run"
@@ -227,7 +228,9 @@ def test_tagging_runs_tag_each_word_like_predict_json(runs, offline, tmp_path, t
         with torch.no_grad():
             probs = torch.softmax(model(**enc).logits[0].float(), -1)
         ids = enc.word_ids()
-        firsts = [ids.index(w) for w in range(len(text.split()))]
+        extra = 10 if method == "prompt_tuning" else 0  # the prompt's positions (its default length) first
+        assert probs.shape[0] == len(ids) + extra
+        firsts = [ids.index(w) + extra for w in range(len(text.split()))]
         assert len(ids) > len(firsts) + 2 or text != texts[2]  # "unbelievably" is several sub-tokens
         assert [t["tag"] for t in expected["tokens"]] == [id2label[int(probs[i].argmax())] for i in firsts]
         assert [t["probability"] for t in expected["tokens"]] == pytest.approx([float(probs[i].max()) for i in firsts], abs=1e-5)

@@ -82,6 +82,11 @@ class MethodFamily:
         return [n for n in setup.flatten()
                 if n in state.adapters and family_config(state.adapters[n].config, self.name) is not None]
 
+    def positions_before(self, state: AdapterState, setup: str | composition.CompositionBlock) -> int:
+        """How many positions this family's adapters in ``setup`` put before each row's input (the
+        backbone's output is that much longer for the rows running it): 0 but for prompt tuning."""
+        return 0
+
     def frozen_parameters(self, state: AdapterState, name: str) -> set[str]:
         """Keys (as in ``adapter_parameters``) of the adapter's tensors that are saved but never
         trained (VeRA's shared random matrices, ReFT's orthogonal base)."""

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from ..architectures import get_module, transformer_layers
-from ..composition import CompositionBlock
+from ..composition import BatchSplit, CompositionBlock, blocks_in, row_groups
 from ..schema import spec
 from .base import ConfigError, MethodConfig
 from .family import AdapterState, MethodFamily
@@ -85,7 +85,9 @@ class PromptTuningFamily(MethodFamily):
     name = "prompt_tuning"
     config_class = PromptTuningConfig
     containers = ("prompt_tunings",)
-    blocks = ("Stack",)
+    # A top-level BatchSplit (per-row adapters, `forward_rows`): each group of rows joins its own
+    # prompt (or none), see `_activate_rows`.
+    blocks = ("Stack", "BatchSplit")
 
     def add(self, state: AdapterState, name: str, config: PromptTuningConfig) -> None:
         arch = state.require_architecture("prompt tuning")
@@ -106,10 +108,24 @@ class PromptTuningFamily(MethodFamily):
             state.root.prompt_tuning.add_module("prompt_tunings", nn.ModuleDict())
         state.root.prompt_tuning.prompt_tunings[name] = Prompt(width, config, embed, tokenize)
 
+    def _prompt(self, state: AdapterState, setup: str | CompositionBlock) -> Prompt | None:
+        """The prompt rows running ``setup`` join: its first prompt-tuning adapter's (as AdapterHub)."""
+        names = [setup] if isinstance(setup, str) else setup.flatten()
+        prompts = getattr(getattr(state.root, "prompt_tuning", None), "prompt_tunings", {})
+        return next((prompts[n] for n in names if n in prompts), None)
+
+    def positions_before(self, state: AdapterState, setup: str | CompositionBlock) -> int:
+        prompt = self._prompt(state, setup)
+        return 0 if prompt is None else prompt.prompt_embedding.num_embeddings
+
     def activate(self, state: AdapterState, setup: CompositionBlock | None) -> list[RemovableHandle]:
         names = self.active_names(state, setup)
         if not names:
             return []
+        if isinstance(setup, BatchSplit):
+            return self._activate_rows(state, setup)
+        if any(isinstance(b, BatchSplit) for b in blocks_in(setup)):
+            raise ConfigError(f"prompt tuning adapters split rows in a BatchSplit at the top of the setup, not in {setup!r}")
         prompt = state.root.prompt_tuning.prompt_tunings[names[0]]  # as AdapterHub: the first one
         length = prompt.prompt_embedding.num_embeddings
 
@@ -134,6 +150,61 @@ class PromptTuningFamily(MethodFamily):
 
         def join(module, args, output: Any):
             return prompt.join(output)
+
+        embeddings = get_module(state.backbone, state.arch.embeddings)
+        handles = [embeddings.register_forward_hook(join)]
+        if state.arch.prompts == "attention":
+            return handles + [get_module(layer, state.arch.attention).register_forward_pre_hook(
+                widen_attention_mask, with_kwargs=True) for layer in transformer_layers(state.backbone, state.arch)]
+        return handles + [state.backbone.register_forward_pre_hook(widen_mask, with_kwargs=True)]
+
+    def _activate_rows(self, state: AdapterState, setup: BatchSplit) -> list[RemovableHandle]:
+        """Each group of rows joins its own prompt (or none). The backbone's output is as long as
+        the input plus the longest prompt; a group whose prompt is shorter by ``k`` positions has
+        ``k`` masked positions in front, then exactly what it has alone (its prompt, its input), so
+        that after the shift its rows equal their own forward pass (``offsets``)."""
+        def plan(batch: int) -> tuple[list[tuple[slice, Prompt | None, int]], int]:
+            groups = [(rows, self._prompt(state, child)) for rows, child in row_groups(setup, batch)]
+            lengths = [0 if p is None else p.prompt_embedding.num_embeddings for _, p in groups]
+            longest = max(lengths)
+            return [(rows, p, longest - n) for (rows, p), n in zip(groups, lengths, strict=True)], longest
+
+        def join(module, args, output: torch.Tensor) -> torch.Tensor:
+            groups, longest = plan(output.shape[0])
+            joined = output.new_zeros(output.shape[0], output.shape[1] + longest, output.shape[2])
+            for rows, prompt, offset in groups:
+                joined[rows, offset:] = output[rows] if prompt is None else prompt.join(output[rows])
+            return joined
+
+        def widen_mask(module, args, kwargs):  # [B, N] -> [B, P + N]: 0 before each row's own prompt
+            positional = "attention_mask" not in kwargs and len(args) > 1
+            mask = args[1] if positional else kwargs.get("attention_mask")
+            if mask is None:
+                inputs = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
+                if inputs is None:
+                    inputs = kwargs["inputs_embeds"]
+                mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                return args, kwargs
+            groups, longest = plan(mask.shape[0])
+            wide = torch.cat([mask.new_zeros(mask.shape[0], longest), mask], dim=1)
+            for rows, _, offset in groups:
+                wide[rows, offset:longest] = 1
+            if positional:
+                return (args[0], wide, *args[2:]), kwargs
+            return args, {**kwargs, "attention_mask": wide}
+
+        def widen_attention_mask(module, args, kwargs):  # [B, 1, N, N] -> [B, 1, P + N, P + N]
+            positional = "attention_mask" not in kwargs and len(args) > 1
+            mask = args[1] if positional else kwargs["attention_mask"]
+            groups, longest = plan(mask.shape[0])
+            size = mask.shape[-1] + longest
+            wide = mask.new_zeros(*mask.shape[:-2], size, size)
+            for rows, _, offset in groups:
+                wide[rows, ..., offset:, offset:] = nn.functional.pad(mask[rows], (longest - offset, 0) * 2, value=1)
+            if positional:
+                return (args[0], wide, *args[2:]), kwargs
+            return args, {**kwargs, "attention_mask": wide}
 
         embeddings = get_module(state.backbone, state.arch.embeddings)
         handles = [embeddings.register_forward_hook(join)]

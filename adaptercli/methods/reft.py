@@ -152,7 +152,7 @@ class _Positions:
         mask = self.mask
         if mask is None or mask.dim() != 2 or mask.shape[0] != B:
             return torch.zeros(B, dtype=torch.long, device=device), torch.full((B,), T, device=device)
-        first = mask.argmax(1)
+        first = mask.argmax(1) + max(T - mask.shape[1], 0)  # positions prompt tuning put in front
         return first, first + (mask == 1).sum(dim=-1)
 
     def prefix(self, n: int, H: int) -> torch.Tensor:
