@@ -88,6 +88,8 @@ def evaluate(model: AdapterModel, split, collator: Callable, task: str, label_na
                 logits = out.logits.float()
                 if task in TOKEN_TASKS:
                     logits = logits.argmax(-1)  # keep ids only: full-vocabulary logits would not fit
+                    extra = logits.shape[1] - batch["labels"].shape[1]
+                    logits = logits[:, extra:] if extra > 0 else logits  # a prompt's positions, in front
                 predicted, gold = logits.cpu().numpy(), batch["labels"].cpu().numpy()
             results.append((start, len(full["input_ids"]), out.loss.item(), loss_units(batch["labels"], task),
                             predicted, gold))
