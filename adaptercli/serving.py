@@ -310,7 +310,7 @@ class AdapterServer:
         stop = stop_tokens(self.model, self.tokenizer)
         if jobs[0].served.shares_batches:
             texts = answer_rows(self.model, self.tokenizer, rows, stop)
-        else:  # prompt tuning: its virtual tokens lengthen the rows, which padding cannot line up
+        else:  # a family that cannot share a batch (none of the built-in ones): one prompt at a time
             texts = [answer_rows(self.model, self.tokenizer, [row], stop)[0] for row in rows]
         for job, text in zip(jobs, texts, strict=True):
             job.result = text

@@ -286,7 +286,7 @@ def _prompt_model(model_type: str, perturb, head: str):
 
 
 @pytest.mark.parametrize("head", ["classification", "tagging"])
-@pytest.mark.parametrize("model_type", ["bert", "distilbert", "deberta-v2"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "deberta-v2"])
 def test_prompt_tuning_rows_mix_with_other_prompts_and_families(model_type: str, head: str, perturb) -> None:
     """Prompts of different lengths (4, 2 after the first token, another 4) beside rows without one
     (bottleneck, LoRA, ReFT, prefix tuning): each row's logits equal its adapter's alone, the
