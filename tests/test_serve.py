@@ -1,6 +1,6 @@
 """`adapter serve`: predictions through the server equal `adapter predict RUN --json` for eight
-runs of mixed families (mixed in one batch or, for prompt tuning, in batches of its own); a table of bad requests, each answered with its status and one line while the server keeps
-answering; the queue bound (503 + Retry-After) and the timeout (504); the bearer token; and a
+runs of mixed families, prompt tuning included, mixed in one batch; a table of bad requests, each
+answered with its status and one line while the server keeps answering; the queue bound (503 + Retry-After) and the timeout (504); the bearer token; and a
 bounded load test against a real uvicorn on 127.0.0.1."""
 
 from __future__ import annotations
