@@ -191,6 +191,40 @@ def test_mixed_batch_on_models_whose_adapters_replace_a_projection(arch: str, pe
     _assert_rows_equal(model, [names[i % len(names)] for i in (0, 1, 2, 0, 3, 1)], ids, mask)
 
 
+@pytest.mark.parametrize("arch", ["t5", "mt5"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_t5_rows_with_prefixes_of_different_lengths_and_layers_equal_each_alone(arch: str, attn: str, perturb) -> None:
+    """T5's relative position bias follows the prefix in AdapterHub's layout (its length moves the
+    keys' positions; a layer left out after a prefixed one gets zeros), so each group of rows needs
+    its own bias and its own history along the stack: prefixes of lengths 3 and 2, layers left out,
+    and rows without a prefix, the decoder's output of each row equal to its adapter's alone."""
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    folder = Path(__file__).parent / "fixtures/breadth/models" / arch
+    model = adaptercli.AdapterModel(AutoModel.from_pretrained(folder, attn_implementation=attn).eval())
+    configs = [{"method": "prefix_tuning", "prefix_length": 3, "bottleneck_size": 8, "leave_out": [0]},
+               {"method": "prefix_tuning", "prefix_length": 2, "bottleneck_size": 8, "leave_out": [1, 2]},
+               "seq_bn", "prefix_tuning[prefix_length=3,bottleneck_size=8]", "lora"]
+    for i, config in enumerate(configs):
+        model.add_adapter(f"a{i}", config)
+        perturb(model, f"a{i}", seed=i)
+    model.eval()
+    per_row = ["a0", "a1", "a2", "a3", "a1", "a0", "a4"]
+    ids, mask = _padded(rows=len(per_row))
+    decoder = torch.randint(3, 100, (len(per_row), 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder, adapter_names=per_row).hidden_states
+        alone = {}
+        for name in dict.fromkeys(per_row):
+            model.set_active_adapters(name)
+            alone[name] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).hidden_states
+    for row, name in enumerate(per_row):
+        assert (mixed[row] - alone[name][row]).abs().max() <= 1e-5, (row, name)
+    assert (alone["a0"][0] - alone["a3"][0]).abs().max() > 1e-4  # leaving layer 0 out changes the output
+
+
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
 @pytest.mark.parametrize("family", ["bottleneck", "lora_family", "across_families"])
 def test_mixed_batch_gradients_equal_each_adapter_alone(model_type: str, family: str, perturb) -> None:

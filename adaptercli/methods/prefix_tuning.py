@@ -179,7 +179,7 @@ class _LayerPrefix:
         # by the pool's id() made torch.compile guard on that id and recompile for each adapter.
         self.layer, self.pools, self.setup, self.by_name = layer, pools, setup, by_name
         # T5: the widened position bias of each bias tensor seen in this forward pass (shared by layers)
-        self.bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        self.bias_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self.bias_stack: _BiasStack | None = None  # T5 stacks with a prefix in some layers (see _BiasStack)
         self.hidden: torch.Tensor | None = None  # the attention's input in this forward pass (for gates)
 
@@ -267,10 +267,9 @@ def _with_prefix(inner: str):
             return function(module, query, key, value, attention_mask, **kwargs)
         causal = bool(getattr(module, "is_causal", False))
 
-        def joined(query, key, value, mask, groups, kwargs):
+        def joined(query, key, value, mask, groups, kwargs, stack):
             k_len = key.shape[2]
             key, value, mask = prefix.join(query, key, value, mask, causal, groups)
-            stack = prefix.bias_stack
             if key.shape[2] > k_len:
                 if inner == "sdpa":
                     kwargs["is_causal"] = False  # the mask is explicit once the prefix widens the keys
@@ -280,7 +279,7 @@ def _with_prefix(inner: str):
                         kwargs["position_bias"] = bias.new_zeros(*bias.shape[:-1], key.shape[2])
                     else:
                         kwargs["position_bias"], real = _widened_bias(module, prefix, bias, query.shape[2],
-                                                                      key.shape[2] - k_len, k_len)
+                                                                      key.shape[2] - k_len, k_len, stack)
                         if stack is not None:
                             stack.widened, stack.zeroed = real, not real
                 # One group: every row sees a prefix, so no row of the widened mask is fully masked.
@@ -295,8 +294,24 @@ def _with_prefix(inner: str):
 
         batch = key.shape[0]
         groups = prefix.row_groups(batch)
-        if len(groups) == 1 or inner != "sdpa" or kwargs.get("position_bias") is not None:
-            return joined(query, key, value, attention_mask, groups, kwargs)
+        bias = kwargs.get("position_bias")
+        if len(groups) == 1 or (inner != "sdpa" and bias is None):
+            return joined(query, key, value, attention_mask, groups, kwargs, prefix.bias_stack)
+
+        def rows_of(t: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
+            return t[a:b] if t is not None and t.dim() and t.shape[0] == batch and batch > 1 else t
+
+        if bias is not None:
+            # T5 (a relative position bias): AdapterHub's bias depends on the prefix (its length moves
+            # the keys' positions; a layer left out after a prefixed one sees zeros), so each group of
+            # rows attends on its own, with its own bias and its own history along the stack.
+            parts = []
+            for a, b, pools in groups:
+                part_kwargs = {**kwargs, "position_bias": rows_of(bias, a, b)}
+                stack = prefix.bias_stack.of_rows(a, b) if prefix.bias_stack is not None else None
+                parts.append(joined(query[a:b], key[a:b], value[a:b], rows_of(attention_mask, a, b),
+                                    [(a, b, pools)], part_kwargs, stack)[0])
+            return torch.cat(parts), None
         # Rows join different prefixes (mixed adapters in one batch): each run of neighbouring
         # groups whose prefixes have one length attends together (without prefixes: as they are;
         # with: each row its own group's, no padding), never padded to the longest.
@@ -311,7 +326,7 @@ def _with_prefix(inner: str):
                 within = run
             else:  # ungated (see _joins_with): by the run's rows
                 within = [(x - a, y - a, pools) for x, y, pools in run]
-            return joined(query[a:b], key[a:b], value[a:b], mask, within, dict(kwargs))[0]
+            return joined(query[a:b], key[a:b], value[a:b], mask, within, dict(kwargs), prefix.bias_stack)[0]
 
         runs: list[list[tuple[int, int, list[Gated]]]] = []
         for a, b, pools in groups:
@@ -361,12 +376,14 @@ def _math_attention(query, key, value, mask, dropout: float, scaling: float | No
 
 
 def _widened_bias(module: nn.Module, prefix: _LayerPrefix, bias: torch.Tensor, q_len: int, n_prefix: int,
-                  k_len: int) -> tuple[torch.Tensor, bool]:
+                  k_len: int, stack: _BiasStack | None = None) -> tuple[torch.Tensor, bool]:
     """T5's relative position bias over the prefix and the keys, as AdapterHub computes it: the
     prefix takes key positions 0..P-1 (the keys move to P..), the layer with the relative
     attention table computes it and the later layers of the stack reuse it; elsewhere zeros.
-    Returns it and whether it is the real bias (not zeros)."""
-    cached = prefix.bias_cache.get(id(bias))
+    Returns it and whether it is the real bias (not zeros). Reused along ``stack`` only (a group
+    of rows of a mixed batch has its own: its first prefixed layer may come later)."""
+    key = (id(bias), n_prefix, id(stack))
+    cached = prefix.bias_cache.get(key)
     if cached is not None and cached[0] is bias:  # the entry keeps `bias` alive, so its id is not reused
         return cached[1], cached[2]
     real = bool(getattr(module, "has_relative_attention_bias", False))
@@ -375,7 +392,7 @@ def _widened_bias(module: nn.Module, prefix: _LayerPrefix, bias: torch.Tensor, q
     else:
         widened = bias.new_zeros(1, bias.shape[1], q_len, n_prefix + k_len)
     widened = widened.to(bias.dtype)
-    prefix.bias_cache[id(bias)] = (bias, widened, real)
+    prefix.bias_cache[key] = (bias, widened, real)
     return widened, real
 
 
@@ -390,6 +407,13 @@ class _BiasStack:
 
     def reset(self) -> None:
         self.widened = self.zeroed = False
+        self.rows: dict[tuple[int, int], _BiasStack] = {}  # a mixed batch: each group of rows' own
+
+    def of_rows(self, start: int, stop: int) -> _BiasStack:
+        """Where the stack is for the group of rows ``[start, stop)`` of a mixed batch."""
+        if (start, stop) not in self.rows:
+            self.rows[(start, stop)] = _BiasStack()
+        return self.rows[(start, stop)]
 
 
 def _disentangled_attention(module, hidden_states, attention_mask, output_attentions=False, query_states=None,
@@ -563,7 +587,7 @@ class PrefixTuningFamily(MethodFamily):
             return []
         state._base_attn = base
         active_pools = [pool for n in active for pool in _pools(pools_by_name[n])]
-        bias_cache: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        bias_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, bool]] = {}
         stacks: dict[str, _BiasStack] = {}
 
         def fresh_prefixes(module, args):
