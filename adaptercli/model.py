@@ -653,11 +653,19 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,  # type: ignore[override]
                  adapter_names: list | None = None, max_new_tokens: int = 20, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int = 0) -> torch.Tensor:
+                 pad_token_id: int | None = 0, **kwargs: Any) -> torch.Tensor:
         """Greedy continuation with causal-LM heads, each row through ``adapter_names[i]`` (None:
-        the active setup); see ``generate_greedy``. Returns the new tokens [B, <= max_new_tokens]."""
+        the active setup); see ``generate_greedy``. Returns the new tokens [B, <= max_new_tokens].
+        transformers' greedy settings (``do_sample=False``, ``num_beams=1``,
+        ``num_return_sequences=1``) are accepted; any other setting is refused in one line."""
+        greedy = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}
+        other = {k: v for k, v in kwargs.items() if not (k in greedy and v in (greedy[k], None))}
+        if other:
+            raise AdapterError("AdapterModel.generate continues greedily (do_sample=False, num_beams=1, one sequence "
+                               f"per row); not available here: {', '.join(f'{k}={v!r}' for k, v in other.items())}")
         stop = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
-        return generate_greedy(self, input_ids, attention_mask, adapter_names, max_new_tokens, stop, pad_token_id)
+        return generate_greedy(self, input_ids, attention_mask, adapter_names, max_new_tokens, stop,
+                               0 if pad_token_id is None else pad_token_id)
 
     def add_head(self, name: str, config: HeadConfig, overwrite_ok: bool = False, set_active: bool = True) -> None:
         if name in self.heads and not overwrite_ok:

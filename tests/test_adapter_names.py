@@ -412,6 +412,13 @@ def test_causal_generate_rows_equal_each_adapter_alone(perturb) -> None:
     expected = [_greedy_alone(model, name, p, 6) for p, name in zip(prompts, per_row, strict=True)]
     assert new.tolist() == expected
     assert len({tuple(_greedy_alone(model, n, prompts[0], 6)) for n in ("a0", "a1", "a2")}) > 1  # they differ
+    # transformers' greedy settings are accepted as they are written for its generate; others refused
+    same = model.generate(input_ids=ids, attention_mask=mask, adapter_names=per_row, max_new_tokens=6,
+                          do_sample=False, num_beams=1, pad_token_id=None)
+    assert same.tolist() == expected
+    with pytest.raises(AdapterError, match="continues greedily") as error:
+        model.generate(ids, mask, adapter_names=per_row, do_sample=True, top_k=5)
+    assert "do_sample=True, top_k=5" in str(error.value) and "\n" not in str(error.value)
 
 
 class _Numbers:
