@@ -579,11 +579,64 @@ def init(model: nn.Module, layout: Architecture | dict | None = None) -> nn.Modu
         raise AdapterError(f"adaptercli.init expects a transformers model, not {type(model).__name__}")
     cls = type(model)
     if cls not in _INITIALISED:
-        _INITIALISED[cls] = type(f"{cls.__name__}WithAdapters", (ModelAdaptersMixin, cls), {})
+        _INITIALISED[cls] = type(f"{cls.__name__}WithAdapters", (ModelAdaptersMixin, cls),
+                                 {"forward": _forward_with_rows(cls.forward)})
     state = AdapterState(model, FAMILIES, layout)  # before changing the class: a bad layout leaves the model as it was
     model.__class__ = _INITIALISED[cls]
     model.adapter_state = state
     return model
+
+
+def _forward_with_rows(parent: Any) -> Any:
+    """The model's own ``forward`` with ``adapter_names`` added (see ``_rows_forward``); its
+    signature is the model's plus that keyword, as transformers' ``generate`` reads it."""
+    def forward(self, *args: Any, adapter_names: list | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return parent(self, *args, **kwargs)
+        return _rows_forward(self, parent, adapter_names, args, kwargs)
+
+    signature = inspect.signature(parent)
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    added = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    forward.__signature__ = signature.replace(parameters=[*params[:at], added, *params[at:]])  # type: ignore[attr-defined]
+    forward.__doc__ = parent.__doc__
+    return forward
+
+
+def _rows_forward(model: Any, parent: Any, adapter_names: list, args: tuple, kwargs: dict) -> Any:
+    """One forward pass of an ``init``-ed transformers model in which row ``i`` runs
+    ``adapter_names[i]``: rows grouped by setup (a BatchSplit), every output with a batch axis put
+    back in the rows' order (a KV cache too). The model's own head serves every row."""
+    kwargs = {**dict(zip(list(inspect.signature(parent).parameters)[1:], args)), **kwargs}
+    inputs = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "pixel_values", "input_features")
+                   if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if inputs is None:
+        raise AdapterError("adapter_names: no input_ids, inputs_embeds, pixel_values or input_features to split")
+    batch = inputs.shape[0]
+    order, setup = model.rows_setup(adapter_names, batch)
+    index = torch.tensor(order, device=inputs.device)
+    kwargs = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
+              for k, v in kwargs.items()}
+    with model.running(setup):
+        output = parent(model, **kwargs)
+    back = torch.empty_like(index)
+    back[index] = torch.arange(batch, device=index.device)
+
+    def in_order(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.index_select(0, back.to(value.device)) if value.dim() and value.shape[0] == batch else value
+        if isinstance(value, tuple):
+            return tuple(in_order(v) for v in value)
+        if hasattr(value, "reorder_cache"):  # transformers' Cache: its keys and values have a batch axis
+            value.reorder_cache(back)
+        return value
+
+    if isinstance(output, ModelOutput):
+        for key in list(output.keys()):
+            output[key] = in_order(output[key])
+        return output
+    return in_order(output)
 
 
 @dataclasses.dataclass

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, tiny_model
+from conftest import CONFIGS, TINY, tiny_model
+from test_seq2seq import T5
 from transformers import AutoConfig, AutoModel
 
 import adaptercli
@@ -189,6 +190,43 @@ def test_mixed_batch_on_models_whose_adapters_replace_a_projection(arch: str, pe
     model.eval()
     ids, mask = _padded()
     _assert_rows_equal(model, [names[i % len(names)] for i in (0, 1, 2, 0, 3, 1)], ids, mask)
+
+
+@pytest.mark.parametrize(("auto", "model_type"), [("AutoModelForSequenceClassification", "bert"),
+                                                  ("AutoModelForCausalLM", "llama"), ("AutoModelForSeq2SeqLM", "t5")])
+def test_an_initialised_transformers_model_takes_adapter_names_too(auto: str, model_type: str, perturb) -> None:
+    """``adaptercli.init`` on a transformers model with its own head: ``model(..., adapter_names=)``
+    runs each row through its adapter (it was passed on to the model's kwargs and ignored), the
+    outputs in the rows' order; the signature transformers' generate reads keeps every argument."""
+    import inspect
+
+    import transformers
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **(CONFIGS[model_type] if model_type in CONFIGS else T5))
+    backbone = getattr(transformers, auto).from_config(config, attn_implementation="sdpa").eval()
+    model = adaptercli.init(backbone)
+    for i, method in enumerate(["lora", "seq_bn", "prefix_tuning[prefix_length=3,bottleneck_size=8]"]):
+        model.add_adapter(f"a{i}", method)
+        perturb(model, f"a{i}", scale=0.3, seed=i)
+    model.eval()
+    ids, mask = _padded(rows=5, length=7)
+    ids = ids % config.vocab_size
+    extra = {"decoder_input_ids": ids[:, :4]} if model_type == "t5" else {}
+    per_row = ["a2", "a0", "a1", "a0", "a2"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=per_row, **extra).logits
+        alone = {}
+        for name in dict.fromkeys(per_row):
+            model.set_active_adapters(name)
+            alone[name] = model(input_ids=ids, attention_mask=mask, **extra).logits
+    for row, name in enumerate(per_row):
+        assert (mixed[row] - alone[name][row]).abs().max() <= 1e-5, (row, name)
+    assert (alone["a0"] - alone["a1"]).abs().max() > 1e-4  # the adapters differ, so a mix-up would show
+    own = [p for p in inspect.signature(getattr(transformers, type(backbone).__name__.removesuffix("WithAdapters")).forward
+                                        ).parameters if p != "self"]
+    assert [p for p in inspect.signature(model.forward).parameters if p != "adapter_names"] == own
+    assert "adapter_names" in inspect.signature(model.forward).parameters
 
 
 @pytest.mark.parametrize("arch", ["t5", "mt5"])
