@@ -608,7 +608,7 @@ def _rows_forward(model: Any, parent: Any, adapter_names: list, args: tuple, kwa
     """One forward pass of an ``init``-ed transformers model in which row ``i`` runs
     ``adapter_names[i]``: rows grouped by setup (a BatchSplit), every output with a batch axis put
     back in the rows' order (a KV cache too). The model's own head serves every row."""
-    kwargs = {**dict(zip(list(inspect.signature(parent).parameters)[1:], args)), **kwargs}
+    kwargs = {**dict(zip(list(inspect.signature(parent).parameters)[1:], args, strict=False)), **kwargs}
     inputs = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "pixel_values", "input_features")
                    if isinstance(kwargs.get(k), torch.Tensor)), None)
     if inputs is None:
