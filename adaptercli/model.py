@@ -148,6 +148,13 @@ class ModelAdaptersMixin:
                         "of their own")
         return order, setup  # type: ignore[return-value]
 
+    def _offsets(self, groups: list[tuple[slice, Any]]) -> list[int] | None:
+        """Per group of rows, how many positions of the backbone's output come before the group's
+        own (prompt tuning in a BatchSplit: the longest prompt less the group's); None: none."""
+        state = self.adapter_state
+        before = [sum(f.positions_before(state, node) for f in state.families.values()) for _, node in groups]
+        return [max(before) - n for n in before] if any(before) else None
+
     def _apart(self, setup: composition.CompositionBlock) -> tuple[str, ...]:
         """The families in ``setup`` whose sites run its rows apart from the others (see
         ``MethodFamily.rows_apart``): a mixed batch puts the groups without one first, as one run."""
@@ -615,6 +622,11 @@ def _rows_forward(model: Any, parent: Any, adapter_names: list, args: tuple, kwa
         raise AdapterError("adapter_names: no input_ids, inputs_embeds, pixel_values or input_features to split")
     batch = inputs.shape[0]
     order, setup = model.rows_setup(adapter_names, batch)
+    offsets = model._offsets(composition.row_groups(setup, batch))
+    if offsets is not None and any(offsets):
+        raise AdapterError("adapter_names: rows with prompts of different lengths (or none) need an AdapterModel, whose "
+                           "heads read each row from where its own output starts; this model's own head reads every "
+                           "row at the same positions")
     index = torch.tensor(order, device=inputs.device)
     kwargs = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
               for k, v in kwargs.items()}
@@ -822,13 +834,6 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         results = self._group_outputs(hidden, attention_mask, labels, groups, logits_to_keep, self._offsets(groups))
         losses = [r.loss for r in results]
         return MultiHeadOutput(results, sum(losses) if all(loss is not None for loss in losses) else None)
-
-    def _offsets(self, groups: list[tuple[slice, Any]]) -> list[int] | None:
-        """Per group of rows, how many positions of the backbone's output come before the group's
-        own (prompt tuning in a BatchSplit: the longest prompt less the group's); None: none."""
-        state = self.adapter_state
-        before = [sum(f.positions_before(state, node) for f in state.families.values()) for _, node in groups]
-        return [max(before) - n for n in before] if any(before) else None
 
     def _group_outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
                        groups: list[tuple[slice, Any]], logits_to_keep: int = 0,

@@ -227,6 +227,11 @@ def test_an_initialised_transformers_model_takes_adapter_names_too(auto: str, mo
                                         ).parameters if p != "self"]
     assert [p for p in inspect.signature(model.forward).parameters if p != "adapter_names"] == own
     assert "adapter_names" in inspect.signature(model.forward).parameters
+    if model_type == "bert":  # the model's own head reads every row at position 0: prompts must line up
+        model.add_adapter("p", "prompt_tuning[prompt_length=3]")
+        with pytest.raises(AdapterError, match="prompts of different lengths") as error:
+            model(input_ids=ids, attention_mask=mask, adapter_names=["p", "a0", "p", "a1", "a2"])
+        assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("arch", ["t5", "mt5"])
