@@ -131,6 +131,11 @@ class ModelAdaptersMixin:
 
         def setup_of(name: Any) -> composition.CompositionBlock:
             if not isinstance(name, str):
+                splits = [b for b in composition.blocks_in(name) if isinstance(b, composition.Parallel | composition.BatchSplit)] \
+                    if isinstance(name, composition.CompositionBlock) else []
+                if splits:
+                    raise AdapterError(f"adapter_names: a row cannot run {type(splits[0]).__name__} (it splits or copies "
+                                       "rows); a row runs an adapter, a fusion, or a Stack, Fuse, Average or Split")
                 return self.setup_named(name)
             if name not in named:
                 named[name] = self.setup_named(name)

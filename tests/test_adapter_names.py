@@ -13,7 +13,7 @@ from test_seq2seq import T5
 from transformers import AutoConfig, AutoModel
 
 import adaptercli
-from adaptercli import BatchSplit, Stack
+from adaptercli import BatchSplit, Parallel, Stack
 from adaptercli.errors import AdapterCliError, AdapterError
 
 MIXED = {
@@ -414,6 +414,8 @@ def test_a_family_that_cannot_split_rows_is_refused_in_one_line(perturb, monkeyp
 
 @pytest.mark.parametrize(("configs", "per_row", "message"), [
     (["lora"], ["a0", "nope"], "no adapter or fusion named 'nope' (on this model: a0)"),
+    (["lora", "seq_bn"], [Parallel("a0", "a1"), "a0"], "a row cannot run Parallel (it splits or copies rows)"),
+    (["lora", "seq_bn"], ["a1", Stack("a0", BatchSplit("a0", "a1", batch_sizes=[1, 1]))], "a row cannot run BatchSplit"),
     (["lora"], ["a0"], "adapter_names needs one name per row: 2 rows, got 1"),
 ])
 def test_refusals_are_one_line(configs, per_row, message, perturb) -> None:
