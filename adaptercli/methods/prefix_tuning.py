@@ -24,7 +24,7 @@ import dataclasses
 import math
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -297,21 +297,8 @@ def _with_prefix(inner: str):
         bias = kwargs.get("position_bias")
         if len(groups) == 1 or (inner != "sdpa" and bias is None):
             return joined(query, key, value, attention_mask, groups, kwargs, prefix.bias_stack)
-
-        def rows_of(t: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
-            return t[a:b] if t is not None and t.dim() and t.shape[0] == batch and batch > 1 else t
-
         if bias is not None:
-            # T5 (a relative position bias): AdapterHub's bias depends on the prefix (its length moves
-            # the keys' positions; a layer left out after a prefixed one sees zeros), so each group of
-            # rows attends on its own, with its own bias and its own history along the stack.
-            parts = []
-            for a, b, pools in groups:
-                part_kwargs = {**kwargs, "position_bias": rows_of(bias, a, b)}
-                stack = prefix.bias_stack.of_rows(a, b) if prefix.bias_stack is not None else None
-                parts.append(joined(query[a:b], key[a:b], value[a:b], rows_of(attention_mask, a, b),
-                                    [(a, b, pools)], part_kwargs, stack)[0])
-            return torch.cat(parts), None
+            return _by_group(joined, prefix.bias_stack, query, key, value, attention_mask, groups, kwargs), None
         # Rows join different prefixes (mixed adapters in one batch): each run of neighbouring
         # groups whose prefixes have one length attends together (without prefixes: as they are;
         # with: each row its own group's, no padding), never padded to the longest.
@@ -337,6 +324,25 @@ def _with_prefix(inner: str):
         return torch.cat([rows(run) for run in runs]), None
 
     return attention
+
+
+def _by_group(joined: Callable, stack: _BiasStack | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              mask: torch.Tensor | None, groups: list[tuple[int, int, list[Gated]]], kwargs: dict) -> torch.Tensor:
+    """T5 (a relative position bias) with rows of a mixed batch joining different prefixes:
+    AdapterHub's bias depends on the prefix (its length moves the keys' positions; a layer left out
+    after a prefixed one sees zeros), so each group of rows attends on its own, with its own bias
+    and its own history along the stack (``joined`` as ``_with_prefix`` defines it)."""
+    batch = key.shape[0]
+
+    def rows_of(t: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
+        return t[a:b] if t is not None and t.dim() and t.shape[0] == batch and batch > 1 else t
+
+    parts = []
+    for a, b, pools in groups:
+        part_kwargs = {**kwargs, "position_bias": rows_of(kwargs["position_bias"], a, b)}
+        parts.append(joined(query[a:b], key[a:b], value[a:b], rows_of(mask, a, b), [(a, b, pools)], part_kwargs,
+                            stack.of_rows(a, b) if stack is not None else None)[0])
+    return torch.cat(parts)
 
 
 def _joins_with(pools: list[Gated], others: list[Gated]) -> bool:
