@@ -28,6 +28,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import AdapterCliError
 
+# A row of a mixed batch (or a BatchSplit group) that runs no adapter: the backbone as it is (PEFT's name).
+BASE = "__base__"
+
 
 class CompositionError(AdapterCliError):
     """A composition that cannot run: bad nesting, sizes that do not fit the batch, or a block
@@ -379,7 +382,7 @@ def check_support(block: CompositionBlock, method_of: Callable[[str], str],
     block, the method and what is allowed). ``supported`` maps a family to its block names."""
     for node in blocks_in(block):
         kind = type(node).__name__
-        names = node.flatten()
+        names = [n for n in node.flatten() if n != BASE]  # no adapter: any block runs it
         for name in names:
             family = family_of(name)
             if kind not in supported[family]:
@@ -394,7 +397,7 @@ def check_support(block: CompositionBlock, method_of: Callable[[str], str],
 
 
 __all__ = [
-    "ALLOWED_NESTING", "Average", "BatchSplit", "CompositionBlock", "CompositionError", "Composer", "Fuse",
+    "ALLOWED_NESTING", "Average", "BASE", "BatchSplit", "CompositionBlock", "CompositionError", "Composer", "Fuse",
     "Parallel", "Split", "Stack", "check_support", "end_node", "parse", "row_groups", "rows_by_setup", "run",
     "split_rows", "touches", "validate",
 ]

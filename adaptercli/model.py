@@ -70,6 +70,8 @@ class ModelAdaptersMixin:
             self.delete_adapter(name)
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
             raise AdapterError(f"adapter name '{name}' may only use letters, digits, '_' and '-'")
+        if name == composition.BASE:
+            raise AdapterError(f"adapter name '{name}' is reserved: a row named so runs no adapter")
         method_config = resolve_config(config)
         state.forget_modules()
         with torch.device(next(self.parameters()).device):  # adapters live beside the weights they change
@@ -106,8 +108,11 @@ class ModelAdaptersMixin:
 
     def setup_named(self, name: str | composition.CompositionBlock) -> composition.CompositionBlock:
         """What a row named ``name`` runs: an adapter (a one-adapter Stack), a fusion by its name
-        (its Fuse), or a composition block as given (checked against this model's adapters)."""
+        (its Fuse), a composition block as given (checked against this model's adapters), or
+        ``"__base__"`` (``composition.BASE``): no adapter, the backbone as it is (as in PEFT)."""
         state = self.adapter_state
+        if name == composition.BASE:
+            return composition.Stack(composition.BASE)
         if isinstance(name, composition.CompositionBlock):
             block = name
         elif name in state.fusions:
@@ -145,7 +150,7 @@ class ModelAdaptersMixin:
         if isinstance(setup, composition.BatchSplit):
             state = self.adapter_state
             for name in setup.flatten():
-                if not self.shares_batches(name):
+                if name != composition.BASE and not self.shares_batches(name):
                     mixable = [f.name for f in state.families.values() if "BatchSplit" in f.blocks]
                     raise AdapterError(
                         f"adapter_names: '{name}' is a {state.adapters[name].method} adapter, which cannot share a "
@@ -172,7 +177,7 @@ class ModelAdaptersMixin:
         (every family in it runs a BatchSplit)."""
         state = self.adapter_state
         return all("BatchSplit" in state.families[state.adapters[n].config.family].blocks
-                   for n in self.setup_named(setup).flatten())
+                   for n in self.setup_named(setup).flatten() if n != composition.BASE)
 
     def per_position(self, setup: str | composition.CompositionBlock | None) -> bool:
         """Whether ``setup`` (None: the active one) changes each position from that position and the
@@ -952,6 +957,22 @@ def generate_greedy(model: AdapterModel, input_ids: torch.Tensor, attention_mask
     return torch.stack(new, 1)
 
 
+def _check_lm_heads(model: AdapterModel, adapter_names: list | None) -> None:
+    """Every row's setup ends in a causal-LM head (else one line naming the row's setup)."""
+    seen: set[str] = set()
+    for name in adapter_names if adapter_names is not None else [None]:
+        key = name if isinstance(name, str) else repr(name)
+        if key in seen:
+            continue
+        seen.add(key)
+        head = model._current_head(None) if name is None else composition.head_name(model.setup_named(name))
+        if head not in model.heads or model.heads[head].config.head_type != "causal_lm":
+            what = "the active setup" if name is None else f"'{name}'" if isinstance(name, str) else repr(name)
+            raise AdapterError(f"generate: {what} has no causal-LM head to write with (add_causal_lm_head('{head}')"
+                               + (", or run the bare model's rows through an init-ed transformers model)"
+                                  if head == composition.BASE else ")"))
+
+
 def next_tokens(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 adapter_names: list | None = None, cache: bool = True) -> Generator[torch.Tensor, torch.Tensor, None]:
     """Continue left-padded prompts with causal-LM heads, one token per row per step, row ``i``
@@ -963,6 +984,7 @@ def next_tokens(model: AdapterModel, input_ids: torch.Tensor, attention_mask: to
     position from itself and the keys and values before it (``AdapterModel.per_position``); then it
     writes what reading the whole text at every step writes. Otherwise (ReFT, gated adapters, a
     Split; ``cache=False``: always) every step reads each whole text again, as training does."""
+    _check_lm_heads(model, adapter_names)
     kv = kv_cache(model) if cache and all(model.per_position(name) for name in (adapter_names or [None])) else {}
     ids, mask = input_ids, attention_mask
     step, inputs = ids, {}

@@ -234,6 +234,69 @@ def test_an_initialised_transformers_model_takes_adapter_names_too(auto: str, mo
         assert "\n" not in str(error.value)
 
 
+def test_base_rows_run_the_bare_backbone_beside_adapters_fusions_prompts_and_interventions(perturb) -> None:
+    """A row named "__base__" (PEFT's name) runs no adapter: its hidden states equal the bare
+    model's (after the longest prompt's positions) and it has no head's logits; the other rows
+    (an invertible adapter, a prompt, LoReFT, a fusion) still equal their adapters alone."""
+    model, names = _model("bert", ["seq_bn_inv", "prompt_tuning[prompt_length=2]", "loreft", "seq_bn"], perturb)
+    model.add_adapter_fusion(["a0", "a3"])
+    model.add_classification_head("a0,a3", num_labels=3)
+    model.eval()
+    per_row = ["__base__", "a0", "a1", "a0,a3", "a2", "__base__", "a3"]
+    ids, mask = _padded(rows=len(per_row))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=per_row)
+        model.set_active_adapters(None)
+        bare = model(input_ids=ids, attention_mask=mask).hidden_states
+    for row, name in enumerate(per_row):
+        real = mask[row].bool()
+        if name == "__base__":
+            assert mixed.logits[row] is None
+            states = mixed.hidden_states[row][-ids.shape[1]:]  # after the prompt's two positions
+            assert (states[real] - bare[row][real]).abs().max() <= 1e-5, row
+        else:
+            alone = _alone(model, name, ids, mask).logits[row]
+            assert (mixed.logits[row] - alone).abs().max() <= 1e-5, (row, name)
+    with pytest.raises(AdapterError, match="'__base__' is reserved"):
+        model.add_adapter("__base__", "lora")
+
+
+def test_base_rows_of_an_initialised_causal_lm_forward_and_generate_as_the_bare_model(perturb) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = adaptercli.init(transformers.AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("llama", **CONFIGS["llama"]), attn_implementation="sdpa").eval())
+    model.add_adapter("a", "lora")
+    perturb(model, "a", scale=0.5)
+    ids = torch.randint(3, 90, (3, 6), generator=torch.Generator().manual_seed(1))
+    per_row = ["__base__", "a", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=per_row).logits
+        bare = model(input_ids=ids).logits
+        written = model.generate(input_ids=ids, adapter_names=per_row, max_new_tokens=4, do_sample=False)
+        bare_written = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        model.set_active_adapters("a")
+        adapted = model(input_ids=ids).logits
+        adapted_written = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(mixed[[0, 2]], bare[[0, 2]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], adapted[1], atol=1e-5, rtol=0)
+    assert (bare[1] - adapted[1]).abs().max() > 1e-3
+    assert written[[0, 2]].tolist() == bare_written[[0, 2]].tolist()
+    assert written[1].tolist() == adapted_written[1].tolist()
+
+
+def test_generate_refuses_a_row_without_a_causal_lm_head_in_one_line(perturb) -> None:
+    model = _causal_model(["lora"], perturb)
+    model.add_adapter("b", "lora")
+    ids = torch.randint(3, 60, (2, 5))
+    for per_row, message in ((["a0", "b"], "generate: 'b' has no causal-LM head to write with"),
+                             (["__base__", "a0"], "generate: '__base__' has no causal-LM head to write with")):
+        with pytest.raises(AdapterError, match=message) as error:
+            model.generate(ids, adapter_names=per_row, max_new_tokens=2)
+        assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("arch", ["t5", "mt5"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_t5_rows_with_prefixes_of_different_lengths_and_layers_equal_each_alone(arch: str, attn: str, perturb) -> None:

@@ -266,9 +266,11 @@ class AdapterState:
         return {k: p for k, p in self.backbone.named_parameters(remove_duplicate=False) if pattern.search(k)}
 
     def check_setup(self, setup: composition.CompositionBlock) -> None:
-        """Every adapter and fusion exists, every block runs with its adapters' methods."""
+        """Every adapter and fusion exists (``composition.BASE``: no adapter), every block runs
+        with its adapters' methods."""
         for name in setup.flatten():
-            self.record(name)
+            if name != composition.BASE:
+                self.record(name)
         composition.check_support(
             setup, method_of=lambda n: self.adapters[n].method, family_of=lambda n: self.adapters[n].config.family,
             supported={f.name: f.blocks for f in self.families.values()})

@@ -207,7 +207,8 @@ class ReftFamily(MethodFamily):
         if not names:
             return []
         if not is_plain_stack(setup) and not (isinstance(setup, BatchSplit) and all(
-                isinstance(c, str) or is_plain_stack(c) for c in setup.children)):
+                isinstance(c, str) or is_plain_stack(c) for c in setup.children
+                if set(names) & set([c] if isinstance(c, str) else c.flatten()))):  # other rows: a fusion, ...
             raise ConfigError(f"ReFT adapters run in a Stack or a BatchSplit of adapters, not {setup!r}")
         positions = _Positions()
 
