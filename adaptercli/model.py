@@ -219,7 +219,9 @@ class ModelAdaptersMixin:
             return parent(*args, **kwargs)
         if kwargs.get("num_beams", 1) > 1 or kwargs.get("num_return_sequences", 1) > 1:
             raise AdapterError("generate with adapter_names: one sequence per row (num_beams=1, num_return_sequences=1)")
-        inputs = kwargs.pop("input_ids", args[0] if args else None)
+        inputs = args[0] if args else next((kwargs.pop(k) for k in MODEL_INPUTS if kwargs.get(k) is not None), None)
+        if inputs is None:
+            raise AdapterError(f"generate with adapter_names: no {', '.join(MODEL_INPUTS)} to split")
         order, setup = self.rows_setup(adapter_names, inputs.shape[0])
         index = torch.tensor(order, device=inputs.device)
         kwargs = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == inputs.shape[0]
@@ -604,6 +606,25 @@ def init(model: nn.Module, layout: Architecture | dict | None = None) -> nn.Modu
     return model
 
 
+# What a forward pass reads its rows from: token ids, embeddings, an image or audio features.
+MODEL_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features")
+
+
+def _given(**inputs: Any) -> dict[str, Any]:
+    """The inputs that are not None: a model without ``input_ids`` (Whisper, ViT) passes an
+    unknown keyword on to its parts, where it would collide."""
+    return {k: v for k, v in inputs.items() if v is not None}
+
+
+def _model_input(input_ids: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+    """The tensor whose first axis is the batch: ``input_ids``, else the first of the other inputs."""
+    found = input_ids if input_ids is not None else next(
+        (kwargs[k] for k in MODEL_INPUTS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if found is None:
+        raise AdapterError(f"no {', '.join(MODEL_INPUTS)} given: nothing to run")
+    return found
+
+
 def _forward_with_rows(parent: Any) -> Any:
     """The model's own ``forward`` with ``adapter_names`` added (see ``_rows_forward``); its
     signature is the model's plus that keyword, as transformers' ``generate`` reads it."""
@@ -626,10 +647,7 @@ def _rows_forward(model: Any, parent: Any, adapter_names: list, args: tuple, kwa
     ``adapter_names[i]``: rows grouped by setup (a BatchSplit), every output with a batch axis put
     back in the rows' order (a KV cache too). The model's own head serves every row."""
     kwargs = {**dict(zip(list(inspect.signature(parent).parameters)[1:], args, strict=False)), **kwargs}
-    inputs = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "pixel_values", "input_features")
-                   if isinstance(kwargs.get(k), torch.Tensor)), None)
-    if inputs is None:
-        raise AdapterError("adapter_names: no input_ids, inputs_embeds, pixel_values or input_features to split")
+    inputs = _model_input(kwargs.get("input_ids"), kwargs)
     batch = inputs.shape[0]
     order, setup = model.rows_setup(adapter_names, batch)
     offsets = model._offsets(composition.row_groups(setup, batch))
@@ -819,7 +837,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if adapter_names is not None:
             return self.forward_rows(adapter_names, input_ids, attention_mask, labels, logits_to_keep, **kwargs)
-        outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        outputs = self.base_model(**_given(input_ids=input_ids, attention_mask=attention_mask), **kwargs)
         hidden = outputs[0]
         attention_mask, labels = _with_prompt_positions(hidden, attention_mask, labels)
         if head is None and self._head_plan is not None:  # one group of rows, its head picked on activation
@@ -837,7 +855,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
             loss, logits = self.heads[name].predict(hidden, attention_mask, labels, self._inverse_for(active),
                                                     logits_to_keep)
             return AdapterModelOutput(loss=loss, logits=logits, hidden_states=hidden)
-        channels = hidden.shape[0] // (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
+        channels = hidden.shape[0] // _model_input(input_ids, kwargs).shape[0]
         if channels > 1:  # Parallel replicated the batch: replicate what goes with each row too
             attention_mask, labels = (t.repeat(channels, *[1] * (t.dim() - 1)) if t is not None else None
                                       for t in (attention_mask, labels))
@@ -903,7 +921,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         are what they are alone (a token head's have the prompt's positions first);
         ``hidden_states`` has the longest prompt's positions in front of every row, those before
         a row's own prompt (or input) masked."""
-        inputs = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        inputs = _model_input(input_ids, kwargs)
         batch = inputs.shape[0]
         order, setup = self.rows_setup(adapter_names, batch)
         index = torch.tensor(order, device=inputs.device)
@@ -912,7 +930,7 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
             return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
 
         with self.running(setup):
-            hidden = self.base_model(input_ids=reorder(input_ids), attention_mask=reorder(attention_mask),
+            hidden = self.base_model(**_given(input_ids=reorder(input_ids), attention_mask=reorder(attention_mask)),
                                      **{k: reorder(v) for k, v in kwargs.items()})[0]
         mask, labels = _with_prompt_positions(hidden, reorder(attention_mask), reorder(labels))
         groups = composition.row_groups(setup, batch)

@@ -297,6 +297,63 @@ def test_generate_refuses_a_row_without_a_causal_lm_head_in_one_line(perturb) ->
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("arch", ["vit", "clip_vision_model", "whisper"])
+def test_mixed_batch_of_images_or_audio_equals_each_adapter_alone(arch: str, perturb) -> None:
+    """Rows read from ``pixel_values`` (ViT, CLIP's vision tower) or ``input_features`` (Whisper,
+    with its decoder's ids): the mixed batch finds its rows there (it looked for input_ids or
+    inputs_embeds only), and an AdapterModel on Whisper runs at all (it passed input_ids=None on)."""
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(Path(__file__).parent / "fixtures/breadth/models" / arch).eval()
+    model = adaptercli.AdapterModel(backbone)
+    for i, method in enumerate(["seq_bn", "lora", "prefix_tuning[prefix_length=3,bottleneck_size=8]"]):
+        model.add_adapter(f"a{i}", method)
+        perturb(model, f"a{i}", scale=0.1, seed=i)
+    model.eval()
+    config, g = backbone.config, torch.Generator().manual_seed(0)
+    if arch == "whisper":
+        inputs = {"input_features": torch.randn(4, config.num_mel_bins, 2 * config.max_source_positions, generator=g),
+                  "decoder_input_ids": torch.tensor([[1, 2, 3]] * 4)}
+    else:
+        inputs = {"pixel_values": torch.randn(4, config.num_channels, config.image_size, config.image_size, generator=g)}
+    per_row = ["a2", "a0", "a1", "a0"]
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=per_row).hidden_states
+        alone = {}
+        for name in dict.fromkeys(per_row):
+            model.set_active_adapters(name)
+            alone[name] = model(**inputs).hidden_states
+    for row, name in enumerate(per_row):
+        assert (mixed[row] - alone[name][row]).abs().max() <= 1e-5, (row, name)
+    assert (alone["a0"] - alone["a1"]).abs().max() > 1e-4
+
+
+def test_whisper_generate_with_adapter_names_reads_its_rows_from_input_features(perturb) -> None:
+    from pathlib import Path
+
+    from transformers import WhisperForConditionalGeneration
+
+    torch.manual_seed(0)  # the fixture is the bare model: the output projection is new
+    model = adaptercli.init(WhisperForConditionalGeneration.from_pretrained(
+        Path(__file__).parent / "fixtures/breadth/models/whisper").eval())
+    for i, method in enumerate(["lora", "seq_bn"]):
+        model.add_adapter(f"a{i}", method)
+        perturb(model, f"a{i}", scale=0.5, seed=i)
+    config = model.config
+    features = torch.randn(3, config.num_mel_bins, 2 * config.max_source_positions, generator=torch.Generator().manual_seed(1))
+    per_row = ["a1", "a0", "__base__"]
+    written = model.generate(input_features=features, adapter_names=per_row, max_new_tokens=4, do_sample=False)
+    seen = set()
+    for row, name in enumerate(per_row):
+        model.set_active_adapters(None if name == "__base__" else name)
+        alone = model.generate(input_features=features, max_new_tokens=4, do_sample=False)
+        assert written[row].tolist() == alone[row].tolist(), (row, name)
+        seen.add(tuple(alone[0].tolist()))
+    assert len(seen) > 1  # the adapters write different tokens for one input: a mix-up would show
+
+
 @pytest.mark.parametrize("arch", ["t5", "mt5"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_t5_rows_with_prefixes_of_different_lengths_and_layers_equal_each_alone(arch: str, attn: str, perturb) -> None:
