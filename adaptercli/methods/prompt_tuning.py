@@ -130,33 +130,18 @@ class PromptTuningFamily(MethodFamily):
         length = prompt.prompt_embedding.num_embeddings
 
         def widen_mask(module, args, kwargs):
-            positional = "attention_mask" not in kwargs and len(args) > 1
-            mask = args[1] if positional else kwargs.get("attention_mask")
+            mask = _mask(args, kwargs)
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                mask = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
-                if positional:
-                    args = (args[0], mask, *args[2:])
-                else:
-                    kwargs["attention_mask"] = mask
+                return _with_mask(args, kwargs, torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1))
             return args, kwargs
 
         def widen_attention_mask(module, args, kwargs):  # [B, 1, N, N] -> [B, 1, P + N, P + N]
-            positional = "attention_mask" not in kwargs and len(args) > 1
-            mask = args[1] if positional else kwargs["attention_mask"]
-            mask = nn.functional.pad(mask, (length, 0, length, 0), value=1)
-            if positional:
-                return (args[0], mask, *args[2:]), kwargs
-            return args, {**kwargs, "attention_mask": mask}
+            return _with_mask(args, kwargs, nn.functional.pad(_mask(args, kwargs), (length, 0, length, 0), value=1))
 
         def join(module, args, output: Any):
             return prompt.join(output)
 
-        embeddings = get_module(state.backbone, state.arch.embeddings)
-        handles = [embeddings.register_forward_hook(join)]
-        if state.arch.prompts == "attention":
-            return handles + [get_module(layer, state.arch.attention).register_forward_pre_hook(
-                widen_attention_mask, with_kwargs=True) for layer in transformer_layers(state.backbone, state.arch)]
-        return handles + [state.backbone.register_forward_pre_hook(widen_mask, with_kwargs=True)]
+        return _install(state, join, widen_mask, widen_attention_mask)
 
     def _activate_rows(self, state: AdapterState, setup: BatchSplit) -> list[RemovableHandle]:
         """Each group of rows joins its own prompt (or none). The backbone's output is as long as
@@ -177,8 +162,7 @@ class PromptTuningFamily(MethodFamily):
             return joined
 
         def widen_mask(module, args, kwargs):  # [B, N] -> [B, P + N]: 0 before each row's own prompt
-            positional = "attention_mask" not in kwargs and len(args) > 1
-            mask = args[1] if positional else kwargs.get("attention_mask")
+            mask = _mask(args, kwargs)
             if mask is None:
                 inputs = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
                 if inputs is None:
@@ -190,25 +174,38 @@ class PromptTuningFamily(MethodFamily):
             wide = torch.cat([mask.new_zeros(mask.shape[0], longest), mask], dim=1)
             for rows, _, offset in groups:
                 wide[rows, offset:longest] = 1
-            if positional:
-                return (args[0], wide, *args[2:]), kwargs
-            return args, {**kwargs, "attention_mask": wide}
+            return _with_mask(args, kwargs, wide)
 
         def widen_attention_mask(module, args, kwargs):  # [B, 1, N, N] -> [B, 1, P + N, P + N]
-            positional = "attention_mask" not in kwargs and len(args) > 1
-            mask = args[1] if positional else kwargs["attention_mask"]
+            mask = _mask(args, kwargs)
             groups, longest = plan(mask.shape[0])
             size = mask.shape[-1] + longest
             wide = mask.new_zeros(*mask.shape[:-2], size, size)
             for rows, _, offset in groups:
                 wide[rows, ..., offset:, offset:] = nn.functional.pad(mask[rows], (longest - offset, 0) * 2, value=1)
-            if positional:
-                return (args[0], wide, *args[2:]), kwargs
-            return args, {**kwargs, "attention_mask": wide}
+            return _with_mask(args, kwargs, wide)
 
-        embeddings = get_module(state.backbone, state.arch.embeddings)
-        handles = [embeddings.register_forward_hook(join)]
-        if state.arch.prompts == "attention":
-            return handles + [get_module(layer, state.arch.attention).register_forward_pre_hook(
-                widen_attention_mask, with_kwargs=True) for layer in transformer_layers(state.backbone, state.arch)]
-        return handles + [state.backbone.register_forward_pre_hook(widen_mask, with_kwargs=True)]
+        return _install(state, join, widen_mask, widen_attention_mask)
+
+
+def _mask(args: tuple, kwargs: dict) -> Any:
+    """The attention mask a forward (pre-hook) receives: its second positional argument or the keyword."""
+    return args[1] if "attention_mask" not in kwargs and len(args) > 1 else kwargs.get("attention_mask")
+
+
+def _with_mask(args: tuple, kwargs: dict, mask: torch.Tensor) -> tuple[tuple, dict]:
+    """``args, kwargs`` with the attention mask replaced where it came (see ``_mask``)."""
+    if "attention_mask" not in kwargs and len(args) > 1:
+        return (args[0], mask, *args[2:]), kwargs
+    return args, {**kwargs, "attention_mask": mask}
+
+
+def _install(state: AdapterState, join, widen_mask, widen_attention_mask) -> list[RemovableHandle]:
+    """The prompt joined after the embeddings, and the mask widened where the architecture reads it:
+    at the backbone's input, or (``prompts="attention"``, DeBERTa) at each attention module."""
+    embeddings = get_module(state.backbone, state.arch.embeddings)
+    handles = [embeddings.register_forward_hook(join)]
+    if state.arch.prompts == "attention":
+        return handles + [get_module(layer, state.arch.attention).register_forward_pre_hook(
+            widen_attention_mask, with_kwargs=True) for layer in transformer_layers(state.backbone, state.arch)]
+    return handles + [state.backbone.register_forward_pre_hook(widen_mask, with_kwargs=True)]
