@@ -223,13 +223,10 @@ class ModelAdaptersMixin:
         if inputs is None:
             raise AdapterError(f"generate with adapter_names: no {', '.join(MODEL_INPUTS)} to split")
         order, setup = self.rows_setup(adapter_names, inputs.shape[0])
-        index = torch.tensor(order, device=inputs.device)
-        kwargs = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == inputs.shape[0]
-                  else v for k, v in kwargs.items()}
+        rows = _RowOrder(order, inputs.device)
         with self.running(setup):
-            output = parent(inputs.index_select(0, index), *args[1:], **kwargs)
-        back = torch.empty_like(index)
-        back[index] = torch.arange(len(order), device=index.device)
+            output = parent(rows.take(inputs), *args[1:], **{k: rows.take(v) for k, v in kwargs.items()})
+        back = rows.back
         if isinstance(output, torch.Tensor):
             return output.index_select(0, back.to(output.device))
         output.sequences = output.sequences.index_select(0, back.to(output.sequences.device))
@@ -606,6 +603,21 @@ def init(model: nn.Module, layout: Architecture | dict | None = None) -> nn.Modu
     return model
 
 
+class _RowOrder:
+    """Rows reordered so that rows running one setup sit together (``rows_setup``'s order), and
+    back: ``take`` puts a batch-shaped tensor in that order (anything else as it is), ``back``
+    indexes the results back into the rows' order."""
+
+    def __init__(self, order: list[int], device: torch.device):
+        self.batch = len(order)
+        self.index = torch.tensor(order, device=device)
+        self.back = torch.empty_like(self.index)
+        self.back[self.index] = torch.arange(self.batch, device=device)
+
+    def take(self, t: Any) -> Any:
+        return t.index_select(0, self.index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == self.batch else t
+
+
 # What a forward pass reads its rows from: token ids, embeddings, an image or audio features.
 MODEL_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features")
 
@@ -655,13 +667,10 @@ def _rows_forward(model: Any, parent: Any, adapter_names: list, args: tuple, kwa
         raise AdapterError("adapter_names: rows with prompts of different lengths (or none) need an AdapterModel, whose "
                            "heads read each row from where its own output starts; this model's own head reads every "
                            "row at the same positions")
-    index = torch.tensor(order, device=inputs.device)
-    kwargs = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
-              for k, v in kwargs.items()}
+    rows = _RowOrder(order, inputs.device)
     with model.running(setup):
-        output = parent(model, **kwargs)
-    back = torch.empty_like(index)
-    back[index] = torch.arange(batch, device=index.device)
+        output = parent(model, **{k: rows.take(v) for k, v in kwargs.items()})
+    back = rows.back
 
     def in_order(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -924,19 +933,15 @@ class AdapterModel(ModelAdaptersMixin, nn.Module):
         inputs = _model_input(input_ids, kwargs)
         batch = inputs.shape[0]
         order, setup = self.rows_setup(adapter_names, batch)
-        index = torch.tensor(order, device=inputs.device)
-
-        def reorder(t: Any) -> Any:
-            return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
-
+        rows = _RowOrder(order, inputs.device)
+        reorder = rows.take
         with self.running(setup):
             hidden = self.base_model(**_given(input_ids=reorder(input_ids), attention_mask=reorder(attention_mask)),
                                      **{k: reorder(v) for k, v in kwargs.items()})[0]
         mask, labels = _with_prompt_positions(hidden, reorder(attention_mask), reorder(labels))
         groups = composition.row_groups(setup, batch)
         results = self._group_outputs(hidden, mask, labels, groups, logits_to_keep, self._offsets(groups))
-        back = torch.empty_like(index)
-        back[index] = torch.arange(batch, device=index.device)
+        back = rows.back
         parts = [r.logits for r in results]
         logits: Any
         if all(p is not None for p in parts) and len({tuple(p.shape[1:]) for p in parts}) == 1:
